@@ -1,0 +1,3 @@
+from migrating_proxy.cli import main
+
+raise SystemExit(main())

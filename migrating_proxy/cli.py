@@ -1,0 +1,202 @@
+"""The `migrating-proxy` command line. Its commands, flags and JSON keys are a public contract.
+
+Conventions: data on stdout (tables, or JSON with `--json`), diagnostics on stderr, exit 0 on
+success, 1 with a one-line `migrating-proxy: error: ...` on a refused request or bad
+configuration, 2 on a usage error (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from migrating_proxy import config as config_module
+from migrating_proxy import logs
+from migrating_proxy.config import Config, ConfigError
+from migrating_proxy.endpoints import EndpointError, parse_endpoint
+from migrating_proxy.passwords import PasswordHasher
+from migrating_proxy.provision import make_provisioner
+from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
+from migrating_proxy.store.accounts import DOMAIN_TYPES
+
+
+class CommandError(Exception):
+    """A refused request, worded for the admin."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migrating-proxy", description="Transparent on-login mail migration proxy."
+    )
+    parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")
+    _domain_commands(commands.add_parser("domain", help="manage migrating domains"))
+    _account_commands(commands.add_parser("account", help="manage local accounts"))
+    return parser
+
+
+def _domain_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="add a domain and its old server")
+    add.add_argument("name")
+    add.add_argument("--source", required=True, metavar="URL",
+                     help="old server: imap:// imap+starttls:// imaps:// pop3:// pop3+starttls:// "
+                          "pop3s://")
+    add.add_argument("--relay", metavar="URL", help="old SMTP server for not-yet-moved users")
+    add.add_argument("--type", choices=DOMAIN_TYPES, default="default")
+    add.add_argument("--source-user", default="%u", metavar="TEMPLATE",
+                     help="old server's login name: %%u address, %%n local part, %%d domain")
+    add.add_argument("--subscribed-only", action="store_true")
+    add.add_argument("--disabled", action="store_true", help="add with migration switched off")
+    for action in ("enable", "disable", "remove"):
+        sub.add_parser(action).add_argument("name")
+    sub.add_parser("list").add_argument("--json", action="store_true")
+
+
+def _account_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "create (password from stdin or a prompt)"),
+                         ("passwd", "set a new password (stdin or prompt)"),
+                         ("remove", "delete from the proxy and the store's user file")):
+        sub.add_parser(action, help=text).add_argument("address")
+    sub.add_parser("list").add_argument("--json", action="store_true")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_module.load(args.config)
+        logs.configure(config.log.format, config.log.level)
+        return run(args, config)
+    except (ConfigError, CommandError, StoreError, AddressError, DatabaseError,
+            EndpointError) as exc:
+        print(f"migrating-proxy: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "serve":
+        from migrating_proxy.server import serve
+
+        logs.forward_twisted_logs()
+        return serve(config)
+    handler: Callable[[argparse.Namespace, Config, Store], int] = {
+        "domain": domain_command,
+        "account": account_command,
+    }[args.command]
+    store = open_store(config.database_url)
+    try:
+        return handler(args, config, store)
+    finally:
+        store.close()
+
+
+# -- domain -------------------------------------------------------------------------------
+def domain_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    accounts = store.accounts
+    if args.action == "add":
+        accounts.add_domain(_domain_from_args(args))
+    elif args.action in ("enable", "disable"):
+        accounts.set_domain_migrating(args.name, args.action == "enable")
+    elif args.action == "remove":
+        accounts.remove_domain(args.name)
+    elif args.action == "list":
+        rows = [domain.__dict__ for domain in accounts.list_domains()]
+        _print_rows(rows, args.json, ["name", "migrating", "source_url", "relay_url", "type"])
+    return 0
+
+
+def _domain_from_args(args: argparse.Namespace) -> Domain:
+    source = parse_endpoint(args.source, allowed=("imap", "pop3"))
+    relay = parse_endpoint(args.relay, allowed=("smtp", "lmtp")).url if args.relay else None
+    template = args.source_user
+    if "%" in template.replace("%u", "").replace("%n", "").replace("%d", ""):
+        raise CommandError("--source-user may only use %u, %n and %d")
+    if "@" in args.name or not args.name.strip(". ") or " " in args.name:
+        raise CommandError(f"{args.name!r} is not a domain name")
+    return Domain(
+        name=args.name.lower(), source_url=source.url, migrating=not args.disabled,
+        relay_url=relay, type=args.type, source_user=template,
+        subscribed_only=args.subscribed_only,
+    )
+
+
+# -- account ------------------------------------------------------------------------------
+def account_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    accounts = store.accounts
+    hasher = PasswordHasher(config.provision.scheme, config.provision.rounds)
+    if args.action == "add":
+        accounts.add_account(args.address, hasher.hash(read_password()))
+        _provision_or_undo(config, store, undo=lambda: accounts.remove_account(args.address))
+    elif args.action == "passwd":
+        if accounts.get_account(args.address) is None:
+            raise CommandError(f"unknown account {args.address}")
+        accounts.set_password_hash(args.address, hasher.hash(read_password()))
+        _provision(config, store)
+    elif args.action == "remove":
+        accounts.remove_account(args.address)
+        _provision(config, store)
+    elif args.action == "list":
+        rows = [
+            {"address": a.address, "migration_state": a.migration_state,
+             "created_at": a.created_at.isoformat(),
+             "last_login_at": a.last_login_at.isoformat() if a.last_login_at else None}
+            for a in accounts.list_accounts()
+        ]
+        _print_rows(rows, args.json, ["address", "migration_state", "created_at", "last_login_at"])
+    return 0
+
+
+def _provision(config: Config, store: Store) -> None:
+    make_provisioner(config.provision).sync(store.accounts.all_password_hashes())
+
+
+def _provision_or_undo(config: Config, store: Store, undo: Callable[[], None]) -> None:
+    try:
+        _provision(config, store)
+    except OSError as exc:
+        undo()
+        raise CommandError(f"cannot write the store's user file: {exc.strerror}") from None
+
+
+def read_password() -> str:
+    """One line from stdin when piped; otherwise a prompt, typed twice."""
+    if not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("passwords do not match")
+    if not password:
+        raise CommandError("empty password")
+    if any(ch in password for ch in "\0\r\n"):
+        raise CommandError("password contains control characters")
+    return password
+
+
+# -- output -------------------------------------------------------------------------------
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    table = [[_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(col), *(len(r[i]) for r in table)]) for i, col in enumerate(columns)]
+    for line in [columns, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+              .rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)

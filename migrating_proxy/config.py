@@ -1,0 +1,288 @@
+"""Configuration: one TOML file, validated into frozen dataclasses.
+
+The file's keys are a public contract (operators script against them): new keys may be added,
+existing ones are never renamed. Every problem is reported as a `ConfigError` naming the file,
+the key and the reason, so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrating_proxy.endpoints import Endpoint, EndpointError, parse_endpoint, parse_listen
+
+ENV_VAR = "MIGRATING_PROXY_CONFIG"
+DEFAULT_PATH = Path("config/migrating-proxy.toml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for an operator: file, key, reason."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    imap: tuple[str, int] | None = ("127.0.0.1", 1143)
+    imaps: tuple[str, int] | None = None
+    pop3: tuple[str, int] | None = ("127.0.0.1", 1110)
+    pop3s: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path | None = None
+    key: Path | None = None
+    require: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    imap: Endpoint = field(default_factory=lambda: parse_endpoint("imap://127.0.0.1:143"))
+    pop3: Endpoint = field(default_factory=lambda: parse_endpoint("pop3://127.0.0.1:110"))
+    master_user: str = ""
+    master_password_file: Path | None = None
+    timeout: float = 10.0  # connect + greeting + login at the store, seconds
+
+    def master_password(self) -> str | None:
+        """Read on demand so the secret lives in memory only while a login needs it."""
+        if not self.master_user or self.master_password_file is None:
+            return None
+        return self.master_password_file.read_text().strip()
+
+
+@dataclass(frozen=True)
+class ProvisionConfig:
+    kind: str = "passwd-file"
+    path: Path | None = None
+    scheme: str = "sha512_crypt"
+    rounds: int = 0  # 0: passlib's default cost for the scheme
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Pre-authentication limits. Post-login traffic is relayed untouched and unlimited."""
+
+    max_line: int = 8192  # bytes in one command line before login
+    max_literal: int = 8192  # bytes in one literal before login (usernames, passwords, SASL)
+    idle_timeout: float = 60.0  # seconds of silence before login is finished
+    auth_failure_delay: float = 2.0  # fixed delay before every failed-login answer
+    max_failures_per_connection: int = 3
+    throttle_window: float = 300.0  # seconds over which failures are counted
+    max_failures_per_peer: int = 10
+    max_failures_per_account: int = 20
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None = None  # the file this came from, None for built-in defaults
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    database_url: str = "sqlite:///var/migrating-proxy.db"
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    provision: ProvisionConfig = field(default_factory=ProvisionConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def locate(explicit: str | None) -> Path | None:
+    """`--config`, then $MIGRATING_PROXY_CONFIG, then config/migrating-proxy.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    if DEFAULT_PATH.is_file():
+        return DEFAULT_PATH
+    return None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = locate(explicit)
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _Reader(path, raw).config()
+
+
+class _Reader:
+    """Turns the parsed TOML into a Config, naming `file: section.key: reason` on errors."""
+
+    KNOWN = {
+        "listen": {"imap", "imaps", "pop3", "pop3s"},
+        "tls": {"cert", "key", "require"},
+        "database": {"url"},
+        "backend": {"imap", "pop3", "master_user", "master_password_file", "timeout"},
+        "provision": {"kind", "path", "scheme", "rounds"},
+        "limits": set(LimitsConfig.__dataclass_fields__),
+        "log": {"format", "level"},
+    }
+
+    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+        self.raw = raw
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {reason}")
+
+    def config(self) -> Config:
+        self._check_known_keys()
+        config = Config(
+            source=self.path,
+            listen=self._listen(),
+            tls=self._tls(),
+            database_url=self._database_url(),
+            backend=self._backend(),
+            provision=self._provision(),
+            limits=self._limits(),
+            log=self._log(),
+        )
+        for name in ("imaps", "pop3s"):
+            if getattr(config.listen, name) and not config.tls.enabled:
+                raise self.fail(f"listen.{name}", "needs tls.cert and tls.key")
+        return config
+
+    def _check_known_keys(self) -> None:
+        for section, value in self.raw.items():
+            if section not in self.KNOWN:
+                raise self.fail(section, "unknown section")
+            if not isinstance(value, dict):
+                raise self.fail(section, "must be a table")
+            for key in value:
+                if key not in self.KNOWN[section]:
+                    raise self.fail(f"{section}.{key}", "unknown key")
+
+    def get(self, section: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.raw.get(section, {}).get(key, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            name = kind.__name__ if isinstance(kind, type) else "value"
+            raise self.fail(f"{section}.{key}", f"must be a {name}")
+        return value
+
+    def path_or_none(self, section: str, key: str) -> Path | None:
+        value = self.get(section, key, str, "")
+        if not value:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else self.base / path
+
+    def _listen(self) -> ListenConfig:
+        defaults = ListenConfig()
+        values = {}
+        for key in ("imap", "imaps", "pop3", "pop3s"):
+            current = getattr(defaults, key)
+            text = self.get("listen", key, str, f"{current[0]}:{current[1]}" if current else "")
+            try:
+                values[key] = parse_listen(text)
+            except EndpointError as exc:
+                raise self.fail(f"listen.{key}", str(exc)) from None
+        return ListenConfig(**values)
+
+    def _tls(self) -> TLSConfig:
+        tls = TLSConfig(
+            cert=self.path_or_none("tls", "cert"),
+            key=self.path_or_none("tls", "key"),
+            require=self.get("tls", "require", bool, False),
+        )
+        for key in ("cert", "key"):
+            path = getattr(tls, key)
+            if path is not None and not path.is_file():
+                raise self.fail(f"tls.{key}", f"{path} is not a readable file")
+        if tls.cert is None and tls.require:
+            raise self.fail("tls.require", "needs tls.cert and tls.key")
+        return tls
+
+    def _database_url(self) -> str:
+        url = self.get("database", "url", str, Config.database_url)
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            relative = url.removeprefix("sqlite:///")
+            if relative and relative != ":memory:":
+                url = f"sqlite:///{self.base / relative}"
+        if not url.startswith(("sqlite:", "postgresql:", "postgresql+")):
+            raise self.fail("database.url", "must be a sqlite:/// or postgresql:// URL")
+        return url
+
+    def _backend(self) -> BackendConfig:
+        values = {}
+        for key, default in (("imap", "imap://127.0.0.1:143"), ("pop3", "pop3://127.0.0.1:110")):
+            try:
+                endpoint = parse_endpoint(self.get("backend", key, str, default))
+            except EndpointError as exc:
+                raise self.fail(f"backend.{key}", str(exc)) from None
+            if endpoint.protocol != key:
+                raise self.fail(f"backend.{key}", f"must be a {key} URL")
+            values[key] = endpoint
+        backend = BackendConfig(
+            **values,
+            master_user=self.get("backend", "master_user", str, ""),
+            master_password_file=self.path_or_none("backend", "master_password_file"),
+            timeout=self.get("backend", "timeout", float, 10.0),
+        )
+        if backend.master_user and backend.master_password_file is None:
+            raise self.fail("backend.master_password_file", "required with backend.master_user")
+        if backend.master_password_file and not backend.master_password_file.is_file():
+            raise self.fail(
+                "backend.master_password_file",
+                f"{backend.master_password_file} is not a readable file",
+            )
+        return backend
+
+    def _provision(self) -> ProvisionConfig:
+        from migrating_proxy.passwords import known_scheme
+
+        provision = ProvisionConfig(
+            kind=self.get("provision", "kind", str, "passwd-file"),
+            path=self.path_or_none("provision", "path"),
+            scheme=self.get("provision", "scheme", str, "sha512_crypt"),
+            rounds=self.get("provision", "rounds", int, 0),
+        )
+        if provision.kind not in ("passwd-file", "none"):
+            raise self.fail("provision.kind", 'must be "passwd-file" or "none"')
+        if provision.kind == "passwd-file" and provision.path is None:
+            raise self.fail("provision.path", 'required when provision.kind = "passwd-file"')
+        if not known_scheme(provision.scheme):
+            raise self.fail("provision.scheme", f"unknown passlib scheme {provision.scheme!r}")
+        return provision
+
+    def _limits(self) -> LimitsConfig:
+        defaults = LimitsConfig()
+        values = {}
+        for key in LimitsConfig.__dataclass_fields__:
+            default = getattr(defaults, key)
+            value = self.get("limits", key, type(default), default)
+            if value < 0:
+                raise self.fail(f"limits.{key}", "must not be negative")
+            values[key] = value
+        return LimitsConfig(**values)
+
+    def _log(self) -> LogConfig:
+        log = LogConfig(
+            format=self.get("log", "format", str, "auto"),
+            level=self.get("log", "level", str, "info"),
+        )
+        if log.format not in ("auto", "json", "console"):
+            raise self.fail("log.format", 'must be "auto", "json" or "console"')
+        if log.level not in ("debug", "info", "warning", "error"):
+            raise self.fail("log.level", "must be debug, info, warning or error")
+        return log

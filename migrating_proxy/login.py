@@ -1,0 +1,146 @@
+"""The login decision, shared by every protocol: local account, old server, or refuse.
+
+Front-ends parse their protocol's login dialogue, build `Credentials` and call
+`LoginService.authenticate` in a worker thread (it blocks: database, password hashing, and for
+migrating domains a login at the old server). The answer is a `LoginResult`; the front-end turns
+it into its protocol's words and, on success, opens the session at the new store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import structlog
+
+from migrating_proxy.passwords import PasswordHasher
+from migrating_proxy.store import AccountStore, AddressError, normalise
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(Enum):
+    OK = "ok"
+    FAILED = "failed"  # wrong password, unknown user: the same answer for both
+    UNAVAILABLE = "unavailable"  # we could not decide (database, old server down): try later
+    THROTTLED = "throttled"  # too many recent failures from this peer or for this account
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+    protocol: str = "imap"
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    outcome: Outcome
+    address: str | None = None  # the account's canonical address, for the store login
+    reason: str = ""  # for the log only; never shown to the client, never a secret
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class FailureThrottle:
+    """Counts failed logins per peer and per account over a sliding window.
+
+    Per peer stops one host from trying many passwords; per account stops many hosts from
+    trying one account. While throttled, passwords are not even checked, so a guess that would
+    have been right gains nothing. Thread-safe: logins are decided in a thread pool.
+    """
+
+    def __init__(self, window: float, max_per_peer: int, max_per_account: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.limits = {"peer": max_per_peer, "account": max_per_account}
+        self.clock = clock
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, peer: str, account: str) -> bool:
+        with self._lock:
+            return any(
+                limit and self._count(key) >= limit for key, limit in self._keys(peer, account)
+            )
+
+    def record_failure(self, peer: str, account: str) -> None:
+        with self._lock:
+            for key, _ in self._keys(peer, account):
+                self._count(key)  # prune first, so the window really slides
+                self._failures.setdefault(key, deque()).append(self.clock())
+
+    def record_success(self, account: str) -> None:
+        # Only the account's count is forgiven: a peer that owns one valid account must not be
+        # able to reset its own counter between guesses at other accounts.
+        with self._lock:
+            self._failures.pop(("account", account), None)
+
+    def _keys(self, peer: str, account: str) -> list[tuple[tuple[str, str], int]]:
+        return [
+            (("peer", peer), self.limits["peer"]),
+            (("account", account), self.limits["account"]),
+        ]
+
+    def _count(self, key: tuple[str, str]) -> int:
+        stamps = self._failures.get(key)
+        if stamps is None:
+            return 0
+        horizon = self.clock() - self.window
+        while stamps and stamps[0] < horizon:
+            stamps.popleft()
+        if not stamps:  # keeps memory bounded under a spray of random usernames
+            del self._failures[key]
+        return len(stamps)
+
+
+class LoginService:
+    def __init__(self, accounts: AccountStore, hasher: PasswordHasher,
+                 throttle: FailureThrottle, on_rehash: Callable[[], None] | None = None) -> None:
+        self.accounts = accounts
+        self.hasher = hasher
+        self.throttle = throttle
+        self.on_rehash = on_rehash  # provisioning re-sync after a hash upgrade
+
+    def authenticate(self, creds: Credentials) -> LoginResult:
+        """Blocking; call from a worker thread. Never raises for bad input."""
+        try:
+            address = normalise(creds.username)
+        except AddressError as exc:
+            self.throttle.record_failure(creds.peer, creds.username.lower()[:320])
+            return LoginResult(Outcome.FAILED, reason=f"invalid username: {exc}")
+        key = address.lower()
+        if self.throttle.blocked(creds.peer, key):
+            return LoginResult(Outcome.THROTTLED, address, "too many recent failures")
+        try:
+            result = self._decide(address, creds)
+        except Exception as exc:  # database trouble: don't guess, ask the client to retry
+            log.error("login_error", address=address, error=type(exc).__name__)
+            reason = f"internal error: {type(exc).__name__}"
+            return LoginResult(Outcome.UNAVAILABLE, address, reason)
+        if result.outcome is Outcome.FAILED:
+            self.throttle.record_failure(creds.peer, key)
+        elif result.ok:
+            self.throttle.record_success(key)
+        return result
+
+    def _decide(self, address: str, creds: Credentials) -> LoginResult:
+        account = self.accounts.get_account(address)
+        if account is None:
+            return LoginResult(Outcome.FAILED, address, "unknown user")
+        verification = self.hasher.verify(creds.password, account.password_hash)
+        if not verification.ok:
+            return LoginResult(Outcome.FAILED, account.address, "wrong password")
+        if verification.new_hash:
+            self.accounts.set_password_hash(account.address, verification.new_hash)
+            if self.on_rehash:
+                self.on_rehash()
+        self.accounts.record_login(account.address)
+        return LoginResult(Outcome.OK, account.address, "local account")

@@ -1,0 +1,45 @@
+"""The account store: the only state shared between proxy and worker processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from migrating_proxy.store.accounts import (
+    Account,
+    AccountStore,
+    AddressError,
+    Domain,
+    StoreError,
+    normalise,
+)
+from migrating_proxy.store.db import DatabaseError, ensure_schema, make_engine
+
+__all__ = [
+    "Account",
+    "AccountStore",
+    "AddressError",
+    "DatabaseError",
+    "Domain",
+    "Store",
+    "StoreError",
+    "normalise",
+    "open_store",
+]
+
+
+@dataclass
+class Store:
+    engine: Engine
+    accounts: AccountStore
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str) -> Store:
+    """Connect, create or upgrade the schema, and return the store's facades."""
+    engine = make_engine(url)
+    ensure_schema(engine)
+    return Store(engine=engine, accounts=AccountStore(engine))

@@ -1,0 +1,210 @@
+"""Domains and accounts: the part of the account store every front-end and the CLI use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from migrating_proxy.store.schema import accounts, domains
+
+DOMAIN_TYPES = ("default", "gmail", "exchange", "office", "domino")
+
+
+class StoreError(Exception):
+    """A request the store refuses, worded for the admin (unknown domain, duplicate, ...)."""
+
+
+class AddressError(ValueError):
+    """Not something we accept as a mail address."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """Validate and normalise: domain lower-cased, local part kept as the user typed it.
+
+    Rejects anything that could confuse a protocol or a passwd-file line (controls, spaces,
+    quotes, colons) rather than trying to escape it: real mailbox addresses never need them.
+    """
+    address = address.strip()
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain or len(address) > 320:
+        raise AddressError("not an address of the form user@domain")
+    forbidden = set(' "\\:\'()<>,;[]') | {chr(c) for c in range(32)} | {"\x7f"}
+    if any(ch in forbidden for ch in address) or not address.isascii():
+        raise AddressError("address contains characters that are not allowed")
+    if domain.startswith(".") or domain.endswith(".") or ".." in domain:
+        raise AddressError("not a valid domain")
+    return local, domain.lower()
+
+
+def normalise(address: str) -> str:
+    local, domain = split_address(address)
+    return f"{local}@{domain}"
+
+
+def address_key(address: str) -> str:
+    return normalise(address).lower()
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    source_url: str
+    migrating: bool = True
+    relay_url: str | None = None
+    type: str = "default"
+    source_user: str = "%u"
+    subscribed_only: bool = False
+    notice: bool = True
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    address: str
+    domain: str
+    password_hash: str
+    migration_state: str | None
+    created_at: datetime
+    last_login_at: datetime | None
+    source_url: str | None = None
+    source_login: str | None = None
+    notice_inserted_at: datetime | None = None
+
+
+class AccountStore:
+    """Domains and accounts. Every method is one short transaction; safe across processes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- domains -------------------------------------------------------------------------
+    def add_domain(self, domain: Domain) -> None:
+        values = {**domain.__dict__, "name": domain.name.lower()}
+        stamp = now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(domains).values(**values, created_at=stamp, updated_at=stamp))
+        except IntegrityError:
+            raise StoreError(f"domain {domain.name} already exists") from None
+
+    def get_domain(self, name: str) -> Domain | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(domains).where(domains.c.name == name.lower())).first()
+        return _domain(row) if row else None
+
+    def list_domains(self) -> list[Domain]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(domains).order_by(domains.c.name)).all()
+        return [_domain(row) for row in rows]
+
+    def set_domain_migrating(self, name: str, migrating: bool) -> None:
+        self._update_domain(name, migrating=migrating)
+
+    def remove_domain(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            in_use = conn.execute(
+                select(func.count()).select_from(accounts).where(accounts.c.domain == name.lower())
+            ).scalar_one()
+            if in_use:
+                raise StoreError(f"domain {name} still has {in_use} account(s); remove them first")
+            if not conn.execute(delete(domains).where(domains.c.name == name.lower())).rowcount:
+                raise StoreError(f"unknown domain {name}")
+
+    def _update_domain(self, name: str, **values: object) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(domains).where(domains.c.name == name.lower())
+                .values(**values, updated_at=now())
+            )
+            if not result.rowcount:
+                raise StoreError(f"unknown domain {name}")
+
+    # -- accounts ------------------------------------------------------------------------
+    def add_account(self, address: str, password_hash: str, *,
+                    migration_state: str | None = None) -> Account:
+        """Insert an account; StoreError if it exists (in any letter case)."""
+        address = normalise(address)
+        stamp = now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(accounts).values(
+                    address=address, address_key=address.lower(),
+                    domain=address.rpartition("@")[2], password_hash=password_hash,
+                    migration_state=migration_state, created_at=stamp, updated_at=stamp,
+                ))
+        except IntegrityError:
+            raise StoreError(f"account {address} already exists") from None
+        account = self.get_account(address)
+        assert account is not None
+        return account
+
+    def get_account(self, address: str) -> Account | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(accounts).where(accounts.c.address_key == address_key(address))
+            ).first()
+        return _account(row) if row else None
+
+    def list_accounts(self, domain: str | None = None) -> list[Account]:
+        query = select(accounts).order_by(accounts.c.address_key)
+        if domain:
+            query = query.where(accounts.c.domain == domain.lower())
+        with self.engine.connect() as conn:
+            return [_account(row) for row in conn.execute(query).all()]
+
+    def all_password_hashes(self) -> list[tuple[str, str]]:
+        """(address, passlib hash) of every account, for provisioning the store's user file."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(accounts.c.address, accounts.c.password_hash)
+                .order_by(accounts.c.address_key)
+            ).all()
+        return [(row.address, row.password_hash) for row in rows]
+
+    def set_password_hash(self, address: str, password_hash: str) -> None:
+        self._update_account(address, password_hash=password_hash)
+
+    def record_login(self, address: str) -> None:
+        self._update_account(address, last_login_at=now())
+
+    def remove_account(self, address: str) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(accounts).where(accounts.c.address_key == address_key(address))
+            )
+            if not result.rowcount:
+                raise StoreError(f"unknown account {address}")
+
+    def _update_account(self, address: str, **values: object) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(accounts).where(accounts.c.address_key == address_key(address))
+                .values(**values, updated_at=now())
+            )
+            if not result.rowcount:
+                raise StoreError(f"unknown account {address}")
+
+
+def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
+    return Domain(
+        name=row.name, source_url=row.source_url, migrating=row.migrating,
+        relay_url=row.relay_url, type=row.type, source_user=row.source_user,
+        subscribed_only=row.subscribed_only, notice=row.notice, verify_tls=row.verify_tls,
+    )
+
+
+def _account(row) -> Account:  # type: ignore[no-untyped-def]
+    return Account(
+        id=row.id, address=row.address, domain=row.domain, password_hash=row.password_hash,
+        migration_state=row.migration_state, created_at=row.created_at,
+        last_login_at=row.last_login_at, source_url=row.source_url,
+        source_login=row.source_login, notice_inserted_at=row.notice_inserted_at,
+    )

@@ -1,0 +1,128 @@
+"""The account store's tables (SQLAlchemy Core), one schema for SQLite and PostgreSQL.
+
+Every table hangs off `metadata`; modules that own a table of their own (the copy engine's
+per-folder state, for instance) declare it on this same `metadata` so `create_all` and the
+schema version cover the whole database.
+
+Schema changes are versioned: bump `SCHEMA_VERSION` and add a step to `UPGRADES` in db.py.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),  # lower-cased
+    # The per-domain migration switch: on, unknown users are checked against `source_url`.
+    Column("migrating", Boolean, nullable=False, default=True),
+    Column("source_url", String(512), nullable=False),
+    Column("relay_url", String(512), nullable=True),
+    Column("type", String(16), nullable=False, default="default"),
+    Column("source_user", String(255), nullable=False, default="%u"),
+    Column("subscribed_only", Boolean, nullable=False, default=False),
+    Column("notice", Boolean, nullable=False, default=True),
+    Column("verify_tls", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(320), nullable=False),  # as first seen, domain lower-cased
+    # Lower-cased address: the unique key, so Alice@ and alice@ are one account.
+    Column("address_key", String(320), nullable=False, unique=True),
+    Column("domain", String(255), nullable=False, index=True),
+    Column("password_hash", String(512), nullable=False),  # passlib form, e.g. $6$...
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_login_at", DateTime(timezone=True), nullable=True),
+    # Migration bookkeeping; NULL migration_state means "never migrated" (a plain local account).
+    Column("migration_state", String(16), nullable=True),  # NEW PENDING ERROR COMPLETED
+    Column("source_url", String(512), nullable=True),  # per-user override of the domain's
+    Column("source_login", String(320), nullable=True),
+    Column("notice_inserted_at", DateTime(timezone=True), nullable=True),
+)
+
+# One row per account that has (had) a migration: what the admin views show.
+migrations = Table(
+    "migrations",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("folders_total", Integer, nullable=False, default=0),
+    Column("folders_done", Integer, nullable=False, default=0),
+    Column("messages_total", Integer, nullable=False, default=0),
+    Column("messages_copied", Integer, nullable=False, default=0),
+    Column("messages_skipped", Integer, nullable=False, default=0),
+    Column("bytes_copied", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("last_pass_at", DateTime(timezone=True), nullable=True),
+)
+
+# The job queue shared by every worker process (and machine, on PostgreSQL).
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),  # full | incremental
+    Column("state", String(16), nullable=False),  # queued running done failed paused
+    Column("not_before", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_by", String(255), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_jobs_state_not_before", "state", "not_before"),
+)
+
+# Captured or imported passwords, encrypted at rest, erased once a migration no longer needs them.
+vault = Table(
+    "vault",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Old-server POP3 UIDLs of migrated messages, so POP3 clients need not download everything again.
+pop3_uidls = Table(
+    "pop3_uidls",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("uidl", String(70), nullable=False),
+    Column("size", Integer, nullable=False),
+    UniqueConstraint("account_id", "uidl"),
+)

@@ -1,0 +1,162 @@
+"""Running migrating-proxy itself for tests: a real `serve` subprocess and real CLI calls.
+
+The proxy runs as a separate process, exactly as an operator starts it, so tests cover the
+command line, the configuration file, signal handling and the log output (which the secrets test
+greps). Its stderr goes to a file under the test's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
+from tests.support.tls import TLSFiles
+
+# Everything the suite's proxies logged, for the "no secret in any log" test.
+ALL_LOGS: list[Path] = []
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for section, values in sections.items():
+        out.append(f"[{section}]")
+        out.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass
+class Proxy:
+    directory: Path
+    store: DovecotInstance
+    tls: TLSFiles | None = None
+    master: bool = True
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.directory / "migrating-proxy.toml"
+        self.log_path = self.directory / "proxy.log"
+        ALL_LOGS.append(self.log_path)
+        names = ["imap", "pop3"] + (["imaps", "pop3s"] if self.tls else [])
+        self.ports = {name: free_port() for name in names}
+        self.write_config()
+
+    @property
+    def imap_port(self) -> int:
+        return self.ports["imap"]
+
+    @property
+    def pop3_port(self) -> int:
+        return self.ports["pop3"]
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        listen = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+        backend: dict[str, Any] = {
+            "imap": f"imap://127.0.0.1:{self.store.imap_port}",
+            "pop3": f"pop3://127.0.0.1:{self.store.pop3_port}",
+            "timeout": 5.0,
+        }
+        if self.master:
+            secret = self.directory / "master-password"
+            secret.write_text(f"{self.store.master_password}\n")
+            secret.chmod(0o600)
+            backend |= {"master_user": self.store.master_user,
+                        "master_password_file": str(secret)}
+        sections: dict[str, dict[str, Any]] = {
+            "listen": listen,
+            "database": {"url": f"sqlite:///{self.directory / 'proxy.db'}"},
+            "backend": backend,
+            # Few rounds keep the suite fast; production uses passlib's default cost.
+            "provision": {"kind": "passwd-file", "path": str(self.store.users_file),
+                          "scheme": "sha512_crypt", "rounds": 5000},
+            "limits": {"auth_failure_delay": 0.2, "idle_timeout": 10.0},
+            "log": {"format": "json", "level": "debug"},
+        }
+        if self.tls:
+            sections["tls"] = {"cert": str(self.tls.cert), "key": str(self.tls.key)}
+        for section, values in self.overrides.items():
+            sections.setdefault(section, {}).update(values)
+        return sections
+
+    def write_config(self) -> None:
+        self.config_path.write_text(render_toml(self.sections()))
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )
+        with open(self.log_path, "a") as log:
+            log.write(result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(f"CLI {args} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def add_account(self, address: str, password: str) -> None:
+        self.cli("account", "add", address, input=password + "\n")
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), "serve"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        for port in self.ports.values():
+            try:
+                wait_for_port("127.0.0.1", port, timeout=15)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"proxy did not start:\n{self.log_text()[-3000:]}") from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code, self.process = self.process.returncode, None
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_text()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} never appeared in the proxy log")
+
+    def __enter__(self) -> Proxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
