@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
+from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.tls import TLSFiles
 
 # Everything the suite's proxies logged, for the "no secret in any log" test.
@@ -122,12 +122,13 @@ class Proxy:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
-        for port in self.ports.values():
-            try:
-                wait_for_port("127.0.0.1", port, timeout=15)
-            except TimeoutError:
+        # "started" is logged once every listener is bound; a dead process won't log it.
+        deadline = time.monotonic() + 20
+        while '"event": "started"' not in self.log_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"proxy did not start:\n{self.log_text()[-3000:]}") from None
+                raise RuntimeError(f"proxy did not start:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.process is None:

@@ -1,0 +1,64 @@
+"""Shared pytest fixtures. Add new fixtures in their own clearly marked block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import dovecot
+from tests.support.tls import TLSFiles, make_test_ca
+
+# --- Dovecot fixtures (tests/support/dovecot.py) ------------------------------------------
+# Instances live in their own short directory under /tmp, not in tmp_path: as root, Dovecot's
+# unprivileged processes cannot traverse pytest's 0700 base directory, and its socket paths
+# must stay short. The directory is removed after the test.
+
+OLD_USERS = {"alice@old.example": "alice-pw", "bob@old.example": "bob-pw"}
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A test CA and a server certificate for localhost / 127.0.0.1."""
+    return make_test_ca(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def old_server() -> Iterator[dovecot.DovecotInstance]:
+    """The old IMAP/POP3 server, running, with alice@ and bob@old.example (OLD_USERS)."""
+    root = dovecot.instance_root("mp-old-")
+    try:
+        with dovecot.old_server(root, dict(OLD_USERS)) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+@pytest.fixture
+def new_store() -> Iterator[dovecot.DovecotInstance]:
+    """The new store, running, with an empty provisioned-users file (`new_store.users_file`)."""
+    root = dovecot.instance_root("mp-new-")
+    try:
+        provisioned = root / "provisioned" / "dovecot-users"
+        with dovecot.new_store(root, provisioned) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+# --- end of Dovecot fixtures ----------------------------------------------------------------
+
+
+# --- Proxy fixtures (tests/support/proxy.py) -----------------------------------------------
+@pytest.fixture(scope="module")
+def module_store() -> Iterator[dovecot.DovecotInstance]:
+    """A new store shared by one test module, for tests that don't stop or reconfigure it."""
+    root = dovecot.instance_root("mp-mod-")
+    try:
+        with dovecot.new_store(root, root / "provisioned" / "dovecot-users") as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+# --- end of proxy fixtures -----------------------------------------------------------------

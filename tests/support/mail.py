@@ -1,0 +1,152 @@
+"""Build test messages and seed mailboxes over IMAP (imapclient), for tests and the demo."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+
+from imapclient import IMAPClient
+
+# Under 76 characters, so quoted-printable bodies keep it as is and the size stays predictable.
+FILLER = "The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklm"
+
+
+@dataclass(frozen=True)
+class SeedMessage:
+    """One message to APPEND: raw RFC 5322 bytes, flags/keywords, INTERNALDATE (tz-aware)."""
+
+    raw: bytes
+    flags: tuple[str, ...] = ()
+    internaldate: dt.datetime | None = None
+
+
+# Folder name (IMAP name with "/" separator, Unicode allowed) -> messages, in APPEND order.
+MailboxSpec = Mapping[str, Sequence[SeedMessage]]
+
+
+def make_message(
+    subject: str,
+    body: str,
+    date: dt.datetime,
+    message_id: str | None = None,
+    size: int | None = None,
+    sender: str = "Alice Example <alice@old.example>",
+    to: str = "Bob Example <bob@old.example>",
+) -> bytes:
+    """RFC 5322 message with CRLF line endings; Unicode subject/body are MIME-encoded.
+
+    `size` pads the body with ASCII filler lines so the message is at least `size` bytes
+    (a few bytes more at most), for tests that care about large messages.
+    """
+    if date.tzinfo is None:
+        raise ValueError("date must be timezone-aware")
+    raw = _render(subject, body, date, message_id or make_msgid(domain="old.example"), sender, to)
+    if size is not None and len(raw) < size:
+        padding = _filler(size - len(raw))
+        raw = _render(subject, body + "\n" + padding, date, _message_id(raw), sender, to)
+    return raw
+
+
+def _render(
+    subject: str, body: str, date: dt.datetime, message_id: str, sender: str, to: str
+) -> bytes:
+    msg = EmailMessage(policy=SMTP)  # SMTP policy: CRLF line endings
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(date)
+    msg["Message-ID"] = message_id
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+def _message_id(raw: bytes) -> str:
+    for line in raw.split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    raise ValueError("no Message-ID")
+
+
+def _filler(nbytes: int) -> str:
+    """Lines of ASCII text totalling about nbytes once written with CRLF."""
+    line = FILLER
+    count = nbytes // (len(line) + 2) + 1
+    return "\n".join(line for _ in range(count))
+
+
+def seed_mailbox(
+    host: str, port: int, address: str, password: str, spec: MailboxSpec, ssl: bool = False
+) -> dict[str, int]:
+    """Create the folders in `spec` (if missing) and APPEND their messages.
+
+    Returns the number of messages appended per folder. Flags may include keywords.
+    """
+    appended: dict[str, int] = {}
+    with IMAPClient(host, port=port, ssl=ssl, timeout=30) as client:
+        client.login(address, password)
+        existing = {name for _flags, _sep, name in client.list_folders()}
+        for folder, messages in spec.items():
+            if folder not in existing and folder.upper() != "INBOX":
+                client.create_folder(folder)
+                client.subscribe_folder(folder)
+            for message in messages:
+                client.append(folder, message.raw, message.flags, message.internaldate)
+            appended[folder] = len(messages)
+        client.logout()
+    return appended
+
+
+def _tz(hours: float) -> dt.timezone:
+    return dt.timezone(dt.timedelta(hours=hours))
+
+
+def _msg(
+    subject: str, body: str, when: dt.datetime, flags: Iterable[str] = (), size: int | None = None
+) -> SeedMessage:
+    # INTERNALDATE a few minutes after the Date: header, as on a real server.
+    received = when + dt.timedelta(minutes=3)
+    return SeedMessage(make_message(subject, body, when, size=size), tuple(flags), received)
+
+
+def sample_corpus() -> dict[str, list[SeedMessage]]:
+    """A small, realistic mailbox: special-use folders, nesting, non-ASCII names and text."""
+    paris, tokyo, ny, kolkata = _tz(1), _tz(9), _tz(-5), _tz(5.5)
+    return {
+        "INBOX": [
+            _msg("Welcome to the new mail system", "Hello Alice,\n\nwelcome!\n",
+                 dt.datetime(2025, 3, 1, 9, 15, tzinfo=paris), [r"\Seen"]),
+            _msg("Quarterly report", "Numbers attached in spirit.\n",
+                 dt.datetime(2024, 12, 31, 23, 59, tzinfo=tokyo), [r"\Flagged", "$Important"]),
+            _msg("Réunion demain à 10 h", "Salut,\n\non se voit demain ? Ça marche.\n",
+                 dt.datetime(2025, 1, 14, 18, 2, tzinfo=paris), []),
+            _msg("Big attachment-ish", "See below.\n",
+                 dt.datetime(2023, 6, 5, 7, 30, tzinfo=ny), [r"\Seen", r"\Answered"],
+                 size=200_000),
+        ],
+        "Sent": [
+            _msg("Re: Quarterly report", "Thanks, looks good.\n",
+                 dt.datetime(2025, 1, 2, 8, 0, tzinfo=kolkata), [r"\Seen", "$Forwarded"]),
+        ],
+        "Drafts": [
+            _msg("Unfinished thoughts", "To be continued…\n",
+                 dt.datetime(2025, 2, 2, 22, 45, tzinfo=dt.UTC), [r"\Draft"]),
+        ],
+        "Archive/2024": [
+            _msg("Holiday plans 2024", "Beach or mountains?\n",
+                 dt.datetime(2024, 7, 20, 12, 0, tzinfo=paris), [r"\Seen", "project-x"]),
+            _msg("Old newsletter", "Issue #42.\n",
+                 dt.datetime(2024, 2, 29, 6, 0, tzinfo=ny), [r"\Seen", r"\Deleted"]),
+        ],
+        "Reçus": [
+            _msg("Facture n° 2024-117", "Veuillez trouver ci-joint la facture.\n",
+                 dt.datetime(2024, 11, 3, 10, 30, tzinfo=paris), [r"\Seen"]),
+        ],
+        "Projects/Acme/Q1": [
+            _msg("Acme kickoff", "Agenda: everything.\n",
+                 dt.datetime(2022, 1, 10, 14, 0, tzinfo=tokyo), []),
+        ],
+    }
