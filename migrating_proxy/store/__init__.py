@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from migrating_proxy.store import copystate as _copystate  # noqa: F401  (registers its tables)
 from migrating_proxy.store.accounts import (
     Account,
     AccountStore,

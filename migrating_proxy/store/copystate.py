@@ -285,7 +285,7 @@ class CopyState:
     def write_progress(self, *, finished: bool = False, error: str | None = None,
                        **counters: int) -> None:
         """Upsert the account's `migrations` row with the given counters."""
-        values: dict[str, object] = {k: min(v, _INT32_MAX) for k, v in counters.items()}
+        values: dict[str, object] = dict(counters)
         values["last_error"] = error
         if finished:
             values["finished_at"] = values["last_pass_at"] = _now()

@@ -10,6 +10,7 @@ Schema changes are versioned: bump `SCHEMA_VERSION` and add a step to `UPGRADES`
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -82,7 +83,7 @@ migrations = Table(
     Column("messages_total", Integer, nullable=False, default=0),
     Column("messages_copied", Integer, nullable=False, default=0),
     Column("messages_skipped", Integer, nullable=False, default=0),
-    Column("bytes_copied", Integer, nullable=False, default=0),
+    Column("bytes_copied", BigInteger, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),

@@ -1,0 +1,269 @@
+"""Connecting to the old server and the new store: TLS modes, timeouts, error classes, retries.
+
+Every error that leaves this module is one of our exception classes with a message scrubbed of
+the passwords involved: imaplib and poplib put server replies (and sometimes our own command
+line) into exception text, and those end up in logs and in the admin's `last_error`.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import structlog
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+log = structlog.get_logger(__name__)
+
+TLSMode = Literal["none", "starttls", "implicit"]
+T = TypeVar("T")
+
+# Response codes (RFC 5530) and words that mean "try again later", not "this is wrong".
+_TRANSIENT_MARKERS = ("[THROTTLED]", "[UNAVAILABLE]", "[INUSE]", "[SYS/TEMP]", "[IN-USE]",
+                      "BYE", "TEMPORARY", "TRY AGAIN")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where and how to read the user's old mailbox."""
+
+    protocol: Literal["imap", "pop3"]
+    host: str
+    port: int
+    tls: TLSMode
+    verify_tls: bool
+    login: str
+    password: str = field(repr=False)
+    type: str = "default"  # default | gmail | exchange | office | domino
+    subscribed_only: bool = False
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """The new store, logged in to as `address` (via master user if set, else user_password)."""
+
+    host: str
+    port: int
+    tls: TLSMode
+    address: str
+    master_user: str | None
+    master_password: str | None = field(repr=False)
+    user_password: str | None = field(default=None, repr=False)
+    verify_tls: bool = True
+
+
+class SourceAuthError(Exception):
+    """The old server refused the login: wrong password (or account disabled)."""
+
+
+class SourceUnavailable(Exception):
+    """The old server could not be reached or used: down, timeout, TLS failure, overloaded."""
+
+
+class DestinationError(Exception):
+    """The new store refused the login or an operation that is not about one message."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying after a pause (connection lost, [THROTTLED], BYE...)."""
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """Text with every non-trivial secret replaced, for logs and error messages."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _looks_transient(text: str) -> bool:
+    upper = text.upper()
+    return any(marker in upper for marker in _TRANSIENT_MARKERS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying (after reconnecting) may succeed."""
+    if isinstance(exc, TransientError | SourceUnavailable):
+        return True
+    if isinstance(exc, OSError | EOFError | imaplib.IMAP4.abort | socket.timeout):
+        return True
+    if isinstance(exc, IMAPClientError | imaplib.IMAP4.error | poplib.error_proto):
+        return _looks_transient(str(exc))
+    return False
+
+
+# --- IMAP ----------------------------------------------------------------------------------
+
+
+def open_imap(host: str, port: int, tls: TLSMode, verify_tls: bool, timeout: float) -> IMAPClient:
+    """A connected (not logged-in) client; every socket operation times out after `timeout`."""
+    context = _tls_context(verify_tls)
+    client = IMAPClient(host, port=port, ssl=tls == "implicit", ssl_context=context,
+                        timeout=timeout)
+    client.normalise_times = False  # keep INTERNALDATE's offset (aware datetimes)
+    if tls == "starttls":
+        client.starttls(context)
+    return client
+
+
+def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
+    """Logged-in client on the old server; SourceAuthError / SourceUnavailable otherwise."""
+    secrets = (source.password,)
+    try:
+        client = open_imap(source.host, source.port, source.tls, source.verify_tls, timeout)
+    except Exception as exc:
+        text = _describe("cannot connect to source", source.host, exc, secrets)
+        raise SourceUnavailable(text) from None
+    try:
+        client.login(source.login, source.password)
+    except LoginError as exc:
+        _close_quietly(client)
+        text = scrub(str(exc), *secrets)
+        if _looks_transient(text):
+            raise SourceUnavailable(f"source {source.host} refused login for now: {text}") from None
+        raise SourceAuthError(f"source {source.host} refused the login: {text}") from None
+    except Exception as exc:
+        _close_quietly(client)
+        text = _describe("source login failed", source.host, exc, secrets)
+        raise SourceUnavailable(text) from None
+    return client
+
+
+def connect_store_imap(store: StoreSpec, timeout: float) -> IMAPClient:
+    """Logged-in client on the new store as store.address (SASL PLAIN authzid for a master)."""
+    secrets = (store.master_password, store.user_password)
+    try:
+        client = open_imap(store.host, store.port, store.tls, store.verify_tls, timeout)
+    except Exception as exc:
+        text = _describe("cannot connect to store", store.host, exc, secrets)
+        raise TransientError(text) from None
+    try:
+        if store.master_user:
+            client.plain_login(store.master_user, store.master_password or "",
+                               authorization_identity=store.address)
+        else:
+            client.login(store.address, store.user_password or "")
+    except Exception as exc:
+        _close_quietly(client)
+        text = _describe("store login failed for " + store.address, store.host, exc, secrets)
+        if isinstance(exc, LoginError | imaplib.IMAP4.error) and not _looks_transient(text):
+            raise DestinationError(text) from None
+        raise TransientError(text) from None
+    return client
+
+
+def _describe(what: str, host: str, exc: BaseException, secrets: tuple[str | None, ...]) -> str:
+    return scrub(f"{what} ({host}): {type(exc).__name__}: {exc}", *secrets)
+
+
+def _close_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
+    """Best effort: the connection may already be gone; shut the socket without waiting."""
+    if client is None:
+        return
+    try:
+        if isinstance(client, IMAPClient):
+            client.shutdown()
+        else:
+            client.close()
+    except Exception:  # nothing useful to do when a dying socket won't close
+        return
+
+
+def close_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
+    """LOGOUT/QUIT politely, falling back to closing the socket."""
+    if client is None:
+        return
+    try:
+        if isinstance(client, IMAPClient):
+            client.logout()
+        else:
+            client.quit()
+    except Exception:
+        _close_quietly(client)
+
+
+# --- POP3 ----------------------------------------------------------------------------------
+
+
+def connect_source_pop3(source: SourceSpec, timeout: float) -> poplib.POP3:
+    """Logged-in POP3 session; SourceAuthError / SourceUnavailable otherwise."""
+    secrets = (source.password,)
+    context = _tls_context(source.verify_tls)
+    try:
+        if source.tls == "implicit":
+            conn: poplib.POP3 = poplib.POP3_SSL(source.host, source.port, timeout=timeout,
+                                               context=context)
+        else:
+            conn = poplib.POP3(source.host, source.port, timeout=timeout)
+            if source.tls == "starttls":
+                conn.stls(context)
+    except Exception as exc:
+        text = _describe("cannot connect to source", source.host, exc, secrets)
+        raise SourceUnavailable(text) from None
+    try:
+        conn.user(source.login)
+        conn.pass_(source.password)
+    except poplib.error_proto as exc:
+        _close_quietly(conn)
+        text = scrub(str(exc), *secrets)
+        if _looks_transient(text):
+            raise SourceUnavailable(f"source {source.host} refused login for now: {text}") from None
+        raise SourceAuthError(f"source {source.host} refused the login: {text}") from None
+    except Exception as exc:
+        _close_quietly(conn)
+        text = _describe("source login failed", source.host, exc, secrets)
+        raise SourceUnavailable(text) from None
+    return conn
+
+
+def check_source_login(source: SourceSpec, timeout: float) -> None:
+    """Verify the credentials against the old server; raises SourceAuthError/SourceUnavailable."""
+    if source.protocol == "pop3":
+        close_quietly(connect_source_pop3(source, timeout))
+    else:
+        close_quietly(connect_source_imap(source, timeout))
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+@dataclass
+class Backoff:
+    """Exponential back-off between retries; `attempts` consecutive failures give up."""
+
+    attempts: int = 6
+    first: float = 0.5
+    maximum: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def run(self, action: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:
+        """Run action, retrying transient failures (after on_retry, e.g. dropping connections)."""
+        delay = self.first
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except Exception as exc:
+                if not is_transient(exc) or attempt == self.attempts:
+                    raise
+                log.warning("transient error, retrying", attempt=attempt, delay=delay,
+                            error=f"{type(exc).__name__}: {exc}"[:300])
+                if on_retry is not None:
+                    on_retry()
+                self.sleep(delay)
+                delay = min(delay * 2, self.maximum)
+        raise AssertionError("unreachable")

@@ -1,0 +1,211 @@
+"""Writing to the new store: write-ahead batches, MULTIAPPEND, refusals, reconciliation.
+
+Shared by the IMAP and POP3 copies. The invariant: a copy_messages row exists for a message
+*before* any APPEND that may save it, so after a crash at any point the row is either settled or
+`inflight` with a lower bound of the store UID it can have, and `reconcile` finds out which.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from imapclient import IMAPClient
+
+from migrating_proxy.migration.connections import (
+    StoreSpec,
+    close_quietly,
+    connect_store_imap,
+)
+from migrating_proxy.migration.messages import (
+    HEADER_FIELDS,
+    AppendOutcome,
+    OutMessage,
+    append_messages,
+    fetch_range,
+    fingerprint,
+    header_fields_of,
+)
+from migrating_proxy.migration.progress import Reporter
+from migrating_proxy.store.copystate import INFLIGHT, CopyState, FolderState, MessageRecord
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Bounds:
+    uidvalidity: int
+    uidnext: int  # a lower bound of the next UID the store will assign
+
+
+class StoreWriter:
+    """One store connection (reopened on demand) and the state it keeps in step with."""
+
+    def __init__(self, spec: StoreSpec, state: CopyState, reporter: Reporter,
+                 timeout: float, pop3: bool = False) -> None:
+        self.spec = spec
+        self.state = state
+        self.reporter = reporter
+        self.timeout = timeout
+        self.pop3 = pop3  # copied keys are UIDLs: also record them in pop3_uidls
+        self._client: IMAPClient | None = None
+        self._bounds: dict[str, _Bounds] = {}
+        self._ready: set[str] = set()  # folders known to exist on the store
+
+    @property
+    def client(self) -> IMAPClient:
+        if self._client is None:
+            self._client = connect_store_imap(self.spec, self.timeout)
+        return self._client
+
+    def close(self) -> None:
+        close_quietly(self._client)
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget the connection and what it told us (after an error, or before a retry)."""
+        self._client = None
+        self._bounds.clear()
+        self._ready.clear()
+
+    # --- folders ---------------------------------------------------------------------------
+
+    def ensure_folder(self, name: str, subscribe: bool) -> None:
+        """Create the folder if missing (never touching an existing one), subscribe if asked."""
+        if name in self._ready:
+            return
+        if name.upper() != "INBOX" and not self.client.folder_exists(name):
+            try:
+                self.client.create_folder(name)
+            except Exception:
+                if not self.client.folder_exists(name):  # a concurrent creator is fine
+                    raise
+            if subscribe:
+                self.client.subscribe_folder(name)
+        self._ready.add(name)
+
+    def _current_bounds(self, name: str) -> _Bounds:
+        bounds = self._bounds.get(name)
+        if bounds is None:
+            status = self.client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
+            bounds = _Bounds(int(status[b"UIDVALIDITY"]), int(status[b"UIDNEXT"]))
+            self._bounds[name] = bounds
+        return bounds
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def write(self, folder: FolderState, messages: Sequence[OutMessage]) -> None:
+        """Copy one batch: record it in flight, MULTIAPPEND, settle. Refusals are skipped."""
+        if not messages:
+            return
+        bounds = self._current_bounds(folder.dest_name)
+        self.state.begin_batch(folder.id, [
+            MessageRecord(m.key, INFLIGHT, m.fingerprint, m.size, bounds.uidvalidity,
+                          bounds.uidnext)
+            for m in messages
+        ])
+        outcome = append_messages(self.client, folder.dest_name, messages)
+        if outcome.ok:
+            self._settle_appended(folder, messages, outcome, bounds)
+        elif len(messages) == 1:
+            self._skip(folder, messages[0], outcome.text)
+        else:
+            self._retry_one_by_one(folder, messages)
+
+    def _settle_appended(self, folder: FolderState, messages: Sequence[OutMessage],
+                         outcome: AppendOutcome, bounds: _Bounds) -> None:
+        uids = outcome.uids or []
+        if len(uids) != len(messages) or outcome.uidvalidity != bounds.uidvalidity:
+            # No (usable) APPENDUID: find the messages the way a restart would.
+            log.warning("store gave no APPENDUID; reconciling", folder=folder.dest_name)
+            self._bounds.pop(folder.dest_name, None)
+            self.reconcile(folder)
+            return
+        self.state.finish(folder.id, copied=[(m.key, u) for m, u in zip(messages, uids,
+                                                                        strict=True)],
+                          pop3=self.pop3)
+        bounds.uidnext = max(bounds.uidnext, max(uids) + 1)
+        self.reporter.copied(len(messages), sum(len(m.raw) for m in messages))
+
+    def _skip(self, folder: FolderState, message: OutMessage, reason: str) -> None:
+        log.warning("store refused a message", folder=folder.source_name, key=message.key,
+                    size=len(message.raw), reason=reason[:200])
+        self.state.finish(folder.id, skipped=[(message.key, reason or "refused by the store")])
+        self.reporter.skipped(1)
+
+    def _retry_one_by_one(self, folder: FolderState, messages: Sequence[OutMessage]) -> None:
+        """A MULTIAPPEND was refused: find the culprit(s) by appending singly.
+
+        MULTIAPPEND is atomic, but a server that saved part of the batch anyway is caught by
+        reconciling first (keeping the unmatched rows in flight, with their original bounds).
+        """
+        settled = self.reconcile(folder, keep_unmatched=True)
+        for message in messages:
+            if message.key in settled:
+                continue
+            outcome = append_messages(self.client, folder.dest_name, [message])
+            if not outcome.ok:
+                self._skip(folder, message, outcome.text)
+            elif outcome.uids and len(outcome.uids) == 1:
+                self.state.finish(folder.id, copied=[(message.key, outcome.uids[0])],
+                                  pop3=self.pop3)
+                self.reporter.copied(1, len(message.raw))
+            else:
+                self.reconcile(folder, keep_unmatched=True)
+        self._bounds.pop(folder.dest_name, None)
+
+    # --- reconciliation --------------------------------------------------------------------
+
+    def reconcile(self, folder: FolderState, keep_unmatched: bool = False) -> set[str]:
+        """Settle the folder's in-flight rows by looking at what is on the store.
+
+        Each row is matched (by fingerprint, as a multiset: two identical messages need two
+        store messages) to a store message at or above the row's UIDNEXT bound that no other
+        row claims. Matched rows become `copied`; the others never arrived and are forgotten
+        (so they are copied again), or kept in flight when keep_unmatched. Returns the keys
+        settled as copied.
+        """
+        rows = self.state.records(folder.id, INFLIGHT)
+        if not rows:
+            return set()
+        self.ensure_folder(folder.dest_name, subscribe=False)
+        bounds = self._current_bounds(folder.dest_name)
+        live = [r for r in rows if r.dest_uidvalidity == bounds.uidvalidity]
+        candidates = self._store_fingerprints(folder.dest_name, live)
+        matched: list[tuple[str, int]] = []
+        for row in sorted(live, key=lambda r: r.dest_uidnext or 0):
+            uids = [u for u in candidates.get(row.fingerprint, []) if u >= (row.dest_uidnext or 0)]
+            if uids:
+                candidates[row.fingerprint].remove(uids[0])
+                matched.append((row.source_key, uids[0]))
+        keys = {k for k, _ in matched}
+        dropped = [] if keep_unmatched else [r.source_key for r in rows if r.source_key not in keys]
+        self.state.finish(folder.id, copied=matched, dropped=dropped, pop3=self.pop3)
+        sizes = {r.source_key: r.size for r in rows}
+        if matched:
+            self.reporter.copied(len(matched), sum(sizes[k] for k in keys))
+        log.info("reconciled in-flight messages", folder=folder.dest_name, found=len(matched),
+                 lost=len(rows) - len(matched))
+        return keys
+
+    def _store_fingerprints(self, name: str, rows: Sequence[MessageRecord]
+                            ) -> dict[str, list[int]]:
+        """Fingerprint -> unclaimed store UIDs (ascending) from the lowest bound upwards."""
+        if not rows:
+            return {}
+        low = min(r.dest_uidnext or 1 for r in rows)
+        self.client.select_folder(name, readonly=True)
+        try:
+            data = fetch_range(self.client, f"{low}:*", b"RFC822.SIZE " + HEADER_FIELDS)
+        finally:
+            self.client.unselect_folder()
+        claimed = self.state.used_dest_uids(name)
+        found: dict[str, list[int]] = defaultdict(list)
+        for uid in sorted(data):
+            if uid >= low and uid not in claimed:
+                item = data[uid]
+                found[fingerprint(header_fields_of(item), int(item[b"RFC822.SIZE"]))].append(uid)
+        return found
+

@@ -1,0 +1,213 @@
+"""Copying an IMAP source: plan the folders, then per folder newest first, in byte-bounded batches.
+
+Per folder: STATUS (unchanged since the last complete pass? done), settle rows left in flight by
+an interrupted run, EXAMINE (read-only, so nothing at the source changes), handle a changed
+UIDVALIDITY by re-keying the records by fingerprint, list UID/RFC822.SIZE, and copy what is not
+recorded yet, highest UID first, with BODY.PEEK[] so \\Seen never changes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import structlog
+from imapclient import IMAPClient
+
+from migrating_proxy.migration.connections import (
+    Backoff,
+    SourceSpec,
+    close_quietly,
+    connect_source_imap,
+)
+from migrating_proxy.migration.destination import StoreWriter
+from migrating_proxy.migration.folders import FolderMapping, Namespace, plan_folders
+from migrating_proxy.migration.messages import (
+    HEADER_FIELDS,
+    OutMessage,
+    batches,
+    crlf_size,
+    fetch_range,
+    fingerprint,
+    header_fields_of,
+    message_fingerprint,
+)
+from migrating_proxy.migration.progress import Reporter
+from migrating_proxy.store.copystate import CopyState, FolderState, MessageRecord
+
+log = structlog.get_logger(__name__)
+
+BATCH_MESSAGES = 100
+BATCH_BYTES = 8 * 1024 * 1024
+_FETCH_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
+_STATUS_ITEMS = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"]
+
+
+class Stopped(Exception):
+    """should_stop() said so at a batch boundary; everything so far is recorded."""
+
+
+def _namespace(client: IMAPClient) -> Namespace:
+    """The personal namespace's prefix and delimiter (LIST's delimiter without NAMESPACE)."""
+    if client.has_capability("NAMESPACE"):
+        personal = client.namespace().personal
+        if personal:
+            prefix, delimiter = personal[0]
+            return Namespace(prefix or "", _text(delimiter))
+    listing = client.list_folders(pattern="%")
+    return Namespace("", _text(listing[0][1]) if listing else None)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ImapCopier:
+    """Copies one account from an IMAP source; connections are reopened after failures."""
+
+    def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
+                 reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
+                 backoff: Backoff | None = None) -> None:
+        self.state = state
+        self.source = source
+        self.writer = writer
+        self.reporter = reporter
+        self.should_stop = should_stop
+        self.timeout = timeout
+        self.backoff = backoff or Backoff()
+        self._client: IMAPClient | None = None
+
+    @property
+    def client(self) -> IMAPClient:
+        if self._client is None:
+            self._client = connect_source_imap(self.source, self.timeout)
+        return self._client
+
+    def drop(self) -> None:
+        """Abandon both connections (used between retries: they may be half-dead)."""
+        if self._client is not None:
+            try:
+                self._client.shutdown()
+            except Exception:
+                log.debug("source socket already gone")
+        self._client = None
+        self.writer.drop()
+
+    def close(self) -> None:
+        close_quietly(self._client)
+        self._client = None
+        self.writer.close()
+
+    def run(self) -> None:
+        plan = self.backoff.run(self.plan, on_retry=self.drop)
+        self.reporter.progress.folders_total = len(plan)
+        self.reporter.progress.messages_total = self.backoff.run(
+            lambda: self._count(plan), on_retry=self.drop)
+        self.reporter.flush(force=True)
+        for mapping in plan:
+            if self.should_stop():
+                raise Stopped
+            self.backoff.run(lambda m=mapping: self.copy_folder(m), on_retry=self.drop)
+            self.reporter.folder_done()
+
+    def plan(self) -> list[FolderMapping]:
+        client = self.client
+        if client.has_capability("XLIST") and not client.has_capability("SPECIAL-USE"):
+            listing = client.xlist_folders()  # Gmail of old: roles only through XLIST
+        else:
+            listing = client.list_folders()
+        subscribed = {name for _flags, _delim, name in client.list_sub_folders()}
+        store = self.writer.client
+        plan = plan_folders(listing, subscribed, _namespace(client), store.list_folders(),
+                            _namespace(store), self.source.type, self.source.subscribed_only)
+        log.info("folder plan", folders=len(plan),
+                 mapping=[(m.source, m.dest) for m in plan if m.source != m.dest][:50])
+        return plan
+
+    def _count(self, plan: list[FolderMapping]) -> int:
+        return sum(int(self.client.folder_status(m.source, [b"MESSAGES"])[b"MESSAGES"])
+                   for m in plan)
+
+    # --- one folder ------------------------------------------------------------------------
+
+    def copy_folder(self, mapping: FolderMapping) -> None:
+        folder = self.state.folder(mapping.source, mapping.dest)
+        status = self.client.folder_status(mapping.source, _STATUS_ITEMS)
+        if (folder.uidvalidity == status[b"UIDVALIDITY"]
+                and folder.synced_uidnext == status[b"UIDNEXT"]
+                and not self.state.has_inflight(folder.id)):
+            return  # nothing arrived since the last complete pass
+        self.writer.ensure_folder(mapping.dest, mapping.subscribed)
+        self.writer.reconcile(folder)
+        selected = self.client.select_folder(mapping.source, readonly=True)
+        uidvalidity = int(selected[b"UIDVALIDITY"])
+        if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
+            self._rekey(folder, uidvalidity)
+        elif folder.uidvalidity is None:
+            self.state.mark_unsynced(folder.id, uidvalidity)
+        sizes = self._inventory(int(selected.get(b"EXISTS", 1)))
+        known = self.state.known_keys(folder.id)
+        pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
+        log.info("copying folder", folder=mapping.source, dest=mapping.dest,
+                 pending=len(pending), known=len(known))
+        for batch in batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES):
+            if self.should_stop():
+                raise Stopped
+            self.writer.write(replace(folder, uidvalidity=uidvalidity), self._fetch(batch))
+        uidnext = selected.get(b"UIDNEXT")
+        self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None)
+
+    def _inventory(self, exists: int) -> dict[int, int]:
+        """UID -> RFC822.SIZE of every message in the selected folder."""
+        if exists == 0:
+            return {}
+        data = fetch_range(self.client, "1:*", b"RFC822.SIZE")
+        return {uid: int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
+
+    def _fetch(self, uids: list[int]) -> list[OutMessage]:
+        data = self.client.fetch(uids, _FETCH_ITEMS)
+        messages = []
+        for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
+            item = data.get(uid)
+            if item is None or b"BODY[]" not in item:
+                continue
+            raw = bytes(item[b"BODY[]"] or b"")
+            messages.append(OutMessage(
+                key=str(uid), raw=raw, flags=_copyable_flags(item.get(b"FLAGS", ())),
+                date=item.get(b"INTERNALDATE"), fingerprint=message_fingerprint(raw),
+                size=crlf_size(raw),
+            ))
+        return messages
+
+    def _rekey(self, folder: FolderState, uidvalidity: int) -> None:
+        """The source folder was recreated: carry each record over to the new UID of the
+        message with the same fingerprint (one record per message, so duplicates stay two)."""
+        exists = int(self.client.folder_status(folder.source_name, [b"MESSAGES"])[b"MESSAGES"])
+        data = fetch_range(self.client, "1:*", b"RFC822.SIZE " + HEADER_FIELDS) if exists else {}
+        pool: dict[str, list[MessageRecord]] = defaultdict(list)
+        for record in self.state.records(folder.id):
+            pool[record.fingerprint].append(record)
+        carried = []
+        for uid in sorted(data):
+            fp = _source_fingerprint(data[uid])
+            if pool.get(fp):
+                carried.append(replace(pool[fp].pop(0), source_key=str(uid)))
+        log.warning("source UIDVALIDITY changed; matched earlier copies by fingerprint",
+                    folder=folder.source_name, matched=len(carried), messages=len(data))
+        self.state.rekey(folder.id, uidvalidity, carried)
+
+
+def _source_fingerprint(item: dict[bytes, Any]) -> str:
+    return fingerprint(header_fields_of(item), int(item[b"RFC822.SIZE"]))
+
+
+def _copyable_flags(flags: Any) -> tuple[bytes, ...]:
+    """Flags and keywords to set on the copy: all but \\Recent (which only the server sets)."""
+    out = []
+    for flag in flags:
+        flag = flag if isinstance(flag, bytes) else str(flag).encode()
+        if flag.lower() != b"\\recent":
+            out.append(flag)
+    return tuple(out)

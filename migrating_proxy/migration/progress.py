@@ -1,0 +1,77 @@
+"""Progress counters and the result of a copy run, and how they reach the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from migrating_proxy.store.copystate import CopyState
+
+PROGRESS_INTERVAL = 1.0  # seconds: the `migrations` row is written at most this often
+
+
+@dataclass
+class CopyProgress:
+    folders_total: int = 0
+    folders_done: int = 0
+    messages_total: int = 0
+    messages_copied: int = 0
+    messages_skipped: int = 0
+    bytes_copied: int = 0
+
+
+@dataclass
+class CopyResult:
+    state: Literal["completed", "stopped", "error"]
+    progress: CopyProgress
+    error: str | None = None
+    # (source folder, source UID or POP3 UIDL, the store's reason) per refused message.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    # Why it failed: "auth" (wrong source password), "unavailable" (source down/timeout),
+    # "store" (the new store failed), "internal". None unless state == "error".
+    error_kind: Literal["auth", "unavailable", "store", "internal"] | None = None
+
+
+class Reporter:
+    """Keeps the counters, writes them to `migrations` at most once a second, calls back."""
+
+    def __init__(self, state: CopyState,
+                 on_progress: Callable[[CopyProgress], None] | None = None) -> None:
+        self.state = state
+        self.on_progress = on_progress
+        totals = state.totals()  # earlier runs count: the admin sees the whole migration
+        self.progress = CopyProgress(messages_copied=totals.copied,
+                                     messages_skipped=totals.skipped,
+                                     bytes_copied=totals.bytes_copied)
+        self._last_write = 0.0
+
+    def copied(self, count: int, nbytes: int) -> None:
+        self.progress.messages_copied += count
+        self.progress.bytes_copied += nbytes
+        self.flush()
+
+    def skipped(self, count: int) -> None:
+        self.progress.messages_skipped += count
+        self.flush()
+
+    def folder_done(self) -> None:
+        self.progress.folders_done += 1
+        self.flush()
+
+    def flush(self, force: bool = False, *, finished: bool = False,
+              error: str | None = None) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < PROGRESS_INTERVAL:
+            return
+        self._last_write = now
+        p = self.progress
+        self.state.write_progress(
+            finished=finished, error=error,
+            folders_total=p.folders_total, folders_done=p.folders_done,
+            messages_total=p.messages_total, messages_copied=p.messages_copied,
+            messages_skipped=p.messages_skipped, bytes_copied=p.bytes_copied,
+        )
+        if self.on_progress is not None:
+            self.on_progress(replace(p))

@@ -1,0 +1,327 @@
+"""The copy engine against real Dovecot servers: old server -> new store, no mocks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from imapclient import IMAPClient
+from sqlalchemy import Engine, select
+
+from migrating_proxy.migration import (
+    SourceAuthError,
+    SourceSpec,
+    SourceUnavailable,
+    StoreSpec,
+    check_source_login,
+    run_copy,
+)
+from migrating_proxy.store import open_store
+from migrating_proxy.store.copystate import copy_messages
+from migrating_proxy.store.schema import migrations, pop3_uidls
+from tests.support.dovecot import DovecotInstance, free_port
+from tests.support.mail import SeedMessage, make_message, seed_mailbox
+
+REPO = Path(__file__).resolve().parents[1]
+ALICE, ALICE_PW = "alice@old.example", "alice-pw"
+TOKYO, NY = dt.timezone(dt.timedelta(hours=9)), dt.timezone(dt.timedelta(hours=-5))
+Snapshot = dict[str, list[tuple[bytes, tuple[bytes, ...], dt.datetime]]]
+
+
+def _seed(raw: bytes, flags: tuple[str, ...] = (), when: dt.datetime | None = None
+          ) -> SeedMessage:
+    return SeedMessage(raw, flags, when)
+
+
+def corpus() -> dict[str, list[SeedMessage]]:
+    d = dt.datetime
+    long_line = b"x" * 10_000
+    same_id = "<same@old.example>"
+    dup = make_message("Exact duplicate", "twice\n", d(2021, 5, 5, 5, 5, tzinfo=NY))
+    no_id = (b"From: a@old.example\r\nSubject: no id\r\nDate: Mon, 1 Jan 2018 10:00:00 +0000\r\n"
+             b"\r\nbody\r\n")
+    eight_bit = ("From: Jörg <j@old.example>\r\nSubject: Grüße aus Köln\r\n"
+                 "Message-ID: <8bit@old.example>\r\n\r\nÄÖÜ\r\n").encode()
+    return {
+        "INBOX": [
+            _seed(make_message("Tokyo", "konnichiwa\n", d(2024, 1, 2, 3, 4, tzinfo=TOKYO)),
+                  (r"\Seen", "$Forwarded", "custom-kw"), d(2024, 1, 2, 3, 7, tzinfo=TOKYO)),
+            _seed(make_message("New York", "hi\n", d(2019, 7, 8, 9, 10, tzinfo=NY)), (r"\Flagged",),
+                  d(2019, 7, 8, 9, 12, tzinfo=NY)),
+            _seed(no_id, (), d(2018, 1, 1, 10, 0, tzinfo=dt.UTC)),
+            _seed(make_message("Same id 1", "first\n", d(2020, 1, 1, tzinfo=NY), same_id)),
+            _seed(make_message("Same id 2", "second, longer\n", d(2020, 1, 2, tzinfo=NY), same_id)),
+            _seed(dup, (r"\Seen",)), _seed(dup, (r"\Seen",)),
+            _seed(eight_bit), _seed(make_message("Long", "", d(2022, 2, 2, tzinfo=NY)).replace(
+                b"\r\n\r\n", b"\r\n\r\n" + long_line + b"\r\n", 1)),
+        ],
+        "Reçus": [_seed(make_message("Facture", "ci-joint\n", d(2023, 3, 3, tzinfo=NY)))],
+        "日本語": [_seed(make_message("日本", "テスト\n", d(2023, 4, 4, tzinfo=TOKYO)))],
+        "Projects/2024/Q1": [_seed(make_message("Q1", "plan\n", d(2024, 3, 3, tzinfo=NY)))],
+        "Sent": [_seed(make_message("Sent one", "sent\n", d(2024, 5, 5, tzinfo=NY)), (r"\Seen",))],
+        "Trash": [_seed(make_message("Binned", "gone\n", d(2024, 6, 6, tzinfo=NY)),
+                        (r"\Seen", r"\Deleted"))],
+        "Empty": [],
+    }
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    return _open_db(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def _open_db(url: str) -> Engine:
+    store = open_store(url)
+    store.accounts.add_account(ALICE, "{PLAIN}x")
+    return store.engine
+
+
+def _account_id(engine: Engine) -> int:
+    from migrating_proxy.store.schema import accounts
+    with engine.connect() as conn:
+        return int(conn.execute(select(accounts.c.id)).scalar_one())
+
+
+def source_spec(server: DovecotInstance, password: str = ALICE_PW, **kw: object) -> SourceSpec:
+    args: dict = dict(protocol="imap", host=server.host, port=server.imap_port, tls="none",
+                      verify_tls=False, login=ALICE, password=password)
+    args.update(kw)
+    return SourceSpec(**args)
+
+
+def store_spec(store: DovecotInstance) -> StoreSpec:
+    with store.users_file.open("a") as users:  # provision alice on the new store
+        users.write(f"{ALICE}:{{PLAIN}}new-pw\n")
+    return StoreSpec(host=store.host, port=store.imap_port, tls="none", address=ALICE,
+                     master_user=store.master_user, master_password=store.master_password)
+
+
+def login(server: DovecotInstance, password: str = ALICE_PW) -> IMAPClient:
+    client = IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=30)
+    client.normalise_times = False
+    if server.kind == "new":
+        client.plain_login(server.master_user, server.master_password,
+                           authorization_identity=ALICE)
+    else:
+        client.login(ALICE, password)
+    return client
+
+
+def snapshot(server: DovecotInstance) -> Snapshot:
+    """Folder -> sorted (body, flags, INTERNALDATE) of every message, read with PEEK."""
+    out: Snapshot = {}
+    with login(server) as client:
+        for flags, _d, name in client.list_folders():
+            if b"\\Noselect" in flags or b"\\NonExistent" in flags:
+                continue
+            client.select_folder(name, readonly=True)
+            uids = client.search("ALL")
+            data = client.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
+            out[name] = sorted((m[b"BODY[]"], _flags(m[b"FLAGS"]), m[b"INTERNALDATE"])
+                               for m in data.values())
+    return out
+
+
+def _flags(flags: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    return tuple(sorted(f for f in flags if f != b"\\Recent"))
+
+
+def _nonempty(snap: Snapshot) -> Snapshot:
+    return {k: v for k, v in snap.items() if v}
+
+
+# --- the full copy ---------------------------------------------------------------------------
+
+
+def test_full_copy_incremental_and_idempotent(old_server: DovecotInstance,
+                                              new_store: DovecotInstance, engine: Engine) -> None:
+    spec = corpus()
+    spec["INBOX"].append(_seed(make_message("Big", "big\n", dt.datetime(2017, 1, 1, tzinfo=NY),
+                                            size=20_000_000)))
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, spec)
+    before = snapshot(old_server)
+    store = store_spec(new_store)
+    seen: list[int] = []
+    result = run_copy(engine, _account_id(engine), source_spec(old_server), store,
+                      on_progress=lambda p: seen.append(p.messages_copied))
+    assert result.state == "completed", result.error
+    total = sum(len(v) for v in spec.values())
+    assert result.progress.messages_copied == total and result.progress.messages_skipped == 0
+    assert seen and seen[-1] == total
+
+    after_source, copied = snapshot(old_server), snapshot(new_store)
+    assert after_source == before  # nothing at the source changed (no \Seen from reading)
+    assert _nonempty(copied) == _nonempty(before)  # same names, bytes, flags, dates (offsets)
+    assert "Empty" in copied and "Projects/2024/Q1" in copied
+    with login(new_store) as client:
+        subscribed = {name for _f, _d, name in client.list_sub_folders()}
+    assert {"Reçus", "日本語", "Projects/2024/Q1", "Sent", "Trash"} <= subscribed
+
+    # A second run copies nothing; a new message at the source is copied alone.
+    again = run_copy(engine, _account_id(engine), source_spec(old_server), store)
+    assert again.state == "completed" and again.progress.messages_copied == total
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, {"Reçus": [
+        _seed(make_message("Later", "new\n", dt.datetime(2025, 1, 1, tzinfo=NY)))]})
+    third = run_copy(engine, _account_id(engine), source_spec(old_server), store)
+    assert third.progress.messages_copied == total + 1
+    assert _nonempty(snapshot(new_store)) == _nonempty(snapshot(old_server))
+    with engine.connect() as conn:
+        row = conn.execute(select(migrations)).one()
+    assert row.messages_copied == total + 1 and row.folders_done == row.folders_total
+
+
+def test_special_use_and_presets(old_server: DovecotInstance, new_store: DovecotInstance,
+                                 engine: Engine) -> None:
+    msg = make_message("m", "m\n", dt.datetime(2024, 1, 1, tzinfo=NY))
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, {
+        "INBOX": [_seed(msg)], "[Gmail]/All Mail": [_seed(msg)], "[Gmail]/Starred": [_seed(msg)],
+        "[Gmail]/Sent Mail": [_seed(msg)], "[Gmail]/Spam": [_seed(msg)], "Label": [_seed(msg)],
+    })
+    result = run_copy(engine, _account_id(engine), source_spec(old_server, type="gmail"),
+                      store_spec(new_store))
+    assert result.state == "completed", result.error
+    counts = {k: len(v) for k, v in snapshot(new_store).items() if v}
+    assert counts == {"INBOX": 1, "Sent": 1, "Junk": 1, "Label": 1}
+
+
+# --- crashes, UIDVALIDITY, refusals ----------------------------------------------------------
+
+_CHILD = """
+import sys
+from migrating_proxy.migration import SourceSpec, StoreSpec, run_copy
+from migrating_proxy.migration import imap_copy
+from migrating_proxy.store.db import make_engine
+imap_copy.BATCH_MESSAGES = 3   # many batches, so the kill lands between or inside them
+url, sport, dport, master, mpw = sys.argv[1:6]
+src = SourceSpec("imap", "127.0.0.1", int(sport), "none", False, "alice@old.example", "alice-pw")
+dst = StoreSpec("127.0.0.1", int(dport), "none", "alice@old.example", master, mpw)
+print(run_copy(make_engine(url), 1, src, dst).state)
+"""
+
+
+def _store_count(store: DovecotInstance) -> int:
+    with login(store) as client:
+        return sum(int(client.folder_status(n, [b"MESSAGES"])[b"MESSAGES"])
+                   for f, _d, n in client.list_folders() if b"\\Noselect" not in f)
+
+
+def test_kill_9_and_resume_gives_exactly_one_copy(old_server: DovecotInstance,
+                                                  new_store: DovecotInstance, engine: Engine,
+                                                  tmp_path: Path) -> None:
+    msgs = [_seed(make_message(f"n{i}", f"body {i}\n" * 50, dt.datetime(2024, 1, 1 + i % 27,
+                                                                         tzinfo=NY)))
+            for i in range(60)]
+    msgs += [msgs[0], msgs[1]]  # exact duplicates too
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW,
+                 {"INBOX": msgs[:40], "Archive": msgs[40:]})
+    store = store_spec(new_store)
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    args = [sys.executable, "-c", _CHILD, url, str(old_server.imap_port), str(new_store.imap_port),
+            store.master_user or "", store.master_password or ""]
+    for threshold in (7, 25, 45):
+        child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while _store_count(new_store) < threshold and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert child.poll() is None, "the copy finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finished = subprocess.run(args, cwd=REPO, capture_output=True, timeout=60)
+    assert finished.stdout.splitlines()[-1] == b"completed"
+    assert _nonempty(snapshot(new_store)) == {
+        k: v for k, v in _nonempty(snapshot(old_server)).items()}
+
+
+def test_changed_uidvalidity_copies_nothing_twice(old_server: DovecotInstance,
+                                                  new_store: DovecotInstance,
+                                                  engine: Engine) -> None:
+    when = dt.datetime(2024, 2, 2, tzinfo=NY)
+    dup = _seed(make_message("dup", "same\n", when))
+    folder = [_seed(make_message(f"f{i}", "x\n", when), (r"\Seen",), when) for i in range(4)]
+    folder += [dup, dup]
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, {"Folder": folder})
+    store = store_spec(new_store)
+    assert run_copy(engine, _account_id(engine), source_spec(old_server), store).state == \
+        "completed"
+    with login(old_server) as client:
+        client.delete_folder("Folder")
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW,
+                 {"Folder": [*folder, _seed(make_message("new", "y\n", when))]})
+    result = run_copy(engine, _account_id(engine), source_spec(old_server), store)
+    assert result.state == "completed"
+    assert len(snapshot(new_store)["Folder"]) == 7
+
+
+def test_refused_message_is_skipped_and_recorded(old_server: DovecotInstance,
+                                                 new_store: DovecotInstance,
+                                                 engine: Engine) -> None:
+    # Dovecot refuses to APPEND a zero-byte message; put one straight into the old maildir.
+    when = dt.datetime(2024, 3, 3, tzinfo=NY)
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW,
+                 {"INBOX": [_seed(make_message(f"ok{i}", "fine\n", when)) for i in range(3)]})
+    new_dir = old_server.maildir(ALICE) / "new"
+    empty = new_dir / "1700000000.M1P1.broken"
+    empty.write_bytes(b"")
+    os.chown(empty, new_dir.stat().st_uid, new_dir.stat().st_gid)
+    result = run_copy(engine, _account_id(engine), source_spec(old_server), store_spec(new_store))
+    assert result.state == "completed", result.error
+    assert result.progress.messages_copied == 3 and result.progress.messages_skipped == 1
+    assert len(result.skipped) == 1 and "zero byte" in result.skipped[0][2]
+    assert len(snapshot(new_store)["INBOX"]) == 3
+
+
+# --- source errors ---------------------------------------------------------------------------
+
+
+def test_wrong_password_and_down_source(old_server: DovecotInstance) -> None:
+    check_source_login(source_spec(old_server), timeout=5)
+    with pytest.raises(SourceAuthError) as info:
+        check_source_login(source_spec(old_server, password="wrong-secret"), timeout=5)
+    assert "wrong-secret" not in str(info.value)
+    down = source_spec(old_server, port=free_port())
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable):
+        check_source_login(down, timeout=2)
+    with pytest.raises(SourceAuthError):
+        check_source_login(source_spec(old_server, protocol="pop3", port=old_server.pop3_port,
+                                       password="nope-nope"), timeout=5)
+    assert time.monotonic() - started < 5
+
+
+def test_wrong_password_reported_by_run_copy(old_server: DovecotInstance,
+                                             new_store: DovecotInstance, engine: Engine) -> None:
+    result = run_copy(engine, _account_id(engine),
+                      source_spec(old_server, password="wrong-secret"), store_spec(new_store))
+    assert result.state == "error" and result.error_kind == "auth"
+    assert "wrong-secret" not in (result.error or "")
+
+
+# --- POP3 ------------------------------------------------------------------------------------
+
+
+def test_pop3_source(old_server: DovecotInstance, new_store: DovecotInstance,
+                     engine: Engine) -> None:
+    msgs = [_seed(make_message(f"p{i}", "pop\n", dt.datetime(2020, 1, 1 + i, tzinfo=TOKYO)))
+            for i in range(5)]
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, {"INBOX": msgs})
+    spec = source_spec(old_server, protocol="pop3", port=old_server.pop3_port)
+    store = store_spec(new_store)
+    result = run_copy(engine, _account_id(engine), spec, store)
+    assert result.state == "completed", result.error
+    inbox = snapshot(new_store)["INBOX"]
+    assert sorted(m[0] for m in inbox) == sorted(m.raw for m in msgs)
+    assert all(m[1] == (b"\\Seen",) for m in inbox)
+    assert {m[2].astimezone(dt.UTC) for m in inbox} == {
+        dt.datetime(2020, 1, 1 + i, tzinfo=TOKYO).astimezone(dt.UTC) for i in range(5)}
+    with engine.connect() as conn:
+        uidls = conn.execute(select(pop3_uidls.c.uidl, pop3_uidls.c.size)).all()
+        states = set(conn.execute(select(copy_messages.c.state)).scalars())
+    assert len(uidls) == 5 and states == {"copied"}
+    assert run_copy(engine, _account_id(engine), spec, store).progress.messages_copied == 5
+    assert len(snapshot(new_store)["INBOX"]) == 5
