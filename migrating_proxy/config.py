@@ -80,6 +80,19 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """On-login migration and the copy workers."""
+
+    workers: int = 2  # mailboxes copied at a time by `serve`'s own workers; 0: none
+    resync_interval: float = 3600.0  # at most one incremental pass per account this often
+    notice: Path | None = None  # template of the "your mail is moving" message; None: built in
+    vault_key_file: Path | None = None  # None: vault.key beside the SQLite database / config
+    source_timeout: float = 20.0  # seconds for any one network step with an old server
+    max_connections_per_host: int = 4  # copies running at once against one old server
+    max_attempts: int = 8  # a copy that keeps failing for transient reasons ends in ERROR
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "auto"  # auto | json | console
     level: str = "info"
@@ -95,6 +108,16 @@ class Config:
     provision: ProvisionConfig = field(default_factory=ProvisionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+
+    @property
+    def vault_key_path(self) -> Path:
+        """Where the vault's key lives: configured, else beside the SQLite file or config."""
+        if self.migration.vault_key_file is not None:
+            return self.migration.vault_key_file
+        if self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite:///")).parent / "vault.key"
+        return (self.source.parent if self.source else Path.cwd()) / "vault.key"
 
 
 def locate(explicit: str | None) -> Path | None:
@@ -134,6 +157,7 @@ class _Reader:
         "provision": {"kind", "path", "scheme", "rounds"},
         "limits": set(LimitsConfig.__dataclass_fields__),
         "log": {"format", "level"},
+        "migration": set(MigrationConfig.__dataclass_fields__),
     }
 
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
@@ -155,6 +179,7 @@ class _Reader:
             provision=self._provision(),
             limits=self._limits(),
             log=self._log(),
+            migration=self._migration(),
         )
         for name in ("imaps", "pop3s"):
             if getattr(config.listen, name) and not config.tls.enabled:
@@ -275,6 +300,22 @@ class _Reader:
                 raise self.fail(f"limits.{key}", "must not be negative")
             values[key] = value
         return LimitsConfig(**values)
+
+    def _migration(self) -> MigrationConfig:
+        defaults = MigrationConfig()
+        values: dict[str, Any] = {}
+        for key in ("workers", "resync_interval", "source_timeout", "max_connections_per_host",
+                    "max_attempts"):
+            default = getattr(defaults, key)
+            value = self.get("migration", key, type(default), default)
+            if value < 0:
+                raise self.fail(f"migration.{key}", "must not be negative")
+            values[key] = value
+        for key in ("notice", "vault_key_file"):
+            values[key] = self.path_or_none("migration", key)
+        if values["notice"] is not None and not values["notice"].is_file():
+            raise self.fail("migration.notice", f"{values['notice']} is not a readable file")
+        return MigrationConfig(**values)
 
     def _log(self) -> LogConfig:
         log = LogConfig(

@@ -7,11 +7,16 @@ store's: the bytes are relayed unparsed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-from dataclasses import dataclass
 
+from migrating_proxy.frontends.sasl import (
+    MECHANISMS,
+    SaslCancelled,
+    SaslCredentials,
+    SaslError,
+    SaslExchange,
+    login_text,
+)
 from migrating_proxy.frontends.session import ProxySession
 from migrating_proxy.login import Outcome
 
@@ -29,13 +34,6 @@ class Literal(bytes):
 
 class CommandError(Exception):
     pass
-
-
-@dataclass
-class SaslExchange:
-    tag: str
-    mechanism: str  # PLAIN | LOGIN
-    username: str | None = None
 
 
 def tokenize(segments: list[bytes]) -> list[bytes | str]:
@@ -98,6 +96,7 @@ class IMAPSession(ProxySession):
         self.segments: list[bytes] = []
         self.literal_needed: int | None = None
         self.sasl: SaslExchange | None = None
+        self.sasl_tag = "*"
         self.bad_commands = 0
         self.login_tag = "*"
 
@@ -237,64 +236,41 @@ class IMAPSession(ProxySession):
             self.bad(tag, "AUTHENTICATE expects a mechanism.")
             return
         mechanism = args[0].decode("ascii", "replace").upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in MECHANISMS:
             self.write_line(f"{tag} NO Unsupported authentication mechanism.")
             return
         if not self.plaintext_login_allowed:
             self.write_line(f"{tag} NO [PRIVACYREQUIRED] Authentication needs TLS (STARTTLS).")
             return
-        self.sasl = SaslExchange(tag, mechanism)
+        self.sasl, self.sasl_tag = SaslExchange(mechanism), tag
         if len(args) == 2:  # SASL-IR (RFC 4959): the first response on the command line
             self.sasl_response(args[1])
-        elif mechanism == "PLAIN":
-            self.write_line("+ ")
         else:
-            self.write_line("+ " + base64.b64encode(b"Username:").decode())
+            self.write_line("+ " + self.sasl.first_challenge())
 
     def sasl_response(self, line: bytes) -> None:
-        exchange = self.sasl
+        exchange, tag = self.sasl, self.sasl_tag
         assert exchange is not None
-        if line == b"*":
-            self.sasl = None
-            self.bad(exchange.tag, "Authentication canceled.")
-            return
         try:
-            decoded = b"" if line == b"=" else base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
+            step = exchange.step(line)
+        except SaslCancelled:
             self.sasl = None
-            self.bad(exchange.tag, "Invalid base64 data in SASL response.")
+            self.bad(tag, "Authentication canceled.")
             return
-        if exchange.mechanism == "PLAIN":
+        except SaslError as exc:
             self.sasl = None
-            self.sasl_plain(exchange.tag, decoded)
-        elif exchange.username is None:
-            exchange.username = decoded.decode("utf-8", "replace")
-            self.write_line("+ " + base64.b64encode(b"Password:").decode())
-        else:
-            self.sasl = None
-            self.login(exchange.tag, exchange.username.encode(), decoded, "AUTHENTICATE LOGIN")
-
-    def sasl_plain(self, tag: str, decoded: bytes) -> None:
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            self.bad(tag, "Invalid PLAIN response.")
+            self.bad(tag, str(exc))
             return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # Clients may not act for others; only the proxy's own master user may.
+        if isinstance(step, SaslCredentials):
+            self.sasl = None
             self.login_tag = tag
-            self.failures += 1
-            self.answer_login_failed(Outcome.FAILED)
-            return
-        self.login(tag, authcid, password, "AUTHENTICATE PLAIN")
+            self.begin_login(*step.as_text(), f"AUTHENTICATE {exchange.mechanism}")
+        else:
+            self.write_line("+ " + step)
 
     def login(self, tag: str, username: bytes, password: bytes, mechanism: str) -> None:
         self.login_tag = tag
-        try:
-            user_text, password_text = username.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
-            user_text, password_text = "\ufffd", ""  # can never match an account
-        self.begin_login(user_text, password_text, mechanism)
+        self.begin_login(*login_text(username, password), mechanism)
 
 
 def _tag_of(segments: list[bytes]) -> str:

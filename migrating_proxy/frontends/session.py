@@ -111,6 +111,10 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.close()
         self.state = "closed"
 
+    def close_after_answer(self, message: str) -> None:
+        """Close right after a command's final answer (IMAP adds a BYE; POP3 overrides)."""
+        self.close_with_error(message)
+
     # -- framing helpers for subclasses --------------------------------------------------
     def take_line(self) -> bytes | None:
         """One line without its CRLF (bare LF accepted), or None if not complete yet."""
@@ -143,6 +147,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
     # -- login ---------------------------------------------------------------------------
     def begin_login(self, username: str, password: str, mechanism: str) -> None:
         self.state = "authenticating"
+        # The login's own bounds (backend.timeout, the failure delay) apply now, not idleness.
+        self.setTimeout(None)
         started = time.monotonic()
         creds = Credentials(username, password, self.protocol_name, self.peer_host)
         decided = deferToThreadPool(
@@ -185,10 +191,11 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.state = "preauth"
         self.answer_login_failed(result.outcome)
         if result.outcome is Outcome.UNAVAILABLE:
-            self.close_with_error("Service temporarily unavailable.")
+            self.close_after_answer("Service temporarily unavailable.")
         elif self.failures >= self.limits.max_failures_per_connection:
-            self.close_with_error("Too many failed logins.")
+            self.close_after_answer("Too many failed logins.")
         else:
+            self.setTimeout(self.limits.idle_timeout or None)
             self.process_safely()  # commands the client pipelined after the failed login
 
     def _store_ready(self, backend: BackendSession, result: LoginResult, mechanism: str,
@@ -219,7 +226,7 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         if self.state == "closed":
             return
         self.answer_login_failed(Outcome.UNAVAILABLE)
-        self.close_with_error("Service temporarily unavailable.")
+        self.close_after_answer("Service temporarily unavailable.")
 
     def _store_lost(self) -> None:
         unsplice_and_close(self.transport)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -150,3 +151,8 @@ def sample_corpus() -> dict[str, list[SeedMessage]]:
                  dt.datetime(2022, 1, 10, 14, 0, tzinfo=tokyo), []),
         ],
     }
+
+
+def sasl_plain(user: str, password: str, authzid: str = "") -> str:
+    """The base64 SASL PLAIN response (RFC 4616) a client sends."""
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +97,8 @@ def make_test_ca(dir: Path) -> TLSFiles:
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(files.key, key)
     return files
+
+
+def client_context(files: TLSFiles) -> ssl.SSLContext:
+    """What a client that trusts the test CA uses."""
+    return ssl.create_default_context(cafile=str(files.ca_cert))
