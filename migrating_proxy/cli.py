@@ -22,6 +22,7 @@ from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES
+from migrating_proxy.store.status import migration_status
 
 
 class CommandError(Exception):
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")
+    worker = commands.add_parser("worker", help="run copy workers only (no listeners)")
+    worker.add_argument("--processes", type=int, metavar="N",
+                        help="mailboxes copied at a time (default: migration.workers)")
+    status = commands.add_parser("status", help="migration state and progress per account")
+    status.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    status.add_argument("--json", action="store_true")
     _domain_commands(commands.add_parser("domain", help="manage migrating domains"))
     _account_commands(commands.add_parser("account", help="manage local accounts"))
     return parser
@@ -87,9 +94,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
         logs.forward_twisted_logs()
         return serve(config)
+    if args.command == "worker":
+        from migrating_proxy.worker import run_pool
+
+        processes = config.migration.workers if args.processes is None else args.processes
+        if processes < 1:
+            raise CommandError("--processes must be at least 1")
+        return run_pool(config, processes)
     handler: Callable[[argparse.Namespace, Config, Store], int] = {
         "domain": domain_command,
         "account": account_command,
+        "status": status_command,
     }[args.command]
     store = open_store(config.database_url)
     try:
@@ -179,6 +194,29 @@ def read_password() -> str:
     if any(ch in password for ch in "\0\r\n"):
         raise CommandError("password contains control characters")
     return password
+
+
+# -- status -------------------------------------------------------------------------------
+def status_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    rows = migration_status(store.engine, args.addresses or None)
+    known = {row["address"].lower() for row in rows}
+    unknown = [a for a in args.addresses if a.lower() not in known]
+    if unknown:
+        raise CommandError(f"unknown account {unknown[0]}")
+    if args.json:
+        _print_rows(rows, True, [])
+        return 0
+    table = [{**row, "progress": _progress(row)} for row in rows]
+    _print_rows(table, False, ["address", "state", "progress", "last_error"])
+    return 0
+
+
+def _progress(row: dict[str, Any]) -> str:
+    total = row["messages_total"]
+    done = row["messages_copied"] + row["messages_skipped"]
+    folders = f"{row['folders_done']}/{row['folders_total']} folders"
+    percent = f" ({100 * done // total}%)" if total else ""
+    return f"{done}/{total} messages{percent}, {folders}, {row['bytes_copied']} bytes"
 
 
 # -- output -------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from enum import Enum
 
 import structlog
 
-from migrating_proxy.passwords import PasswordHasher
-from migrating_proxy.store import AccountStore, AddressError, normalise
+from migrating_proxy.onboarding import OldServerVerdict, Onboarding
+from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
+from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +65,7 @@ class FailureThrottle:
         self.clock = clock
         self._failures: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
+        self._swept = clock()
 
     def blocked(self, peer: str, account: str) -> bool:
         with self._lock:
@@ -73,6 +75,7 @@ class FailureThrottle:
 
     def record_failure(self, peer: str, account: str) -> None:
         with self._lock:
+            self._sweep()
             for key, _ in self._keys(peer, account):
                 self._count(key)  # prune first, so the window really slides
                 self._failures.setdefault(key, deque()).append(self.clock())
@@ -89,6 +92,15 @@ class FailureThrottle:
             (("account", account), self.limits["account"]),
         ]
 
+    def _sweep(self) -> None:
+        """Once per window, forget every key whose failures have all expired: a spray of
+        random usernames (each failing once, never looked at again) must not pile up."""
+        if self.clock() - self._swept < self.window:
+            return
+        self._swept = self.clock()
+        for key in list(self._failures):
+            self._count(key)
+
     def _count(self, key: tuple[str, str]) -> int:
         stamps = self._failures.get(key)
         if stamps is None:
@@ -96,17 +108,22 @@ class FailureThrottle:
         horizon = self.clock() - self.window
         while stamps and stamps[0] < horizon:
             stamps.popleft()
-        if not stamps:  # keeps memory bounded under a spray of random usernames
+        if not stamps:  # with _sweep, keeps memory bounded under a spray of random usernames
             del self._failures[key]
         return len(stamps)
 
 
 class LoginService:
-    def __init__(self, accounts: AccountStore, hasher: PasswordHasher,
-                 throttle: FailureThrottle, on_rehash: Callable[[], None] | None = None) -> None:
-        self.accounts = accounts
+    """The decision. `onboarding` is None when no migration is configured (plain proxy)."""
+
+    def __init__(self, store: Store, hasher: PasswordHasher, throttle: FailureThrottle,
+                 onboarding: Onboarding | None = None,
+                 on_rehash: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.accounts = store.accounts
         self.hasher = hasher
         self.throttle = throttle
+        self.onboarding = onboarding
         self.on_rehash = on_rehash  # provisioning re-sync after a hash upgrade
 
     def authenticate(self, creds: Credentials) -> LoginResult:
@@ -120,7 +137,7 @@ class LoginService:
         if self.throttle.blocked(creds.peer, key):
             return LoginResult(Outcome.THROTTLED, address, "too many recent failures")
         try:
-            result = self._decide(address, creds)
+            result = self._decide(address, creds.password)
         except Exception as exc:  # database trouble: don't guess, ask the client to retry
             log.error("login_error", address=address, error=type(exc).__name__)
             reason = f"internal error: {type(exc).__name__}"
@@ -131,16 +148,62 @@ class LoginService:
             self.throttle.record_success(key)
         return result
 
-    def _decide(self, address: str, creds: Credentials) -> LoginResult:
+    def _decide(self, address: str, password: str) -> LoginResult:
         account = self.accounts.get_account(address)
+        domain = self.accounts.get_domain(address.rpartition("@")[2])
+        migrating = self.onboarding is not None and domain is not None and domain.migrating
         if account is None:
-            return LoginResult(Outcome.FAILED, address, "unknown user")
-        verification = self.hasher.verify(creds.password, account.password_hash)
-        if not verification.ok:
-            return LoginResult(Outcome.FAILED, account.address, "wrong password")
-        if verification.new_hash:
+            if not migrating:
+                return LoginResult(Outcome.FAILED, address, "unknown user")
+            assert domain is not None
+            return self._first_login(domain, address, password)
+        if not self._password_matches(account, password):
+            if not (migrating and account.migration_state is not None):
+                return LoginResult(Outcome.FAILED, account.address, "wrong password")
+            assert domain is not None
+            refused = self._recheck_at_old_server(domain, account, password)
+            if refused is not None:
+                return refused
+        self.accounts.record_login(account.address)
+        if migrating and account.migration_state is not None:
+            assert self.onboarding is not None and domain is not None
+            self.onboarding.maybe_resync(account, domain, password)
+        return LoginResult(Outcome.OK, account.address, "local account")
+
+    def _password_matches(self, account: Account, password: str) -> bool:
+        if account.password_hash == PENDING_HASH:
+            # First login moments ago; its hash is still being made. The vault has the password.
+            return self.onboarding is not None and \
+                self.onboarding.vault.matches(account.id, password)
+        verification = self.hasher.verify(password, account.password_hash)
+        if verification.ok and verification.new_hash:
             self.accounts.set_password_hash(account.address, verification.new_hash)
             if self.on_rehash:
                 self.on_rehash()
-        self.accounts.record_login(account.address)
-        return LoginResult(Outcome.OK, account.address, "local account")
+        return verification.ok
+
+    def _recheck_at_old_server(self, domain: Domain, account: Account,
+                               password: str) -> LoginResult | None:
+        """The user may have changed the password at the old server: accept only if it does."""
+        assert self.onboarding is not None
+        verdict = self.onboarding.ask_old_server(domain, account, account.address, password)
+        if verdict != OldServerVerdict.ACCEPTED:
+            return LoginResult(Outcome.FAILED, account.address, f"wrong password (old server "
+                               f"{verdict})")
+        self.onboarding.accept_new_password(account, password)
+        return None
+
+    def _first_login(self, domain: Domain, address: str, password: str) -> LoginResult:
+        assert self.onboarding is not None
+        verdict = self.onboarding.ask_old_server(domain, None, address, password)
+        if verdict == OldServerVerdict.REFUSED:
+            return LoginResult(Outcome.FAILED, address, "old server refused the password")
+        if verdict == OldServerVerdict.UNREACHABLE:
+            return LoginResult(Outcome.UNAVAILABLE, address, "old server unreachable")
+        account = self.onboarding.create_account(domain, address, password)
+        if not self._password_matches(account, password):
+            # Lost a race against a first login with another password that the old server
+            # also accepted moments ago (changed meanwhile): the winner's password stands.
+            return LoginResult(Outcome.FAILED, account.address, "concurrent first login")
+        self.onboarding.hash_in_background(account, password)
+        return LoginResult(Outcome.OK, account.address, "first login: migration started")

@@ -65,8 +65,17 @@ class PasswordHasher:
         return Verification(bool(ok), new_hash if ok else None)
 
 
+# An account whose hash is still being computed (first login of a migrating user: the hash is
+# made after the client got its OK). It must exist for the store's master login, but no
+# password may match it: "!" is never the output of crypt().
+PENDING_HASH = ""
+LOCKED_DOVECOT_ENTRY = "{SHA512-CRYPT}!"
+
+
 def dovecot_form(passlib_hash: str) -> str:
     """`{SHA512-CRYPT}$6$...`: the hash with the scheme prefix Dovecot's passdb expects."""
+    if passlib_hash == PENDING_HASH:
+        return LOCKED_DOVECOT_ENTRY
     if passlib_hash.startswith("{"):
         return passlib_hash
     prefixes = {"$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$1$": "MD5-CRYPT",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import structlog
 from twisted.python.threadpool import ThreadPool
 
@@ -10,9 +14,11 @@ from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.session import FrontendContext, ProxySession, SessionFactory
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService
+from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
+from migrating_proxy.store.vault import Vault, load_or_create_key
 
 log = structlog.get_logger(__name__)
 
@@ -28,18 +34,23 @@ def session_classes() -> dict[str, type[ProxySession]]:
     return classes
 
 
+def build_onboarding(config: Config, store: Store) -> Onboarding:
+    return Onboarding(
+        config=config, store=store,
+        vault=Vault(store.engine, load_or_create_key(config.vault_key_path)),
+        hasher=PasswordHasher(config.provision.scheme, config.provision.rounds),
+        provisioner=make_provisioner(config.provision),
+    )
+
+
 def build_login_service(config: Config, store: Store) -> LoginService:
-    provisioner = make_provisioner(config.provision)
     limits = config.limits
     throttle = FailureThrottle(
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
     )
-    return LoginService(
-        store.accounts,
-        PasswordHasher(config.provision.scheme, config.provision.rounds),
-        throttle,
-        on_rehash=lambda: provisioner.sync(store.accounts.all_password_hashes()),
-    )
+    onboarding = build_onboarding(config, store)
+    return LoginService(store, onboarding.hasher, throttle, onboarding,
+                        on_rehash=onboarding.provision)
 
 
 def serve(config: Config) -> int:
@@ -55,11 +66,13 @@ def serve(config: Config) -> int:
         threadpool=threadpool, tls_options=server_options(config.tls),
     )
     ports = listen_all(ctx)
+    workers = start_workers(config)
 
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
         for port in ports:
             port.stopListening()
+        stop_workers(workers)
         threadpool.stop()
         store.close()
 
@@ -67,6 +80,29 @@ def serve(config: Config) -> int:
     log.info("started", listeners=[f"{p.getHost().host}:{p.getHost().port}" for p in ports])
     reactor.run()  # SIGTERM and SIGINT stop it
     return 0
+
+
+def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
+    """The copy workers run in their own processes (`migrating-proxy worker`), never here."""
+    if config.migration.workers < 1:
+        return None
+    command = [sys.executable, "-m", "migrating_proxy"]
+    if config.source is not None:
+        command += ["--config", str(config.source)]
+    command += ["worker", "--processes", str(config.migration.workers)]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+
+def stop_workers(workers: subprocess.Popen[bytes] | None) -> None:
+    """Workers hand their jobs back at the next batch boundary; wait for that, briefly."""
+    if workers is None or workers.poll() is not None:
+        return
+    workers.send_signal(signal.SIGTERM)
+    try:
+        workers.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        log.warning("workers_killed", reason="did not stop within 30 s")
+        workers.kill()
 
 
 def listen_all(ctx: FrontendContext) -> list:

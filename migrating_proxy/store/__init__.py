@@ -16,6 +16,7 @@ from migrating_proxy.store.accounts import (
     normalise,
 )
 from migrating_proxy.store.db import DatabaseError, ensure_schema, make_engine
+from migrating_proxy.store.jobs import JobQueue
 
 __all__ = [
     "Account",
@@ -34,6 +35,7 @@ __all__ = [
 class Store:
     engine: Engine
     accounts: AccountStore
+    jobs: JobQueue
 
     def close(self) -> None:
         self.engine.dispose()
@@ -43,4 +45,4 @@ def open_store(url: str) -> Store:
     """Connect, create or upgrade the schema, and return the store's facades."""
     engine = make_engine(url)
     ensure_schema(engine)
-    return Store(engine=engine, accounts=AccountStore(engine))
+    return Store(engine=engine, accounts=AccountStore(engine), jobs=JobQueue(engine))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from migrating_proxy.store.schema import accounts, domains
@@ -131,26 +131,53 @@ class AccountStore:
     def add_account(self, address: str, password_hash: str, *,
                     migration_state: str | None = None) -> Account:
         """Insert an account; StoreError if it exists (in any letter case)."""
-        address = normalise(address)
-        stamp = now()
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(accounts).values(
-                    address=address, address_key=address.lower(),
-                    domain=address.rpartition("@")[2], password_hash=password_hash,
-                    migration_state=migration_state, created_at=stamp, updated_at=stamp,
-                ))
+                self.insert_account(conn, address, password_hash, migration_state)
         except IntegrityError:
-            raise StoreError(f"account {address} already exists") from None
+            raise StoreError(f"account {normalise(address)} already exists") from None
         account = self.get_account(address)
         assert account is not None
         return account
+
+    def insert_account(self, conn: Connection, address: str, password_hash: str,
+                       migration_state: str | None = None) -> int:
+        """Insert within the caller's transaction; IntegrityError if the account exists."""
+        address = normalise(address)
+        stamp = now()
+        result = conn.execute(insert(accounts).values(
+            address=address, address_key=address.lower(),
+            domain=address.rpartition("@")[2], password_hash=password_hash,
+            migration_state=migration_state, created_at=stamp, updated_at=stamp,
+        ))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def set_migration_state(self, address: str, state: str,
+                            conn: Connection | None = None) -> None:
+        self._update_account(address, conn, migration_state=state)
+
+    def set_hash_if_pending(self, address: str, password_hash: str) -> bool:
+        """Store the first hash of a migrating account unless someone already did."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(
+                update(accounts).where(accounts.c.address_key == address_key(address),
+                                       accounts.c.password_hash == "")
+                .values(password_hash=password_hash, updated_at=now())
+            ).rowcount)
+
+    def mark_notice_inserted(self, address: str) -> None:
+        self._update_account(address, notice_inserted_at=now())
 
     def get_account(self, address: str) -> Account | None:
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(accounts).where(accounts.c.address_key == address_key(address))
             ).first()
+        return _account(row) if row else None
+
+    def get_account_by_id(self, account_id: int) -> Account | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
         return _account(row) if row else None
 
     def list_accounts(self, domain: str | None = None) -> list[Account]:
@@ -183,14 +210,18 @@ class AccountStore:
             if not result.rowcount:
                 raise StoreError(f"unknown account {address}")
 
-    def _update_account(self, address: str, **values: object) -> None:
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(accounts).where(accounts.c.address_key == address_key(address))
-                .values(**values, updated_at=now())
-            )
-            if not result.rowcount:
-                raise StoreError(f"unknown account {address}")
+    def _update_account(self, address: str, conn: Connection | None = None,
+                        **values: object) -> None:
+        if conn is None:
+            with self.engine.begin() as own:
+                return self._update_account(address, own, **values)
+        result = conn.execute(
+            update(accounts).where(accounts.c.address_key == address_key(address))
+            .values(**values, updated_at=now())
+        )
+        if not result.rowcount:
+            raise StoreError(f"unknown account {address}")
+        return None
 
 
 def _domain(row) -> Domain:  # type: ignore[no-untyped-def]

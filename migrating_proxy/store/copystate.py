@@ -33,6 +33,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -206,13 +207,14 @@ class CopyState:
         copied, skipped, dropped = list(copied), list(skipped), list(dropped)
         key = copy_messages.c.source_key
         where = copy_messages.c.folder_id == folder_id
+        by_key = update(copy_messages).where(where, key == bindparam("k"))
         with self.engine.begin() as conn:
-            for source_key, dest_uid in copied:
-                conn.execute(update(copy_messages).where(where, key == source_key).values(
-                    state=COPIED, dest_uid=dest_uid))
-            for source_key, reason in skipped:
-                conn.execute(update(copy_messages).where(where, key == source_key).values(
-                    state=SKIPPED, reason=reason[:1000]))
+            if copied:  # one executemany per kind: a batch settles in one round of statements
+                conn.execute(by_key.values(state=COPIED, dest_uid=bindparam("u")),
+                             [{"k": k, "u": u} for k, u in copied])
+            if skipped:
+                conn.execute(by_key.values(state=SKIPPED, reason=bindparam("r")),
+                             [{"k": k, "r": r[:1000]} for k, r in skipped])
             if dropped:
                 conn.execute(delete(copy_messages).where(where, key.in_(dropped)))
             if pop3 and copied:

@@ -34,7 +34,12 @@ def make_engine(url: str) -> Engine:
 def _ensure_sqlite_directory(url: str) -> None:
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(
+                f"cannot create the directory of {path}: {exc.strerror}"
+            ) from None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -75,4 +80,12 @@ def ensure_schema(engine: Engine) -> None:
     except DatabaseError:
         raise
     except Exception as exc:  # driver errors: unreachable server, bad credentials, locked file
-        raise DatabaseError(f"cannot open database: {type(exc).__name__}: {exc}") from None
+        raise DatabaseError(f"cannot open database: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """The driver's own message, first line only: the CLI prints errors as one line, and
+    SQLAlchemy's wrapper adds the statement and a "Background on this error" link."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0].strip() if lines else 'no details'}"

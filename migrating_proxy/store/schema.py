@@ -98,6 +98,8 @@ jobs = Table(
     Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
     Column("kind", String(16), nullable=False),  # full | incremental
     Column("state", String(16), nullable=False),  # queued running done failed paused
+    # The old server's host: claims cap how many copies run against one host at a time.
+    Column("source_host", String(255), nullable=False),
     Column("not_before", DateTime(timezone=True), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("claimed_by", String(255), nullable=True),

@@ -7,6 +7,7 @@ greps). Its stderr goes to a file under the test's directory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,8 @@ class Proxy:
             "provision": {"kind": "passwd-file", "path": str(self.store.users_file),
                           "scheme": "sha512_crypt", "rounds": 5000},
             "limits": {"auth_failure_delay": 0.2, "idle_timeout": 10.0},
+            # Copy workers only where a test migrates mail: they are processes of their own.
+            "migration": {"workers": 0, "source_timeout": 5.0},
             "log": {"format": "json", "level": "debug"},
         }
         if self.tls:
@@ -113,6 +116,23 @@ class Proxy:
 
     def add_account(self, address: str, password: str) -> None:
         self.cli("account", "add", address, input=password + "\n")
+
+    def status(self, *addresses: str) -> list[dict[str, Any]]:
+        return json.loads(self.cli("status", "--json", *addresses).stdout)
+
+    def wait_for_state(self, address: str, states: tuple[str, ...] = ("COMPLETED", "ERROR"),
+                       timeout: float = 60.0) -> dict[str, Any]:
+        """Poll `status --json` (as an admin would) until the account reaches one of states."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.cli("status", "--json", address, check=False)
+            rows = json.loads(result.stdout) if result.returncode == 0 else []
+            if rows and rows[0]["state"] in states:
+                return rows[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{address} still {rows} after {timeout}s:\n"
+                                     f"{self.log_text()[-3000:]}")
+            time.sleep(0.2)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process

@@ -1,0 +1,190 @@
+"""Migrating users: proving a password at the old server, creating the account, queuing copies.
+
+Used by the login decision (login.py) for users of domains whose migration switch is on, and by
+the copy workers to finish what a login started. Everything here is blocking; callers run it in
+threads or worker processes.
+
+First login, in order, so the client's OK waits only for what the store needs to let it in:
+  1. the old server accepts the password (one login there, bounded by source_timeout);
+  2. one transaction: account (hash pending), vault entry, full copy job; a concurrent first
+     login of the same user on any process loses the insert race and uses the winner's account;
+  3. the store's user file lists the account (locked entry), so the master login works;
+  -> the client gets OK and its session is relayed;
+  4. in the background: hash the password and provision the real hash.
+The copy worker that takes the job then inserts the notice (the queue runs one job per account
+at a time, so there is exactly one inserter) and repeats step 4 if a crash interrupted it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from migrating_proxy.config import Config
+from migrating_proxy.endpoints import parse_endpoint
+from migrating_proxy.migration.connections import (
+    SourceAuthError,
+    SourceSpec,
+    SourceUnavailable,
+    StoreSpec,
+    check_source_login,
+)
+from migrating_proxy.notice import insert_notice, load_template, message_id, render
+from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
+from migrating_proxy.provision import Provisioner
+from migrating_proxy.store import Account, Domain, Store
+from migrating_proxy.store.schema import migrations
+from migrating_proxy.store.vault import Vault
+
+log = structlog.get_logger(__name__)
+
+
+class OldServerVerdict:
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+
+
+def source_login_name(template: str, address: str) -> str:
+    """The old server's user name: %u whole address, %n local part, %d domain."""
+    local, _, domain = address.rpartition("@")
+    return template.replace("%u", address).replace("%n", local).replace("%d", domain)
+
+
+def source_spec(domain: Domain, account: Account | None, address: str, password: str
+                ) -> SourceSpec:
+    url = (account.source_url if account and account.source_url else None) or domain.source_url
+    endpoint = parse_endpoint(url, allowed=("imap", "pop3"))
+    login = (account.source_login if account and account.source_login else None) \
+        or source_login_name(domain.source_user, address)
+    return SourceSpec(
+        protocol=endpoint.protocol,  # type: ignore[arg-type]
+        host=endpoint.host, port=endpoint.port, tls=endpoint.tls, verify_tls=domain.verify_tls,
+        login=login, password=password, type=domain.type, subscribed_only=domain.subscribed_only,
+    )
+
+
+def store_spec(config: Config, address: str, user_password: str | None = None) -> StoreSpec:
+    endpoint = config.backend.imap
+    return StoreSpec(
+        host=endpoint.host, port=endpoint.port, tls=endpoint.tls, address=address,
+        master_user=config.backend.master_user or None,
+        master_password=config.backend.master_password(), user_password=user_password,
+    )
+
+
+@dataclass
+class Onboarding:
+    config: Config
+    store: Store
+    vault: Vault
+    hasher: PasswordHasher
+    provisioner: Provisioner
+
+    def __post_init__(self) -> None:
+        # Step 4 of a first login runs here, off the login's critical path.
+        self._background = concurrent.futures.ThreadPoolExecutor(2, "onboarding")
+        self._provision_lock = threading.Lock()
+
+    # -- the old server ------------------------------------------------------------------
+    def ask_old_server(self, domain: Domain, account: Account | None, address: str,
+                       password: str) -> str:
+        spec = source_spec(domain, account, address, password)
+        try:
+            check_source_login(spec, self.config.migration.source_timeout)
+        except SourceAuthError:
+            return OldServerVerdict.REFUSED
+        except SourceUnavailable as exc:
+            log.warning("old_server_unreachable", address=address, host=spec.host,
+                        error=str(exc))
+            return OldServerVerdict.UNREACHABLE
+        return OldServerVerdict.ACCEPTED
+
+    # -- first login ---------------------------------------------------------------------
+    def create_account(self, domain: Domain, address: str, password: str) -> Account:
+        """Account + vault + job in one transaction; the existing account if we lost a race."""
+        host = parse_endpoint(domain.source_url).host
+        try:
+            with self.store.engine.begin() as conn:
+                account_id = self.store.accounts.insert_account(
+                    conn, address, PENDING_HASH, migration_state="PENDING")
+                self.vault.put(account_id, password, conn)
+                self.store.jobs.enqueue(account_id, "full", host, conn)
+        except IntegrityError:
+            log.info("first_login_race_lost", address=address)
+        # Also after a lost race: the winner may not have provisioned yet, and our session's
+        # store login needs the entry now.
+        self.provision()
+        account = self.store.accounts.get_account(address)
+        assert account is not None
+        return account
+
+    def hash_in_background(self, account: Account, password: str) -> None:
+        self._background.submit(self._hash_quietly, account, password)
+
+    def _hash_quietly(self, account: Account, password: str) -> None:
+        try:
+            self.complete_hash(account, password)
+        except Exception as exc:  # the worker does it before copying
+            log.warning("hashing_deferred", address=account.address, error=type(exc).__name__)
+
+    def complete_hash(self, account: Account, password: str) -> None:
+        if account.password_hash == PENDING_HASH and self.store.accounts.set_hash_if_pending(
+                account.address, self.hasher.hash(password)):
+            self.provision()
+
+    def finish_onboarding(self, account: Account, password: str) -> None:
+        """Before a copy (worker only): real hash provisioned, notice in the INBOX, once."""
+        self.complete_hash(account, password)
+        if account.notice_inserted_at is None:
+            self.insert_notice(account)
+
+    def insert_notice(self, account: Account) -> None:
+        domain = self.store.accounts.get_domain(account.domain)
+        if domain is None or not domain.notice:
+            return
+        old_server = parse_endpoint(account.source_url or domain.source_url).host
+        message = render(load_template(self.config.migration.notice), address=account.address,
+                         domain=account.domain, old_server=old_server, account_id=account.id)
+        insert_notice(store_spec(self.config, account.address), message,
+                      message_id(account.id, account.domain), self.config.migration.source_timeout)
+        self.store.accounts.mark_notice_inserted(account.address)
+
+    # -- later logins --------------------------------------------------------------------
+    def accept_new_password(self, account: Account, password: str) -> None:
+        """The old server accepted a password our hash did not: the user changed it there."""
+        self.store.accounts.set_password_hash(account.address, self.hasher.hash(password))
+        self.provision()
+
+    def maybe_resync(self, account: Account, domain: Domain, password: str) -> None:
+        """Queue an incremental pass with this password, at most once per resync_interval."""
+        if self.store.jobs.active_job(account.id) is not None:
+            return
+        last = self._last_pass(account.id)
+        interval = timedelta(seconds=self.config.migration.resync_interval)
+        if last is not None and datetime.now(UTC) - last < interval:
+            return
+        host = parse_endpoint(account.source_url or domain.source_url).host
+        with self.store.engine.begin() as conn:
+            self.vault.put(account.id, password, conn)
+            self.store.jobs.enqueue(account.id, "incremental", host, conn)
+            self.store.accounts.set_migration_state(account.address, "PENDING", conn)
+        log.info("resync_queued", address=account.address)
+
+    def _last_pass(self, account_id: int) -> datetime | None:
+        with self.store.engine.connect() as conn:
+            last = conn.execute(select(migrations.c.last_pass_at)
+                                .where(migrations.c.account_id == account_id)).scalar()
+        if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
+            last = last.replace(tzinfo=UTC)
+        return last
+
+    def provision(self) -> None:
+        with self._provision_lock:
+            self.provisioner.sync(self.store.accounts.all_password_hashes())

@@ -1,0 +1,137 @@
+"""The copy job queue, shared by every worker process (and machine, on PostgreSQL).
+
+A job is one pass over one account's old mailbox. At most one job per account is active
+(queued, running or paused) at a time; asking for another while one is active returns the
+active one, so a burst of logins never stacks up passes. Workers claim jobs in a serialised
+transaction that also enforces the per-old-server connection cap, keep a heartbeat while they
+run, and a job whose worker died (no heartbeat) is handed to the next worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, Engine, and_, case, func, insert, select, text, update
+
+from migrating_proxy.store.accounts import now
+from migrating_proxy.store.schema import jobs
+
+ACTIVE = ("queued", "running", "paused")
+CLAIM_LOCK = 7310421  # PostgreSQL advisory lock id serialising claims across machines
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    account_id: int
+    kind: str
+    state: str
+    source_host: str
+    attempts: int
+    last_error: str | None
+
+
+class JobQueue:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def enqueue(self, account_id: int, kind: str, source_host: str,
+                conn: Connection | None = None) -> int:
+        """Queue a pass unless one is already active; returns the active job's id."""
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.enqueue(account_id, kind, source_host, own)
+        active = conn.execute(
+            select(jobs.c.id, jobs.c.kind).where(
+                jobs.c.account_id == account_id, jobs.c.state.in_(ACTIVE)
+            )
+        ).first()
+        if active is not None:
+            if kind == "full" and active.kind != "full":
+                conn.execute(update(jobs).where(jobs.c.id == active.id).values(kind="full"))
+            return int(active.id)
+        stamp = now()
+        result = conn.execute(insert(jobs).values(
+            account_id=account_id, kind=kind, state="queued", source_host=source_host,
+            not_before=stamp, attempts=0, created_at=stamp,
+        ))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def claim(self, worker_id: str, max_per_host: int, stale_after: float = 90.0) -> Job | None:
+        """Take the next runnable job, respecting the per-host cap; None if there is none."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK})
+            self._requeue_stale(conn, now() - timedelta(seconds=stale_after))
+            busy_hosts = self._running_per_host(conn)
+            for row in self._candidates(conn):
+                if max_per_host and busy_hosts.get(row.source_host, 0) >= max_per_host:
+                    continue
+                conn.execute(update(jobs).where(jobs.c.id == row.id).values(
+                    state="running", claimed_by=worker_id, heartbeat_at=now(),
+                    attempts=row.attempts + 1,
+                ))
+                return _job(row, state="running", attempts=row.attempts + 1)
+        return None
+
+    def _candidates(self, conn: Connection) -> list:  # type: ignore[type-arg]
+        # First logins (full passes) before re-syncs: a user is waiting for those.
+        first_logins_first = case((jobs.c.kind == "full", 0), else_=1)
+        return list(conn.execute(
+            select(jobs).where(jobs.c.state == "queued", jobs.c.not_before <= now())
+            .order_by(first_logins_first, jobs.c.created_at, jobs.c.id).limit(50)
+        ))
+
+    def _running_per_host(self, conn: Connection) -> dict[str, int]:
+        rows = conn.execute(
+            select(jobs.c.source_host, func.count()).where(jobs.c.state == "running")
+            .group_by(jobs.c.source_host)
+        )
+        return {host: count for host, count in rows}
+
+    def _requeue_stale(self, conn: Connection, horizon: datetime) -> None:
+        conn.execute(
+            update(jobs).where(and_(jobs.c.state == "running", jobs.c.heartbeat_at < horizon))
+            .values(state="queued", claimed_by=None, last_error="worker stopped responding")
+        )
+
+    def heartbeat(self, job_id: int) -> str | None:
+        """Refresh a running job's heartbeat; returns its state (an admin may pause it)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
+                         .values(heartbeat_at=now()))
+            return conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+
+    def finish(self, job_id: int, state: str, error: str | None = None) -> None:
+        """End a job: done or failed."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                state=state, last_error=error, finished_at=now(), claimed_by=None))
+
+    def release(self, job_id: int, *, paused: bool = False) -> None:
+        """Hand a running job back (worker shutting down, or paused by an admin)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
+                         .values(state="paused" if paused else "queued", claimed_by=None))
+
+    def retry_later(self, job_id: int, error: str, delay: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                state="queued", claimed_by=None, last_error=error,
+                not_before=now() + timedelta(seconds=delay)))
+
+    def active_job(self, account_id: int) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(
+                jobs.c.account_id == account_id, jobs.c.state.in_(ACTIVE))).first()
+        return _job(row) if row else None
+
+
+def _job(row, **override: object) -> Job:  # type: ignore[no-untyped-def]
+    values = {
+        "id": row.id, "account_id": row.account_id, "kind": row.kind, "state": row.state,
+        "source_host": row.source_host, "attempts": row.attempts, "last_error": row.last_error,
+    }
+    values.update(override)
+    return Job(**values)  # type: ignore[arg-type]

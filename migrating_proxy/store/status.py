@@ -1,0 +1,64 @@
+"""What admins see of each account's migration: state, progress counters, last error."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from migrating_proxy.store.accounts import address_key
+from migrating_proxy.store.schema import accounts, jobs, migrations
+
+# The JSON keys of `migrating-proxy status --json`: a public contract, extend only.
+STATUS_KEYS = (
+    "address", "state", "folders_total", "folders_done", "messages_total", "messages_copied",
+    "messages_skipped", "bytes_copied", "last_error", "started_at", "finished_at",
+)
+COUNTERS = STATUS_KEYS[2:8]
+
+
+def migration_status(engine: Engine, addresses: list[str] | None = None) -> list[dict[str, Any]]:
+    """One dict per account that is (or was) migrating, or per address asked for."""
+    query = (
+        select(accounts.c.id, accounts.c.address, accounts.c.migration_state,
+               *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
+               migrations.c.started_at, migrations.c.finished_at)
+        .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
+        .order_by(accounts.c.address_key)
+    )
+    if addresses:
+        query = query.where(accounts.c.address_key.in_([address_key(a) for a in addresses]))
+    else:
+        query = query.where(accounts.c.migration_state.is_not(None))
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+        job_errors = _latest_job_errors(conn, [row.id for row in rows])
+    return [_status(row, job_errors.get(row.id)) for row in rows]
+
+
+def _latest_job_errors(conn, account_ids: list[int]) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    if not account_ids:
+        return {}
+    rows = conn.execute(
+        select(jobs.c.account_id, jobs.c.last_error).where(
+            jobs.c.account_id.in_(account_ids), jobs.c.last_error.is_not(None))
+        .order_by(jobs.c.id)
+    )
+    return {account_id: error for account_id, error in rows}  # the newest wins
+
+
+def _status(row, job_error: str | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    status: dict[str, Any] = {"address": row.address, "state": row.migration_state}
+    status.update({name: getattr(row, name) or 0 for name in COUNTERS})
+    error = row.last_error if row.migration_state != "COMPLETED" else None
+    status["last_error"] = error or (job_error if row.migration_state == "ERROR" else None)
+    status["started_at"] = _iso(row.started_at)
+    status["finished_at"] = _iso(row.finished_at)
+    return status
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()

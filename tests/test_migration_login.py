@@ -1,0 +1,255 @@
+"""On-login migration end to end: a real old server, a real new store, the real proxy.
+
+A user of a migrating domain who never existed on the new store logs in through the proxy with
+their old password; the proxy checks it at the old server, creates the account, leaves the
+notice and copies the mailbox in its worker processes while the session is relayed.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from imapclient import IMAPClient
+
+from tests.support.dovecot import DovecotInstance, free_port
+from tests.support.mail import make_message, sample_corpus, seed_mailbox
+from tests.support.proxy import Proxy
+
+ALICE, ALICE_PW = "alice@old.example", "alice-pw"
+BOB, BOB_PW = "bob@old.example", "bob-pw"
+NOTICE_SUBJECT = b"Your mailbox is moving to a new mail server"
+
+
+def migrating_proxy(directory: Path, store: DovecotInstance, old: DovecotInstance,
+                    protocol: str = "imap", workers: int = 1, **migration: Any) -> Proxy:
+    proxy = Proxy(directory, store, overrides={"migration": {"workers": workers, **migration}})
+    port = old.imap_port if protocol == "imap" else old.pop3_port
+    proxy.cli("domain", "add", "old.example", "--source", f"{protocol}://127.0.0.1:{port}")
+    return proxy
+
+
+@pytest.fixture
+def seeded_old(old_server: DovecotInstance) -> DovecotInstance:
+    seed_mailbox("127.0.0.1", old_server.imap_port, ALICE, ALICE_PW, sample_corpus())
+    return old_server
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, new_store: DovecotInstance,
+          seeded_old: DovecotInstance) -> Iterator[Proxy]:
+    with migrating_proxy(tmp_path / "proxy", new_store, seeded_old) as proxy:
+        yield proxy
+
+
+def snapshot(port: int, address: str, password: str | None = None,
+             master: tuple[str, str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+    """Every folder's messages as (bytes, flags, INTERNALDATE in UTC), order-independent."""
+    client = IMAPClient("127.0.0.1", port, ssl=False)
+    if master:
+        client.plain_login(master[0], master[1], authorization_identity=address)
+    else:
+        client.login(address, password or "")
+    folders: dict[str, list[tuple[Any, ...]]] = {}
+    for flags, _delimiter, name in client.list_folders():
+        if b"\\Noselect" in flags or b"\\NonExistent" in flags:
+            continue
+        client.select_folder(name, readonly=True)
+        uids = client.search("ALL")
+        fetched = client.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
+        folders[name] = sorted(
+            (data[b"BODY[]"], tuple(sorted(f for f in data[b"FLAGS"] if f != b"\\Recent")),
+             data[b"INTERNALDATE"].astimezone(UTC))
+            for data in fetched.values()
+        )
+    client.logout()
+    return folders
+
+
+def store_snapshot(store: DovecotInstance, address: str) -> dict[str, list[tuple[Any, ...]]]:
+    assert store.master_user and store.master_password
+    return snapshot(store.imap_port, address, master=(store.master_user, store.master_password))
+
+
+def without_notice(folders: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    inbox = [m for m in folders.get("INBOX", []) if NOTICE_SUBJECT not in m[0]]
+    return {**folders, "INBOX": inbox}
+
+
+def notices(folders: dict[str, list[tuple[Any, ...]]]) -> int:
+    return sum(NOTICE_SUBJECT in m[0] for m in folders.get("INBOX", []))
+
+
+def db_rows(proxy: Proxy, table: str) -> list[Any]:
+    engine = sqlalchemy.create_engine(f"sqlite:///{proxy.directory / 'proxy.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text(f"SELECT * FROM {table}")).all()
+    engine.dispose()
+    return rows
+
+
+# -- the happy path ----------------------------------------------------------------------------
+def test_first_login_migrates_the_whole_mailbox(proxy: Proxy, new_store: DovecotInstance,
+                                                 seeded_old: DovecotInstance) -> None:
+    before = snapshot(seeded_old.imap_port, ALICE, ALICE_PW)
+
+    client = IMAPClient("127.0.0.1", proxy.imap_port, ssl=False)
+    client.login(ALICE, ALICE_PW)  # answered at once; the copy runs in the worker
+    client.select_folder("INBOX")
+    client.logout()
+
+    status = proxy.wait_for_state(ALICE)
+    assert status["state"] == "COMPLETED", status
+    migrated = store_snapshot(new_store, ALICE)
+    assert without_notice(migrated) == before  # folders, bytes, flags, dates
+    assert notices(migrated) == 1
+    assert snapshot(seeded_old.imap_port, ALICE, ALICE_PW) == before  # the source is untouched
+    expected = sum(len(messages) for messages in before.values())
+    assert status["messages_copied"] == expected and status["messages_skipped"] == 0
+    assert status["folders_done"] == status["folders_total"] > 1
+    assert status["bytes_copied"] > 200_000
+    assert db_rows(proxy, "vault") == []  # the captured password is gone once complete
+
+    # The user's password now works at the store directly (the proxy can be retired).
+    direct = IMAPClient("127.0.0.1", new_store.imap_port, ssl=False)
+    direct.login(ALICE, ALICE_PW)
+    direct.logout()
+
+
+def test_later_logins_pick_up_new_mail_without_duplicates(
+        tmp_path: Path, new_store: DovecotInstance, seeded_old: DovecotInstance) -> None:
+    with migrating_proxy(tmp_path / "p", new_store, seeded_old, resync_interval=0.0) as proxy:
+        IMAPClient("127.0.0.1", proxy.imap_port, ssl=False).login(ALICE, ALICE_PW)
+        proxy.wait_for_state(ALICE)
+        late = make_message("Arrived at the old server late", "still there\n",
+                            datetime(2025, 5, 1, 12, 0, tzinfo=UTC))
+        old = IMAPClient("127.0.0.1", seeded_old.imap_port, ssl=False)
+        old.login(ALICE, ALICE_PW)
+        old.append("INBOX", late)
+        old.logout()
+
+        for _ in range(3):  # several logins: still one copy of everything, one notice
+            client = IMAPClient("127.0.0.1", proxy.imap_port, ssl=False)
+            client.login(ALICE, ALICE_PW)
+            client.logout()
+            proxy.wait_for_state(ALICE)
+        migrated = store_snapshot(new_store, ALICE)
+        assert without_notice(migrated) == snapshot(seeded_old.imap_port, ALICE, ALICE_PW)
+        assert notices(migrated) == 1
+
+
+def test_pop3_first_login_with_a_pop3_source(tmp_path: Path, new_store: DovecotInstance,
+                                             seeded_old: DovecotInstance) -> None:
+    inbox_before = snapshot(seeded_old.imap_port, ALICE, ALICE_PW)["INBOX"]
+    with migrating_proxy(tmp_path / "p", new_store, seeded_old, protocol="pop3") as proxy:
+        client = poplib.POP3("127.0.0.1", proxy.pop3_port, timeout=20)
+        client.user(ALICE)
+        assert client.pass_(ALICE_PW).startswith(b"+OK")
+        client.quit()
+        assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
+        inbox = without_notice(store_snapshot(new_store, ALICE))["INBOX"]
+    assert sorted(m[0] for m in inbox) == sorted(m[0] for m in inbox_before)
+    assert len(db_rows(proxy, "pop3_uidls")) == len(inbox_before)
+
+
+# -- what must not happen ------------------------------------------------------------------------
+def assert_nothing_created(proxy: Proxy, store: DovecotInstance, address: str) -> None:
+    assert proxy.cli("account", "list", "--json").stdout.strip() == "[]"
+    assert address not in store.users_file.read_text()
+    assert db_rows(proxy, "jobs") == [] and db_rows(proxy, "vault") == []
+
+
+def test_wrong_old_password_creates_nothing(proxy: Proxy, new_store: DovecotInstance) -> None:
+    client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+        client.login(ALICE, "not-alices-password")
+    assert_nothing_created(proxy, new_store, ALICE)
+    assert "old server refused the password" in proxy.log_text()
+
+
+def test_old_server_down_answers_unavailable_and_creates_nothing(
+        tmp_path: Path, new_store: DovecotInstance, old_server: DovecotInstance) -> None:
+    proxy = Proxy(tmp_path / "p", new_store)
+    proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{free_port()}")
+    with proxy:
+        client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+            client.login(ALICE, ALICE_PW)
+        assert_nothing_created(proxy, new_store, ALICE)
+
+
+def test_unknown_domain_and_switched_off_domain_are_refused(
+        proxy: Proxy, new_store: DovecotInstance) -> None:
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imaplib.IMAP4("127.0.0.1", proxy.imap_port).login("someone@elsewhere.example", "pw")
+    proxy.cli("domain", "disable", "old.example")  # takes effect at the next login
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
+    assert_nothing_created(proxy, new_store, ALICE)
+    proxy.cli("domain", "enable", "old.example")
+    client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+    assert client.login(ALICE, ALICE_PW)[0] == "OK"
+    client.logout()
+
+
+def test_concurrent_first_logins_make_one_account_and_one_job(
+        proxy: Proxy, new_store: DovecotInstance) -> None:
+    results: list[str] = []
+
+    def login() -> None:
+        client = IMAPClient("127.0.0.1", proxy.imap_port, ssl=False, timeout=30)
+        try:
+            client.login(ALICE, ALICE_PW)
+            results.append("ok")
+            client.logout()
+        except Exception as exc:  # reported through `results`
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=login) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["ok"] * 6
+    assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
+    assert len(db_rows(proxy, "accounts")) == 1
+    assert len(db_rows(proxy, "jobs")) == 1
+    assert notices(store_snapshot(new_store, ALICE)) == 1
+
+
+def test_password_changed_at_the_old_server_is_accepted(
+        proxy: Proxy, new_store: DovecotInstance, seeded_old: DovecotInstance) -> None:
+    IMAPClient("127.0.0.1", proxy.imap_port, ssl=False).login(ALICE, ALICE_PW)
+    proxy.wait_for_state(ALICE)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, "new-pw")
+    seeded_old.stop()
+    seeded_old.users_file.write_text(
+        seeded_old.users_file.read_text().replace("{PLAIN}alice-pw", "{PLAIN}new-pw"))
+    seeded_old.start()
+    client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+    assert client.login(ALICE, "new-pw")[0] == "OK"
+    client.logout()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
+    direct = IMAPClient("127.0.0.1", new_store.imap_port, ssl=False)
+    direct.login(ALICE, "new-pw")  # re-provisioned with the new hash
+    direct.logout()
+
+
+def test_local_account_of_a_migrating_domain_does_not_ask_the_old_server(
+        proxy: Proxy, seeded_old: DovecotInstance) -> None:
+    proxy.add_account("carol@old.example", "carol-pw")  # created by an admin, not migrated
+    seeded_old.stop()
+    client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+    assert client.login("carol@old.example", "carol-pw")[0] == "OK"
+    client.logout()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imaplib.IMAP4("127.0.0.1", proxy.imap_port).login("carol@old.example", "wrong")
