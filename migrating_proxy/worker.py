@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -137,7 +138,7 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat_failed", error=type(exc).__name__)
 
 
-def worker_main(config: Config, name: str) -> None:
+def worker_main(config: Config, number: int) -> None:
     """Entry point of one worker process."""
     logs.configure(config.log.format, config.log.level)
     stop = threading.Event()
@@ -145,6 +146,7 @@ def worker_main(config: Config, name: str) -> None:
         signal.signal(sig, lambda *_: stop.set())
     from migrating_proxy.server import build_onboarding
 
+    name = f"{socket.gethostname()}:{os.getpid()}:{number}"  # see JobQueue.requeue_dead_claims
     store = open_store(config.database_url)
     try:
         CopyWorker(config, store, build_onboarding(config, store), name, stop).run()
@@ -152,26 +154,58 @@ def worker_main(config: Config, name: str) -> None:
         store.close()
 
 
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    # A killed worker whose parent died too can linger as a zombie until someone reaps it.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def recover_dead_claims(config: Config) -> None:
+    store = open_store(config.database_url)
+    try:
+        requeued = store.jobs.requeue_dead_claims(socket.gethostname(), pid_alive)
+    finally:
+        store.close()
+    if requeued:
+        log.info("jobs_recovered", count=requeued, reason="their worker process died")
+
+
 def run_pool(config: Config, processes: int) -> int:
-    """Run `processes` workers until SIGTERM/SIGINT; returns an exit code."""
+    """Run `processes` workers until SIGTERM/SIGINT, replacing any that die; exit code."""
     context = multiprocessing.get_context("spawn")  # no inherited sockets, threads or engines
-    prefix = f"{socket.gethostname()}:{os.getpid()}"
-    children = [
-        context.Process(target=worker_main, args=(config, f"{prefix}:{n}"), name=f"worker-{n}")
-        for n in range(processes)
-    ]
     stopping = threading.Event()
+    children: dict[int, multiprocessing.process.BaseProcess] = {}
 
     def forward(signum: int, _frame: object) -> None:
         stopping.set()
-        for child in children:
+        for child in children.values():
             if child.pid and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    for child in children:
-        child.start()
-    for child in children:
+    while not stopping.is_set():
+        dead = [n for n in range(processes) if n not in children or not children[n].is_alive()]
+        if dead:
+            recover_dead_claims(config)  # a crashed worker's job goes back to the queue
+        for number in dead:
+            if number in children:
+                log.warning("worker_died", worker=number, exitcode=children[number].exitcode)
+            children[number] = context.Process(target=worker_main, args=(config, number),
+                                               name=f"worker-{number}")
+            children[number].start()
+        stopping.wait(1.0)
+    for child in children.values():
         child.join()
-    return 0 if all(child.exitcode == 0 for child in children) or stopping.is_set() else 1
+    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import poplib
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ import sqlalchemy
 from imapclient import IMAPClient
 
 from tests.support.dovecot import DovecotInstance, free_port
-from tests.support.mail import make_message, sample_corpus, seed_mailbox
+from tests.support.mail import SeedMessage, make_message, sample_corpus, seed_mailbox
 from tests.support.proxy import Proxy
 
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
@@ -253,3 +254,34 @@ def test_local_account_of_a_migrating_domain_does_not_ask_the_old_server(
     client.logout()
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         imaplib.IMAP4("127.0.0.1", proxy.imap_port).login("carol@old.example", "wrong")
+
+
+def copied_so_far(proxy: Proxy) -> int:
+    rows = db_rows(proxy, "migrations")
+    return rows[0].messages_copied if rows else 0
+
+
+def test_crash_in_the_middle_of_a_copy_then_restart_gives_an_exact_copy(
+        tmp_path: Path, new_store: DovecotInstance, old_server: DovecotInstance) -> None:
+    when = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+    bulk = [SeedMessage(make_message(f"bulk {n}", f"message {n}\n", when, size=20_000))
+            for n in range(1200)]
+    seed_mailbox("127.0.0.1", old_server.imap_port, ALICE, ALICE_PW,
+                 {"INBOX": bulk[:800], "Archive": bulk[800:]})
+    before = snapshot(old_server.imap_port, ALICE, ALICE_PW)
+    proxy = migrating_proxy(tmp_path / "p", new_store, old_server)
+    proxy.start()
+    try:
+        IMAPClient("127.0.0.1", proxy.imap_port, ssl=False).login(ALICE, ALICE_PW)
+        deadline = time.monotonic() + 60
+        while copied_so_far(proxy) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proxy.crash()  # serve, the worker pool and the worker: all at once, mid-copy
+        assert 0 < copied_so_far(proxy) < len(bulk), "the crash did not land mid-copy"
+        proxy.start()
+        assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
+    finally:
+        proxy.stop()
+    migrated = store_snapshot(new_store, ALICE)
+    assert without_notice(migrated) == before  # nothing lost, nothing twice
+    assert notices(migrated) == 1

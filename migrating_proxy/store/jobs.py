@@ -9,6 +9,7 @@ run, and a job whose worker died (no heartbeat) is handed to the next worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -96,6 +97,21 @@ class JobQueue:
             .values(state="queued", claimed_by=None, last_error="worker stopped responding")
         )
 
+    def requeue_dead_claims(self, host_prefix: str, alive: Callable[[int], bool]) -> int:
+        """Hand back jobs claimed by workers of this machine whose process is gone.
+
+        A restart after a crash (kill -9, OOM, power) then resumes at once instead of waiting
+        for the heartbeat to go stale. Worker names are `host:pid:n`.
+        """
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(jobs.c.id, jobs.c.claimed_by).where(
+                jobs.c.state == "running", jobs.c.claimed_by.like(f"{host_prefix}:%"))).all()
+            dead = [row.id for row in rows if not alive(_claimant_pid(row.claimed_by))]
+            if dead:
+                conn.execute(update(jobs).where(jobs.c.id.in_(dead)).values(
+                    state="queued", claimed_by=None, last_error="worker process died"))
+        return len(dead)
+
     def heartbeat(self, job_id: int) -> str | None:
         """Refresh a running job's heartbeat; returns its state (an admin may pause it)."""
         with self.engine.begin() as conn:
@@ -126,6 +142,13 @@ class JobQueue:
             row = conn.execute(select(jobs).where(
                 jobs.c.account_id == account_id, jobs.c.state.in_(ACTIVE))).first()
         return _job(row) if row else None
+
+
+def _claimant_pid(claimed_by: str) -> int:
+    try:
+        return int(claimed_by.split(":")[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def _job(row, **override: object) -> Job:  # type: ignore[no-untyped-def]

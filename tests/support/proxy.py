@@ -7,6 +7,7 @@ greps). Its stderr goes to a file under the test's directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +40,23 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
         out.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         out.append("")
     return "\n".join(out)
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren... of pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @dataclass
@@ -162,6 +180,15 @@ class Proxy:
                 self.process.wait()
         code, self.process = self.process.returncode, None
         return code
+
+    def crash(self) -> None:
+        """kill -9 the proxy and every process it started (workers included), like a crash."""
+        assert self.process is not None
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
