@@ -25,7 +25,9 @@ class PasswdFileProvisioner:
 
     def sync(self, accounts: list[tuple[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = "".join(f"{address}:{dovecot_form(h)}\n" for address, h in accounts)
+        # Dovecot looks users up lower-cased (auth_username_format = %Lu, its default), so the
+        # file's keys are too: "Carol@new.example" must find her line, whoever typed the case.
+        body = "".join(f"{address.lower()}:{dovecot_form(h)}\n" for address, h in accounts)
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._replace(body)

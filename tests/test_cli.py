@@ -1,0 +1,388 @@
+"""The `migrating-proxy` command line, run as an administrator runs it: a subprocess.
+
+Accounts are checked end to end: the provisioned users file of a real Dovecot store gets the
+`{SHA512-CRYPT}` line, and the user can then log in to the store *directly*, with the same
+password, so the proxy can be retired without a password reset.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from imapclient import IMAPClient
+
+from tests.support.dovecot import DovecotInstance
+from tests.support.proxy import render_toml
+
+PASSWORD = "Tr0ub4dor & 3 \"quoted\" pw"
+
+
+@dataclass
+class Admin:
+    """One proxy installation's configuration (own database), driven through the CLI."""
+
+    config_path: Path
+    users_file: Path
+
+    def run(self, *args: str, input: str | None = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )
+
+    def ok(self, *args: str, input: str | None = "") -> subprocess.CompletedProcess[str]:
+        result = self.run(*args, input=input)
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+        return result
+
+    def run_all(self, commands: list[list[str]], input: str | None = ""
+                ) -> list[subprocess.CompletedProcess[str]]:
+        """Several independent commands at once (each CLI start costs most of a second)."""
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda args: self.run(*args, input=input), commands))
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json").stdout)
+
+    def domains(self) -> dict[str, dict[str, Any]]:
+        return {row["name"]: row for row in self.json("domain", "list")}
+
+    def accounts(self) -> dict[str, dict[str, Any]]:
+        return {row["address"]: row for row in self.json("account", "list")}
+
+    def user_lines(self) -> list[str]:
+        return self.users_file.read_text().splitlines()
+
+
+def write_config(directory: Path, users_file: Path, database_url: str | None = None) -> Path:
+    sections = {
+        "database": {"url": database_url or f"sqlite:///{directory / 'proxy.db'}"},
+        "provision": {"kind": "passwd-file", "path": str(users_file), "rounds": 5000},
+        "log": {"format": "json"},
+    }
+    path = directory / "migrating-proxy.toml"
+    path.write_text(render_toml(sections))
+    return path
+
+
+@pytest.fixture
+def admin(tmp_path: Path, module_store: DovecotInstance) -> Admin:
+    """A fresh installation provisioning the module's Dovecot store (whose file it rewrites)."""
+    return Admin(write_config(tmp_path, module_store.users_file), module_store.users_file)
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], reason: str, code: int = 1,
+                   context: object = None) -> None:
+    """Exit status `code`, one line on stderr naming the reason, nothing on stdout."""
+    what = context or result.args[4:]
+    assert result.returncode == code, (what, result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, (what, result.stderr)
+    assert lines[0].startswith("migrating-proxy: error: "), (what, lines[0])
+    assert reason in lines[0], (what, lines[0])
+    assert result.stdout == "", what
+
+
+def can_log_in_directly(store: DovecotInstance, address: str, password: str) -> bool:
+    with IMAPClient("127.0.0.1", store.imap_port, ssl=False, timeout=10) as client:
+        try:
+            client.login(address, password)
+        except imaplib.IMAP4.error:
+            return False
+        client.logout()
+        return True
+
+
+# --- the program --------------------------------------------------------------------------
+
+
+def test_entry_point_is_installed_next_to_the_interpreter() -> None:
+    program = Path(sys.executable).parent / "migrating-proxy"
+    assert program.is_file() and os.access(program, os.X_OK)
+    result = subprocess.run([str(program), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("serve", "domain", "account"):
+        assert command in result.stdout
+
+
+def test_missing_command_is_a_usage_error(admin: Admin) -> None:
+    result = admin.run()
+    assert result.returncode == 2
+    assert "usage: migrating-proxy" in result.stderr
+
+
+# --- domains ------------------------------------------------------------------------------
+
+
+def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
+    admin.ok("domain", "add", "Old.Example", "--source", "imaps://mail.old.example",
+             "--relay", "smtp+starttls://smtp.old.example:587", "--type", "exchange",
+             "--source-user", "%n", "--subscribed-only", "--disabled")
+    assert admin.domains() == {"old.example": {
+        "name": "old.example", "source_url": "imaps://mail.old.example:993",
+        "relay_url": "smtp+starttls://smtp.old.example:587", "migrating": False,
+        "type": "exchange", "source_user": "%n", "subscribed_only": True,
+        "notice": True, "verify_tls": True,
+    }}
+
+
+def test_domain_add_defaults(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    domain = admin.domains()["old.example"]
+    assert domain["migrating"] is True
+    assert domain["relay_url"] is None
+    assert (domain["type"], domain["source_user"], domain["subscribed_only"]) == (
+        "default", "%u", False)
+
+
+SOURCES = {
+    "imap://old.example": "imap://old.example:143",
+    "imap+starttls://old.example": "imap+starttls://old.example:143",
+    "imaps://old.example": "imaps://old.example:993",
+    "pop3://old.example": "pop3://old.example:110",
+    "pop3+starttls://old.example": "pop3+starttls://old.example:110",
+    "pop3s://old.example": "pop3s://old.example:995",
+    "imaps://192.0.2.7:10993": "imaps://192.0.2.7:10993",
+    "pop3://old.example:1110/": "pop3://old.example:1110",
+}
+
+
+def test_domain_source_schemes_get_their_default_ports(admin: Admin) -> None:
+    names = {source: f"d{i}.example" for i, source in enumerate(SOURCES)}
+    results = admin.run_all([["domain", "add", names[s], "--source", s] for s in SOURCES])
+    assert [r.returncode for r in results] == [0] * len(SOURCES), [r.stderr for r in results]
+    domains = admin.domains()
+    assert {source: domains[names[source]]["source_url"] for source in SOURCES} == SOURCES
+
+
+BAD_DOMAIN_ADDS = [
+    (["old.example", "--source", "http://old.example"], "scheme must be one of"),
+    (["old.example", "--source", "smtp://old.example"], "must be one of imap, pop3"),
+    (["old.example", "--source", "old.example"], "scheme must be one of"),
+    (["old.example", "--source", "imap://"], "no host"),
+    (["old.example", "--source", "imap://user:pw@old.example"], "only scheme://host[:port]"),
+    (["old.example", "--source", "imap://old.example/INBOX"], "only scheme://host[:port]"),
+    (["old.example", "--source", "imap://old.example:99999"], "not a valid URL"),
+    (["old.example", "--source", "imap://x", "--relay", "imap://x"], "smtp, lmtp"),
+    (["old.example", "--source", "imap://x", "--relay", "mail.old.example"], "scheme must be"),
+    (["old.example", "--source", "imap://x", "--source-user", "%x@old"], "--source-user"),
+    (["old.example", "--source", "imap://x", "--source-user", "100%"], "--source-user"),
+    (["user@old.example", "--source", "imap://x"], "not a domain name"),
+    (["old example", "--source", "imap://x"], "not a domain name"),
+    (["..", "--source", "imap://x"], "not a domain name"),
+]
+
+
+def test_bad_domain_add_is_refused_in_one_line_and_creates_nothing(admin: Admin) -> None:
+    results = admin.run_all([["domain", "add", *args] for args, _ in BAD_DOMAIN_ADDS])
+    for (args, reason), result in zip(BAD_DOMAIN_ADDS, results, strict=True):
+        assert_refused(result, reason, context=args)
+    assert admin.domains() == {}
+
+
+def test_unknown_domain_type_is_a_usage_error(admin: Admin) -> None:
+    result = admin.run("domain", "add", "old.example", "--source", "imap://x", "--type", "lotus")
+    assert result.returncode == 2
+    assert "invalid choice: 'lotus'" in result.stderr
+    assert admin.domains() == {}
+
+
+def test_missing_source_is_a_usage_error(admin: Admin) -> None:
+    result = admin.run("domain", "add", "old.example")
+    assert result.returncode == 2
+    assert "--source" in result.stderr
+    assert admin.domains() == {}
+
+
+def test_duplicate_domain_is_refused(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    assert_refused(admin.run("domain", "add", "OLD.example", "--source", "imap://192.0.2.2"),
+                   "already exists")
+    assert admin.domains()["old.example"]["source_url"] == "imap://192.0.2.1:143"
+
+
+def test_domain_disable_and_enable(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    admin.ok("domain", "disable", "old.example")
+    assert admin.domains()["old.example"]["migrating"] is False
+    admin.ok("domain", "enable", "OLD.EXAMPLE")
+    assert admin.domains()["old.example"]["migrating"] is True
+
+
+def test_unknown_domain_is_refused(admin: Admin) -> None:
+    actions = ["enable", "disable", "remove"]
+    results = admin.run_all([["domain", action, "nowhere.example"] for action in actions])
+    for result in results:
+        assert_refused(result, "unknown domain nowhere.example")
+
+
+def test_domain_remove(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    admin.ok("domain", "add", "other.example", "--source", "pop3://192.0.2.1")
+    assert admin.ok("domain", "remove", "old.example").stdout == ""
+    assert list(admin.domains()) == ["other.example"]
+
+
+def test_domain_with_accounts_cannot_be_removed(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    admin.ok("account", "add", "alice@old.example", input=PASSWORD + "\n")
+    assert_refused(admin.run("domain", "remove", "old.example"), "remove them first")
+    assert "old.example" in admin.domains()
+
+
+def test_domain_list_as_a_table(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1", "--disabled")
+    lines = admin.ok("domain", "list").stdout.splitlines()
+    assert lines[0].split() == ["name", "migrating", "source_url", "relay_url", "type"]
+    assert lines[1].split() == ["old.example", "no", "imap://192.0.2.1:143", "-", "default"]
+
+
+def test_empty_lists_are_empty_json_arrays(admin: Admin) -> None:
+    assert admin.json("domain", "list") == []
+    assert admin.json("account", "list") == []
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+
+def test_account_add_provisions_the_store_for_a_direct_login(
+    admin: Admin, module_store: DovecotInstance
+) -> None:
+    result = admin.ok("account", "add", "Carol@New.Example", input=PASSWORD + "\n")
+    assert result.stdout == ""
+    # Dovecot looks users up lower-cased (auth_username_format = %Lu), so the line is too.
+    [line] = admin.user_lines()
+    assert line.startswith("carol@new.example:{SHA512-CRYPT}$6$")
+    assert admin.accounts().keys() == {"Carol@new.example"}
+    assert can_log_in_directly(module_store, "Carol@new.example", PASSWORD)
+    assert can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+    assert not can_log_in_directly(module_store, "Carol@new.example", PASSWORD + "x")
+
+
+def test_account_list_json_has_the_documented_keys(admin: Admin) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    admin.ok("account", "add", "dave@new.example", input="other\n")
+    accounts = admin.accounts()
+    assert list(accounts) == ["carol@new.example", "dave@new.example"]
+    carol = accounts["carol@new.example"]
+    assert set(carol) == {"address", "migration_state", "created_at", "last_login_at"}
+    assert carol["migration_state"] is None
+    assert carol["last_login_at"] is None
+    assert carol["created_at"][:4].isdigit() and "T" in carol["created_at"]
+
+
+def test_account_list_as_a_table(admin: Admin) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    lines = admin.ok("account", "list").stdout.splitlines()
+    assert lines[0].split() == ["address", "migration_state", "created_at", "last_login_at"]
+    assert lines[1].split()[:2] == ["carol@new.example", "-"]
+
+
+def test_account_passwd_changes_the_direct_login(
+    admin: Admin, module_store: DovecotInstance
+) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    admin.ok("account", "passwd", "CAROL@new.example", input="a brand new one\n")
+    assert can_log_in_directly(module_store, "carol@new.example", "a brand new one")
+    assert not can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+    assert len(admin.user_lines()) == 1
+
+
+def test_account_remove_takes_the_user_off_the_store(
+    admin: Admin, module_store: DovecotInstance
+) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    admin.ok("account", "add", "dave@new.example", input=PASSWORD + "\n")
+    admin.ok("account", "remove", "Carol@NEW.example")
+    assert [line.split(":")[0] for line in admin.user_lines()] == ["dave@new.example"]
+    assert not can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+    assert can_log_in_directly(module_store, "dave@new.example", PASSWORD)
+    assert list(admin.accounts()) == ["dave@new.example"]
+
+
+def test_duplicate_account_in_another_case_is_refused(admin: Admin) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    assert_refused(admin.run("account", "add", "CAROL@new.example", input="other\n"),
+                   "already exists")
+    assert list(admin.accounts()) == ["carol@new.example"]
+
+
+@pytest.mark.parametrize(("password", "reason"), [
+    ("\n", "empty password"),
+    ("", "empty password"),
+    ("bad\0password\n", "control characters"),
+])
+def test_unusable_password_is_refused(admin: Admin, password: str, reason: str) -> None:
+    assert_refused(admin.run("account", "add", "carol@new.example", input=password), reason)
+
+
+def test_refused_account_adds_create_nothing(admin: Admin) -> None:
+    users_before = admin.users_file.read_bytes()
+    add = ["account", "add"]
+    results = [
+        *admin.run_all([[*add, "carol@new.example"]], input="\n"),
+        *admin.run_all([[*add, "dave@new.example"]], input="bad\0password\n"),
+        *admin.run_all([[*add, a] for a in ("eve", "eve smith@new.example", "eve:x@new.example",
+                                            "eve\u00e9@new.example")], input=PASSWORD + "\n"),
+    ]
+    assert [r.returncode for r in results] == [1] * len(results)
+    assert admin.accounts() == {}
+    assert admin.users_file.read_bytes() == users_before
+
+
+def test_unusable_new_password_keeps_the_old_one(
+    admin: Admin, module_store: DovecotInstance
+) -> None:
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    assert_refused(admin.run("account", "passwd", "carol@new.example", input="\n"),
+                   "empty password")
+    assert can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+
+
+def test_invalid_address_is_refused(admin: Admin) -> None:
+    result = admin.run("account", "add", "carol smith@new.example", input=PASSWORD + "\n")
+    assert_refused(result, "not allowed")
+
+
+def test_unknown_account_is_refused(admin: Admin) -> None:
+    results = admin.run_all([["account", action, "nobody@new.example"]
+                             for action in ("passwd", "remove")], input=PASSWORD + "\n")
+    for result in results:
+        assert_refused(result, "unknown account nobody@new.example")
+
+
+# --- the database -------------------------------------------------------------------------
+
+
+def test_unreachable_database_is_one_line_without_traceback(tmp_path: Path) -> None:
+    config = write_config(tmp_path, tmp_path / "users", "postgresql://nobody@127.0.0.1:1/x")
+    admin = Admin(config, tmp_path / "users")
+    commands = [["domain", "list"], ["account", "list", "--json"],
+                ["account", "add", "carol@new.example"]]
+    for result in admin.run_all(commands, input=PASSWORD + "\n"):
+        assert_refused(result, "cannot open database: OperationalError: connection failed")
+        assert "Traceback" not in result.stderr
+
+
+def test_database_directory_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, tmp_path / "users", "sqlite:////proc/no-such/proxy.db")
+    result = Admin(config, tmp_path / "users").run("domain", "list")
+    assert_refused(result, "cannot create the directory of /proc/no-such/proxy.db")
+
+
+def test_json_output_is_pure_json_on_stdout(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
+    for command in (["domain", "list", "--json"], ["account", "list", "--json"]):
+        result = admin.ok(*command)
+        assert isinstance(json.loads(result.stdout), list)
+        assert result.stdout.endswith("]\n")

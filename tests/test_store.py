@@ -1,0 +1,543 @@
+"""The account store on SQLite and PostgreSQL, password hashing, and the failure throttle.
+
+Store tests run once per database (`store_url`): a SQLite file under tmp_path, and a fresh
+PostgreSQL database created for this test session on 127.0.0.1:5432 (skipped, with the reason
+shown, when no server answers there).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import string
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from passlib.hash import sha512_crypt
+from sqlalchemy import update
+
+from migrating_proxy.login import FailureThrottle
+from migrating_proxy.passwords import PasswordHasher, dovecot_form
+from migrating_proxy.store import (
+    AddressError,
+    DatabaseError,
+    Domain,
+    Store,
+    StoreError,
+    open_store,
+)
+from migrating_proxy.store.db import ensure_schema, make_engine
+from migrating_proxy.store.schema import SCHEMA_VERSION, metadata, schema_info
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+# --- databases ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"mp_test_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}".splitlines()[0])
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a new SQLite file, or the session's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    engine = make_engine(url)
+    try:
+        metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    store = open_store(store_url)
+    yield store
+    store.close()
+
+
+def old_domain(name: str = "old.example", **changes: object) -> Domain:
+    values: dict = {"name": name, "source_url": "imap://192.0.2.1:143"} | changes
+    return Domain(**values)
+
+
+# --- domains ------------------------------------------------------------------------------
+
+
+def test_added_domain_reads_back_with_every_field(store: Store) -> None:
+    domain = old_domain(
+        migrating=False, relay_url="smtp://192.0.2.1:25", type="exchange",
+        source_user="%n", subscribed_only=True, notice=False, verify_tls=False,
+    )
+    store.accounts.add_domain(domain)
+    assert store.accounts.get_domain("old.example") == domain
+
+
+def test_domain_names_are_lower_cased_and_looked_up_in_any_case(store: Store) -> None:
+    store.accounts.add_domain(old_domain("Old.Example"))
+    found = store.accounts.get_domain("OLD.EXAMPLE")
+    assert found is not None
+    assert found.name == "old.example"
+
+
+def test_unknown_domain_is_none(store: Store) -> None:
+    assert store.accounts.get_domain("nowhere.example") is None
+
+
+def test_domains_are_listed_by_name(store: Store) -> None:
+    for name in ("b.example", "c.example", "a.example"):
+        store.accounts.add_domain(old_domain(name))
+    names = [d.name for d in store.accounts.list_domains()]
+    assert names == ["a.example", "b.example", "c.example"]
+
+
+def test_duplicate_domain_in_another_case_is_refused(store: Store) -> None:
+    store.accounts.add_domain(old_domain("old.example"))
+    with pytest.raises(StoreError, match="already exists"):
+        store.accounts.add_domain(old_domain("OLD.example", source_url="imap://192.0.2.9:143"))
+    domain = store.accounts.get_domain("old.example")
+    assert domain is not None and domain.source_url == "imap://192.0.2.1:143"
+
+
+def test_domain_migration_can_be_disabled_and_enabled(store: Store) -> None:
+    store.accounts.add_domain(old_domain())
+    store.accounts.set_domain_migrating("OLD.example", False)
+    assert store.accounts.get_domain("old.example").migrating is False  # type: ignore[union-attr]
+    store.accounts.set_domain_migrating("old.example", True)
+    assert store.accounts.get_domain("old.example").migrating is True  # type: ignore[union-attr]
+
+
+def test_enabling_an_unknown_domain_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown domain"):
+        store.accounts.set_domain_migrating("nowhere.example", True)
+
+
+def test_removed_domain_is_gone(store: Store) -> None:
+    store.accounts.add_domain(old_domain())
+    store.accounts.remove_domain("Old.Example")
+    assert store.accounts.get_domain("old.example") is None
+    assert store.accounts.list_domains() == []
+
+
+def test_removing_an_unknown_domain_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown domain"):
+        store.accounts.remove_domain("nowhere.example")
+
+
+def test_domain_with_accounts_cannot_be_removed(store: Store) -> None:
+    store.accounts.add_domain(old_domain())
+    store.accounts.add_account("alice@old.example", "$6$hash")
+    with pytest.raises(StoreError, match="1 account"):
+        store.accounts.remove_domain("old.example")
+    assert store.accounts.get_domain("old.example") is not None
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+
+def test_added_account_keeps_local_part_case_and_lower_cases_the_domain(store: Store) -> None:
+    account = store.accounts.add_account("Alice@Example.COM", "$6$hash")
+    assert account.address == "Alice@example.com"
+    assert account.domain == "example.com"
+    assert account.password_hash == "$6$hash"
+    assert account.migration_state is None
+    assert account.created_at is not None
+    assert account.last_login_at is None
+
+
+@pytest.mark.parametrize(
+    "spelling", ["alice@example.com", "ALICE@EXAMPLE.COM", "aLiCe@Example.Com"]
+)
+def test_account_is_found_in_any_letter_case(store: Store, spelling: str) -> None:
+    added = store.accounts.add_account("Alice@Example.COM", "$6$hash")
+    found = store.accounts.get_account(spelling)
+    assert found == added
+
+
+def test_account_added_in_another_case_is_a_duplicate(store: Store) -> None:
+    store.accounts.add_account("Alice@Example.COM", "$6$first")
+    with pytest.raises(StoreError, match="already exists"):
+        store.accounts.add_account("alice@example.com", "$6$second")
+    accounts = store.accounts.list_accounts()
+    assert [(a.address, a.password_hash) for a in accounts] == [("Alice@example.com", "$6$first")]
+
+
+def test_unknown_account_is_none(store: Store) -> None:
+    assert store.accounts.get_account("nobody@example.com") is None
+
+
+def test_accounts_are_listed_per_domain(store: Store) -> None:
+    for address in ("bob@b.example", "alice@a.example", "Carol@A.example"):
+        store.accounts.add_account(address, "$6$hash")
+    assert [a.address for a in store.accounts.list_accounts()] == [
+        "alice@a.example", "bob@b.example", "Carol@a.example"]
+    assert [a.address for a in store.accounts.list_accounts("A.EXAMPLE")] == [
+        "alice@a.example", "Carol@a.example"]
+
+
+@pytest.mark.parametrize("address", [
+    '"alice"@example.com',
+    "alice smith@example.com",
+    "ali:ce@example.com",
+    "alice@exa:mple.com",
+    "alice\r\n@example.com",
+    "alice@example.com\nbob@example.com",
+    "ali\0ce@example.com",
+    "alicé@example.com",
+    "alice@ex\xe4mple.com",
+    "alice.example.com",
+    "@example.com",
+    "alice@",
+    "alice@.example.com",
+    "alice@example..com",
+])
+def test_invalid_addresses_are_refused(store: Store, address: str) -> None:
+    with pytest.raises(AddressError):
+        store.accounts.add_account(address, "$6$hash")
+    with pytest.raises(AddressError):
+        store.accounts.get_account(address)
+    assert store.accounts.list_accounts() == []
+
+
+def test_removed_account_is_gone_in_any_case(store: Store) -> None:
+    store.accounts.add_account("Alice@example.com", "$6$hash")
+    store.accounts.add_account("bob@example.com", "$6$hash")
+    store.accounts.remove_account("ALICE@example.com")
+    assert store.accounts.get_account("alice@example.com") is None
+    assert [a.address for a in store.accounts.list_accounts()] == ["bob@example.com"]
+
+
+def test_removing_an_unknown_account_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown account"):
+        store.accounts.remove_account("nobody@example.com")
+
+
+def test_password_hash_can_be_replaced(store: Store) -> None:
+    store.accounts.add_account("alice@example.com", "$6$old")
+    store.accounts.set_password_hash("Alice@Example.com", "$6$new")
+    assert store.accounts.get_account("alice@example.com").password_hash == "$6$new"  # type: ignore[union-attr]
+    assert store.accounts.all_password_hashes() == [("alice@example.com", "$6$new")]
+
+
+def test_password_of_an_unknown_account_cannot_be_set(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown account"):
+        store.accounts.set_password_hash("nobody@example.com", "$6$new")
+
+
+def test_record_login_sets_the_last_login_time(store: Store) -> None:
+    added = store.accounts.add_account("alice@example.com", "$6$hash")
+    store.accounts.record_login("ALICE@example.com")
+    account = store.accounts.get_account("alice@example.com")
+    assert account is not None and account.last_login_at is not None
+    assert account.last_login_at >= added.created_at
+
+
+def test_record_login_of_an_unknown_account_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown account"):
+        store.accounts.record_login("nobody@example.com")
+
+
+# --- schema versioning --------------------------------------------------------------------
+
+
+def test_ensure_schema_twice_keeps_data_and_version(store_url: str) -> None:
+    store = open_store(store_url)
+    try:
+        store.accounts.add_account("alice@example.com", "$6$hash")
+        ensure_schema(store.engine)
+        ensure_schema(store.engine)
+        with store.engine.connect() as conn:
+            versions = conn.execute(schema_info.select()).all()
+        assert [row.version for row in versions] == [SCHEMA_VERSION]
+        assert store.accounts.get_account("alice@example.com") is not None
+    finally:
+        store.close()
+
+
+def test_database_from_a_newer_program_is_refused_with_a_clear_message(store_url: str) -> None:
+    open_store(store_url).close()
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(schema_info).values(version=SCHEMA_VERSION + 1))
+        with pytest.raises(DatabaseError) as raised:
+            ensure_schema(engine)
+    finally:
+        engine.dispose()
+    message = str(raised.value)
+    assert f"version {SCHEMA_VERSION + 1} is newer" in message
+    assert "upgrade migrating-proxy" in message
+
+
+def test_unreachable_database_is_a_database_error() -> None:
+    with pytest.raises(DatabaseError, match="cannot open database") as raised:
+        open_store("postgresql://nobody@127.0.0.1:1/x")
+    assert "\n" not in str(raised.value)  # the CLI prints it as one line
+
+
+# --- two processes ------------------------------------------------------------------------
+
+RACER = """
+import sys, time
+from pathlib import Path
+from migrating_proxy.store import StoreError, open_store
+url, go, addresses = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+store = open_store(url)
+store.accounts.get_account(addresses[0])  # connected and ready before the start signal
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.001)
+for address in addresses:
+    try:
+        store.accounts.add_account(address, "$6$" + str(sys.argv.index(address)))
+        print("added", address, flush=True)
+    except StoreError:
+        print("refused", address, flush=True)
+store.close()
+"""
+
+
+def test_two_processes_adding_the_same_accounts_each_succeed_exactly_once(
+    store_url: str, tmp_path: Path
+) -> None:
+    open_store(store_url).close()  # schema first, so the racers only race on accounts
+    go = tmp_path / "go"
+    addresses = [f"user{i}@race.example" for i in range(20)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, store_url, str(go), *variant],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        )
+        for variant in (addresses, [a.upper() for a in addresses])
+    ]
+    for racer in racers:
+        assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+    go.touch()
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], [err for _, err in outputs]
+
+    added = [line.split()[1].lower() for out, _ in outputs for line in out.splitlines()
+             if line.startswith("added")]
+    refused = [line.split()[1].lower() for out, _ in outputs for line in out.splitlines()
+               if line.startswith("refused")]
+    assert sorted(added) == sorted(refused) == sorted(addresses)
+    store = open_store(store_url)
+    try:
+        assert len(store.accounts.list_accounts()) == len(addresses)
+    finally:
+        store.close()
+
+
+# --- password hashing ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hasher() -> PasswordHasher:
+    return PasswordHasher("sha512_crypt", rounds=5000)
+
+
+def test_right_password_verifies_without_rehash(hasher: PasswordHasher) -> None:
+    stored = hasher.hash("correct horse")
+    assert sha512_crypt.from_string(stored).rounds == 5000  # the configured cost is used
+    result = hasher.verify("correct horse", stored)
+    assert result.ok and result.new_hash is None
+
+
+def test_wrong_password_does_not_verify(hasher: PasswordHasher) -> None:
+    result = hasher.verify("wrong horse", hasher.hash("correct horse"))
+    assert not result.ok and result.new_hash is None
+
+
+def test_hash_of_an_older_scheme_is_upgraded_on_a_correct_password(hasher: PasswordHasher) -> None:
+    legacy = PasswordHasher("md5_crypt").hash("correct horse")
+    assert legacy.startswith("$1$")
+    result = hasher.verify("correct horse", legacy)
+    assert result.ok
+    assert result.new_hash is not None and result.new_hash.startswith("$6$")
+    upgraded = hasher.verify("correct horse", result.new_hash)
+    assert upgraded.ok and upgraded.new_hash is None
+
+
+def test_hash_of_an_older_scheme_is_not_upgraded_on_a_wrong_password(
+    hasher: PasswordHasher,
+) -> None:
+    legacy = PasswordHasher("md5_crypt").hash("correct horse")
+    result = hasher.verify("wrong horse", legacy)
+    assert not result.ok and result.new_hash is None
+
+
+@pytest.mark.parametrize("stored", [
+    "", "nonsense", "$6$", "$6$rounds=5000$abc$", "$2b$12$short", "{PLAIN}correct horse",
+    "correct horse",
+])
+def test_malformed_stored_hash_never_verifies(hasher: PasswordHasher, stored: str) -> None:
+    result = hasher.verify("correct horse", stored)
+    assert not result.ok and result.new_hash is None
+
+
+@pytest.mark.parametrize(("passlib_hash", "expected"), [
+    ("$6$rounds=5000$salt$abc", "{SHA512-CRYPT}$6$rounds=5000$salt$abc"),
+    ("$5$salt$abc", "{SHA256-CRYPT}$5$salt$abc"),
+    ("$1$salt$abc", "{MD5-CRYPT}$1$salt$abc"),
+    ("$2b$12$abc", "{BLF-CRYPT}$2b$12$abc"),
+    ("$argon2id$v=19$m=65536$abc", "{ARGON2ID}$argon2id$v=19$m=65536$abc"),
+    ("{SSHA}abcdef", "{SSHA}abcdef"),
+])
+def test_dovecot_form_prefixes_the_scheme(passlib_hash: str, expected: str) -> None:
+    assert dovecot_form(passlib_hash) == expected
+
+
+@pytest.mark.parametrize("passlib_hash", ["plaintext", "$9$unknown", "6$no-dollar"])
+def test_dovecot_form_refuses_unknown_hashes(passlib_hash: str) -> None:
+    with pytest.raises(ValueError):
+        dovecot_form(passlib_hash)
+
+
+def test_dovecot_form_of_a_real_hash_is_read_back_by_passlib(hasher: PasswordHasher) -> None:
+    stored = hasher.hash("correct horse")
+    form = dovecot_form(stored)
+    assert form == "{SHA512-CRYPT}" + stored
+    assert hasher.verify("correct horse", form.removeprefix("{SHA512-CRYPT}")).ok
+
+
+# --- failure throttle (fake clock) --------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def throttle(clock: FakeClock, per_peer: int = 3, per_account: int = 5,
+             window: float = 300.0) -> FailureThrottle:
+    return FailureThrottle(window, per_peer, per_account, clock=clock)
+
+
+def test_peer_is_blocked_at_its_limit_across_accounts() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=3, per_account=100)
+    for account in ("a@x.example", "b@x.example"):
+        limiter.record_failure("192.0.2.1", account)
+    assert not limiter.blocked("192.0.2.1", "c@x.example")
+    limiter.record_failure("192.0.2.1", "c@x.example")
+    assert limiter.blocked("192.0.2.1", "d@x.example")
+    assert not limiter.blocked("192.0.2.2", "d@x.example")
+
+
+def test_account_is_blocked_at_its_limit_across_peers() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=100, per_account=3)
+    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        assert not limiter.blocked(peer, "a@x.example")
+        limiter.record_failure(peer, "a@x.example")
+    assert limiter.blocked("192.0.2.4", "a@x.example")
+    assert not limiter.blocked("192.0.2.4", "b@x.example")
+
+
+def test_window_slides_one_failure_at_a_time() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=3, window=300)
+    for _ in range(3):
+        limiter.record_failure("192.0.2.1", "a@x.example")
+        clock.advance(100)
+    # Failures at t0, t0+100, t0+200; now t0+300: all three are still inside the window.
+    assert limiter.blocked("192.0.2.1", "a@x.example")
+    clock.advance(1)  # the first one has left the window
+    assert not limiter.blocked("192.0.2.1", "a@x.example")
+    limiter.record_failure("192.0.2.1", "a@x.example")
+    assert limiter.blocked("192.0.2.1", "a@x.example")
+    clock.advance(301)
+    assert not limiter.blocked("192.0.2.1", "a@x.example")
+
+
+def test_success_forgives_the_account_but_not_the_peer() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=3, per_account=3)
+    for _ in range(3):
+        limiter.record_failure("192.0.2.1", "a@x.example")
+    limiter.record_success("a@x.example")
+    assert limiter.blocked("192.0.2.1", "a@x.example")  # the peer's count stands
+    assert not limiter.blocked("192.0.2.2", "a@x.example")  # the account's is forgiven
+
+
+def test_zero_limits_disable_throttling() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=0, per_account=0)
+    for _ in range(1000):
+        limiter.record_failure("192.0.2.1", "a@x.example")
+    assert not limiter.blocked("192.0.2.1", "a@x.example")
+
+
+def test_zero_peer_limit_keeps_the_account_limit() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=0, per_account=2)
+    limiter.record_failure("192.0.2.1", "a@x.example")
+    limiter.record_failure("192.0.2.1", "a@x.example")
+    assert limiter.blocked("192.0.2.1", "a@x.example")
+    assert not limiter.blocked("192.0.2.1", "b@x.example")
+
+
+def random_name(rng: random.Random) -> str:
+    return "".join(rng.choices(string.ascii_lowercase, k=12)) + "@spray.example"
+
+
+def test_memory_does_not_grow_with_random_usernames_once_the_window_passes() -> None:
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=0, per_account=5, window=60)
+    rng = random.Random(1)
+    sizes = []
+    for _ in range(5):  # five windows' worth of a spray of never-repeated usernames
+        for _ in range(500):
+            limiter.record_failure(f"198.51.100.{rng.randrange(256)}", random_name(rng))
+            clock.advance(0.01)
+        sizes.append(len(limiter._failures))
+        clock.advance(61)
+    # Each spray tracks at most its own 500 accounts and 256 peers; old ones are forgotten.
+    assert max(sizes) <= 500 + 256
+    limiter.record_failure("198.51.100.1", random_name(rng))
+    assert len(limiter._failures) <= 2
+
+
+def test_throttle_is_consistent_under_threads() -> None:
+    """Logins are decided in a thread pool: no failure may be lost between threads."""
+    clock = FakeClock()
+    limiter = throttle(clock, per_peer=0, per_account=400)
+
+    def fail_many() -> None:
+        for _ in range(100):
+            limiter.record_failure("192.0.2.1", "a@x.example")
+
+    threads = [threading.Thread(target=fail_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert limiter.blocked("192.0.2.1", "a@x.example")
