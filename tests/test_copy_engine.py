@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
 from sqlalchemy import Engine, select
 
 from migrating_proxy.migration import (
@@ -96,8 +97,7 @@ def source_spec(server: DovecotInstance, password: str = ALICE_PW, **kw: object)
 
 
 def store_spec(store: DovecotInstance) -> StoreSpec:
-    with store.users_file.open("a") as users:  # provision alice on the new store
-        users.write(f"{ALICE}:{{PLAIN}}new-pw\n")
+    store.provision(ALICE, "{PLAIN}new-pw")  # as migrating-proxy would
     return StoreSpec(host=store.host, port=store.imap_port, tls="none", address=ALICE,
                      master_user=store.master_user, master_password=store.master_password)
 
@@ -201,14 +201,22 @@ imap_copy.BATCH_MESSAGES = 3   # many batches, so the kill lands between or insi
 url, sport, dport, master, mpw = sys.argv[1:6]
 src = SourceSpec("imap", "127.0.0.1", int(sport), "none", False, "alice@old.example", "alice-pw")
 dst = StoreSpec("127.0.0.1", int(dport), "none", "alice@old.example", master, mpw)
-print(run_copy(make_engine(url), 1, src, dst).state)
+parallel = int(sys.argv[6]) if len(sys.argv) > 6 else 4
+print(run_copy(make_engine(url), 1, src, dst, parallel_folders=parallel).state)
 """
 
 
 def _store_count(store: DovecotInstance) -> int:
     with login(store) as client:
-        return sum(int(client.folder_status(n, [b"MESSAGES"])[b"MESSAGES"])
-                   for f, _d, n in client.list_folders() if b"\\Noselect" not in f)
+        return sum(_messages(client, n) for f, _d, n in client.list_folders()
+                   if b"\\Noselect" not in f)
+
+
+def _messages(client: IMAPClient, name: str) -> int:
+    try:
+        return int(client.folder_status(name, [b"MESSAGES"])[b"MESSAGES"])
+    except IMAPClientError:  # LIST can show a folder that a lane is still creating
+        return 0
 
 
 def test_kill_9_and_resume_gives_exactly_one_copy(old_server: DovecotInstance,
@@ -220,11 +228,19 @@ def test_kill_9_and_resume_gives_exactly_one_copy(old_server: DovecotInstance,
     msgs += [msgs[0], msgs[1]]  # exact duplicates too
     seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW,
                  {"INBOX": msgs[:40], "Archive": msgs[40:]})
+    _kill_and_resume(old_server, new_store, tmp_path, (7, 25, 45))
+    assert _nonempty(snapshot(new_store)) == _nonempty(snapshot(old_server))
+
+
+def _kill_and_resume(old_server: DovecotInstance, new_store: DovecotInstance, tmp_path: Path,
+                     thresholds: tuple[int, ...], parallel: int = 4) -> None:
+    """Kill -9 a copy once the store holds each threshold of messages, then let one finish.
+    (The `engine` fixture must have created the account in tmp_path/state.db.)"""
     store = store_spec(new_store)
     url = f"sqlite:///{tmp_path / 'state.db'}"
     args = [sys.executable, "-c", _CHILD, url, str(old_server.imap_port), str(new_store.imap_port),
-            store.master_user or "", store.master_password or ""]
-    for threshold in (7, 25, 45):
+            store.master_user or "", store.master_password or "", str(parallel)]
+    for threshold in thresholds:
         child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while _store_count(new_store) < threshold and time.monotonic() < deadline:
@@ -234,8 +250,24 @@ def test_kill_9_and_resume_gives_exactly_one_copy(old_server: DovecotInstance,
         child.wait()
     finished = subprocess.run(args, cwd=REPO, capture_output=True, timeout=60)
     assert finished.stdout.splitlines()[-1] == b"completed"
-    assert _nonempty(snapshot(new_store)) == {
-        k: v for k, v in _nonempty(snapshot(old_server)).items()}
+
+
+def test_parallel_folders_kill_9_gives_exactly_one_copy(old_server: DovecotInstance,
+                                                        new_store: DovecotInstance,
+                                                        engine: Engine, tmp_path: Path) -> None:
+    """Three lanes, killed mid-batch in several folders at once; two source folders share a
+    store folder (Sent), so their reconciliations must not claim each other's messages."""
+    msgs = [_seed(make_message(f"p{i}", f"parallel {i}\n" * 40,
+                               dt.datetime(2023, 1 + i % 12, 1 + i % 27, tzinfo=NY)))
+            for i in range(100)]
+    folders = {"INBOX": msgs[:25], "Sent": [*msgs[25:45], msgs[0]],
+               "Sent Items": [*msgs[45:60], msgs[0], msgs[25]], "A": msgs[60:80],
+               "B": [*msgs[80:], msgs[80]]}
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, folders)
+    _kill_and_resume(old_server, new_store, tmp_path, (10, 40, 75), parallel=3)
+    source, copied = snapshot(old_server), snapshot(new_store)
+    assert _nonempty(copied) == {"INBOX": source["INBOX"], "A": source["A"], "B": source["B"],
+                                 "Sent": sorted(source["Sent"] + source["Sent Items"])}
 
 
 def test_changed_uidvalidity_copies_nothing_twice(old_server: DovecotInstance,

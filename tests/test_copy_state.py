@@ -3,47 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
-from migrating_proxy.store import open_store
+from migrating_proxy.store import Store
 from migrating_proxy.store.copystate import COPIED, INFLIGHT, SKIPPED, CopyState, MessageRecord
 from migrating_proxy.store.schema import migrations, pop3_uidls
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this session, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"mp_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN,
-                                autocommit=True, connect_timeout=3)
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__})")
-    with admin:
-        admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    store = open_store(url)
+@pytest.fixture
+def engine(store: Store) -> Engine:
+    """An account store on SQLite and on PostgreSQL (conftest's `store`), with one account."""
     store.accounts.add_account(f"u{uuid.uuid4().hex[:8]}@old.example", "{PLAIN}x")
-    yield store.engine
-    store.close()
+    return store.engine
 
 
 def _state(engine: Engine) -> CopyState:

@@ -1,8 +1,19 @@
-"""The copy engine's pure parts: folder planning, fingerprints, batching, APPENDUID sets."""
+"""The copy engine's pure parts: folder planning, fingerprints, batching, APPENDUID sets,
+the read-ahead pipeline."""
 
 from __future__ import annotations
 
-from migrating_proxy.migration.folders import Namespace, plan_folders, translate_name
+import threading
+
+import pytest
+
+from migrating_proxy.migration.folders import (
+    FolderMapping,
+    Namespace,
+    plan_folders,
+    translate_name,
+)
+from migrating_proxy.migration.imap_copy import by_destination
 from migrating_proxy.migration.messages import (
     batches,
     crlf_size,
@@ -10,6 +21,7 @@ from migrating_proxy.migration.messages import (
     message_fingerprint,
     parse_uid_set,
 )
+from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
 
 SLASH = Namespace("", "/")
 
@@ -77,3 +89,66 @@ def test_batches_bound_bytes_and_count() -> None:
 
 def test_uid_sets() -> None:
     assert parse_uid_set(b"3:5,9,12:11") == [3, 4, 5, 9, 11, 12]
+
+
+# --- pipeline: read-ahead and the byte budget -------------------------------------------------
+
+
+def test_prefetcher_keeps_order_and_bounds_memory() -> None:
+    budget = ByteBudget(limit=25)
+    peak = [0]
+
+    def read(group: list[int]) -> list[int]:
+        peak[0] = max(peak[0], budget._used)
+        return group
+
+    groups = [[10], [10], [10], [60], [10]]  # 60: bigger than the limit, travels alone
+    with Prefetcher(groups, read, sum, budget) as fetched:
+        out = [batch for batch in fetched]
+    assert out == groups
+    assert peak[0] <= 60 and budget._used == 0
+
+
+def test_prefetcher_hands_on_read_errors_and_releases_on_early_exit() -> None:
+    budget = ByteBudget(limit=100)
+
+    def failing(group: list[int]) -> list[int]:
+        if group == [3]:
+            raise OSError("connection lost")
+        return group
+
+    seen = []
+    with pytest.raises(OSError), Prefetcher([[1], [2], [3], [4]], failing, sum,
+                                            budget) as fetched:
+        for batch in fetched:
+            seen.append(batch)
+    assert seen == [[1], [2]] and budget._used == 0
+
+    aborted = []
+    with pytest.raises(RuntimeError), Prefetcher(([n] for n in range(100)), lambda g: g, sum,
+                                                 budget, on_abort=lambda: aborted.append(1)
+                                                 ) as fetched:
+        for _batch in fetched:
+            raise RuntimeError("the store failed")
+    assert aborted == [1] and budget._used == 0
+
+
+def test_budget_waits_until_released() -> None:
+    budget, cancelled = ByteBudget(limit=10), threading.Event()
+    assert budget.acquire(8, cancelled)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: budget.acquire(5, cancelled) and got.set())
+    waiter.start()
+    assert not got.wait(0.3)  # 8 + 5 > 10: waits
+    budget.release(8)
+    assert got.wait(2)
+    waiter.join()
+    cancelled.set()
+    assert not budget.acquire(20, cancelled)  # 5 held, 20 more never fits: gives up
+
+
+def test_folders_sharing_a_store_name_go_to_one_lane() -> None:
+    plan = [FolderMapping("INBOX", "INBOX", True), FolderMapping("Sent", "Sent", True, "sent"),
+            FolderMapping("A", "A", True), FolderMapping("Sent Items", "Sent", True, "sent")]
+    groups = by_destination(plan)
+    assert [[m.source for m in g] for g in groups] == [["INBOX"], ["Sent", "Sent Items"], ["A"]]

@@ -42,6 +42,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for every network operation (connect, each read and write)
+# Folders copied at once (IMAP): each needs a connection to the source and one to the store.
+# Four keeps both servers busy without looking like abuse to a provider's connection limits.
+DEFAULT_PARALLEL_FOLDERS = 4
 
 
 def run_copy(
@@ -53,6 +56,7 @@ def run_copy(
     on_progress: Callable[[CopyProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    parallel_folders: int = DEFAULT_PARALLEL_FOLDERS,
 ) -> CopyResult:
     """Copy (or continue copying) account_id's old mailbox to the store.
 
@@ -60,13 +64,21 @@ def run_copy(
     messages the store refused), "stopped" (should_stop() returned true at a batch boundary;
     run again to continue) or "error" with `error_kind` auth | unavailable | store | internal.
     The account's `migrations` row is kept up to date throughout.
+
+    An IMAP source is copied up to `parallel_folders` folders at a time, each over its own
+    source and store connection: that is also the most connections opened to either server.
+    on_progress and should_stop may be called from the copy's worker threads.
     """
     state = CopyState(engine, account_id)
     reporter = Reporter(state, on_progress)
     writer = StoreWriter(store, state, reporter, timeout, pop3=source.protocol == "pop3")
-    copier_class = Pop3Copier if source.protocol == "pop3" else ImapCopier
-    copier = copier_class(state, source, writer, reporter, should_stop or (lambda: False),
-                          timeout)
+    stop = should_stop or (lambda: False)
+    copier: ImapCopier | Pop3Copier
+    if source.protocol == "pop3":
+        copier = Pop3Copier(state, source, writer, reporter, stop, timeout)
+    else:
+        copier = ImapCopier(state, source, writer, reporter, stop, timeout,
+                            parallel_folders=parallel_folders)
     log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}",
                     store_address=store.address)
     log_.info("copy starting")

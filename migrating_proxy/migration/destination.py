@@ -41,7 +41,10 @@ class _Bounds:
 
 
 class StoreWriter:
-    """One store connection (reopened on demand) and the state it keeps in step with."""
+    """One store connection (reopened on demand) and the state it keeps in step with.
+
+    Not shared between threads: each copy lane has its own (see `sibling`).
+    """
 
     def __init__(self, spec: StoreSpec, state: CopyState, reporter: Reporter,
                  timeout: float, pop3: bool = False) -> None:
@@ -53,6 +56,10 @@ class StoreWriter:
         self._client: IMAPClient | None = None
         self._bounds: dict[str, _Bounds] = {}
         self._ready: set[str] = set()  # folders known to exist on the store
+
+    def sibling(self) -> StoreWriter:
+        """Another writer to the same store and state, with a connection of its own."""
+        return StoreWriter(self.spec, self.state, self.reporter, self.timeout, self.pop3)
 
     @property
     def client(self) -> IMAPClient:

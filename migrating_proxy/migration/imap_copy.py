@@ -8,8 +8,11 @@ recorded yet, highest UID first, with BODY.PEEK[] so \\Seen never changes.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +37,7 @@ from migrating_proxy.migration.messages import (
     header_fields_of,
     message_fingerprint,
 )
+from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import CopyState, FolderState, MessageRecord
 
@@ -64,19 +68,17 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class ImapCopier:
-    """Copies one account from an IMAP source; connections are reopened after failures."""
+class _Lane:
+    """One source connection and one store writer: what a worker copies a folder with.
 
-    def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
-                 reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
-                 backoff: Backoff | None = None) -> None:
-        self.state = state
+    Both connections open on first use and are dropped after a failure (they may be half
+    dead), to be reopened by the retry.
+    """
+
+    def __init__(self, source: SourceSpec, writer: StoreWriter, timeout: float) -> None:
         self.source = source
         self.writer = writer
-        self.reporter = reporter
-        self.should_stop = should_stop
         self.timeout = timeout
-        self.backoff = backoff or Backoff()
         self._client: IMAPClient | None = None
 
     @property
@@ -85,14 +87,16 @@ class ImapCopier:
             self._client = connect_source_imap(self.source, self.timeout)
         return self._client
 
-    def drop(self) -> None:
-        """Abandon both connections (used between retries: they may be half-dead)."""
+    def drop_source(self) -> None:
         if self._client is not None:
             try:
                 self._client.shutdown()
             except Exception:
                 log.debug("source socket already gone")
         self._client = None
+
+    def drop(self) -> None:
+        self.drop_source()
         self.writer.drop()
 
     def close(self) -> None:
@@ -100,92 +104,144 @@ class ImapCopier:
         self._client = None
         self.writer.close()
 
+
+def by_destination(plan: list[FolderMapping]) -> list[list[FolderMapping]]:
+    """The plan as groups of folders with the same store name, in plan order (INBOX first).
+
+    A group is copied by one lane, folder after folder: reconciling a folder claims store
+    messages by fingerprint, which must not race with another source folder's batch in flight
+    into the same store folder (e.g. "Sent" and "Sent Items" both going to Sent).
+    """
+    groups: dict[str, list[FolderMapping]] = {}
+    for mapping in plan:
+        groups.setdefault(mapping.dest, []).append(mapping)
+    return list(groups.values())
+
+
+class ImapCopier:
+    """Copies one account from an IMAP source, up to `parallel_folders` folders at a time.
+
+    Each lane (a source and a store connection) copies whole folders; INBOX is handed out
+    first, and inside a folder the newest message goes first. A failure in one lane stops the
+    others at their next batch boundary, and the run reports that failure.
+    """
+
+    def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
+                 reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
+                 backoff: Backoff | None = None, parallel_folders: int = 1) -> None:
+        self.state = state
+        self.source = source
+        self.reporter = reporter
+        self.should_stop = should_stop
+        self.backoff = backoff or Backoff()
+        self.budget = ByteBudget()
+        self.lanes = [_Lane(source, writer if i == 0 else writer.sibling(), timeout)
+                      for i in range(max(1, parallel_folders))]
+        self._failed = threading.Event()
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+
     def run(self) -> None:
-        plan = self.backoff.run(self.plan, on_retry=self.drop)
+        first = self.lanes[0]
+        plan = self.backoff.run(lambda: self.plan(first), on_retry=first.drop)
         self.reporter.progress.folders_total = len(plan)
         self.reporter.progress.messages_total = self.backoff.run(
-            lambda: self._count(plan), on_retry=self.drop)
+            lambda: self._count(first.client, plan), on_retry=first.drop)
         self.reporter.flush(force=True)
-        for mapping in plan:
-            if self.should_stop():
-                raise Stopped
-            self.backoff.run(lambda m=mapping: self.copy_folder(m), on_retry=self.drop)
-            self.reporter.folder_done()
+        groups = by_destination(plan)
+        idle: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        for lane in self.lanes[:len(groups)]:
+            idle.put(lane)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.lanes), len(groups))),
+                                thread_name_prefix="copy-lane") as pool:
+            futures = [pool.submit(self._copy_group, group, idle) for group in groups]
+            self._wait(futures)
 
-    def plan(self) -> list[FolderMapping]:
-        client = self.client
+    def _wait(self, futures: list[Future[None]]) -> None:
+        """Wait for every lane; on the first failure, stop the others and raise it."""
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            self._failed.set()
+        wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the real failure rather than the Stopped it caused elsewhere
+            raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
+
+    def _copy_group(self, group: list[FolderMapping], idle: queue.SimpleQueue[_Lane]) -> None:
+        lane = idle.get()
+        try:
+            for mapping in group:
+                self._check_stop()
+                self.backoff.run(lambda m=mapping: self.copy_folder(lane, m),
+                                 on_retry=lane.drop)
+                self.reporter.folder_done()
+        finally:
+            idle.put(lane)
+
+    def _check_stop(self) -> None:
+        if self._failed.is_set() or self.should_stop():
+            raise Stopped
+
+    def plan(self, lane: _Lane) -> list[FolderMapping]:
+        client = lane.client
         if client.has_capability("XLIST") and not client.has_capability("SPECIAL-USE"):
             listing = client.xlist_folders()  # Gmail of old: roles only through XLIST
         else:
             listing = client.list_folders()
         subscribed = {name for _flags, _delim, name in client.list_sub_folders()}
-        store = self.writer.client
+        store = lane.writer.client
         plan = plan_folders(listing, subscribed, _namespace(client), store.list_folders(),
                             _namespace(store), self.source.type, self.source.subscribed_only)
         log.info("folder plan", folders=len(plan),
                  mapping=[(m.source, m.dest) for m in plan if m.source != m.dest][:50])
         return plan
 
-    def _count(self, plan: list[FolderMapping]) -> int:
-        return sum(int(self.client.folder_status(m.source, [b"MESSAGES"])[b"MESSAGES"])
+    @staticmethod
+    def _count(client: IMAPClient, plan: list[FolderMapping]) -> int:
+        return sum(int(client.folder_status(m.source, [b"MESSAGES"])[b"MESSAGES"])
                    for m in plan)
 
     # --- one folder ------------------------------------------------------------------------
 
-    def copy_folder(self, mapping: FolderMapping) -> None:
+    def copy_folder(self, lane: _Lane, mapping: FolderMapping) -> None:
+        client, writer = lane.client, lane.writer
         folder = self.state.folder(mapping.source, mapping.dest)
-        status = self.client.folder_status(mapping.source, _STATUS_ITEMS)
+        status = client.folder_status(mapping.source, _STATUS_ITEMS)
         if (folder.uidvalidity == status[b"UIDVALIDITY"]
                 and folder.synced_uidnext == status[b"UIDNEXT"]
                 and not self.state.has_inflight(folder.id)):
             return  # nothing arrived since the last complete pass
-        self.writer.ensure_folder(mapping.dest, mapping.subscribed)
-        self.writer.reconcile(folder)
-        selected = self.client.select_folder(mapping.source, readonly=True)
+        writer.ensure_folder(mapping.dest, mapping.subscribed)
+        writer.reconcile(folder)
+        selected = client.select_folder(mapping.source, readonly=True)
         uidvalidity = int(selected[b"UIDVALIDITY"])
         if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
-            self._rekey(folder, uidvalidity)
+            self._rekey(client, folder, uidvalidity)
         elif folder.uidvalidity is None:
             self.state.mark_unsynced(folder.id, uidvalidity)
-        sizes = self._inventory(int(selected.get(b"EXISTS", 1)))
+        sizes = _inventory(client, int(selected.get(b"EXISTS", 1)))
         known = self.state.known_keys(folder.id)
         pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
         log.info("copying folder", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
-        for batch in batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES):
-            if self.should_stop():
-                raise Stopped
-            self.writer.write(replace(folder, uidvalidity=uidvalidity), self._fetch(batch))
+        current = replace(folder, uidvalidity=uidvalidity)
+        groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
+        with Prefetcher(groups, lambda uids: _fetch(client, uids),
+                        lambda uids: sum(sizes[u] for u in uids), self.budget,
+                        on_abort=lane.drop_source) as fetched:
+            for messages in fetched:
+                self._check_stop()
+                writer.write(current, messages)
         uidnext = selected.get(b"UIDNEXT")
         self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None)
 
-    def _inventory(self, exists: int) -> dict[int, int]:
-        """UID -> RFC822.SIZE of every message in the selected folder."""
-        if exists == 0:
-            return {}
-        data = fetch_range(self.client, "1:*", b"RFC822.SIZE")
-        return {uid: int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
-
-    def _fetch(self, uids: list[int]) -> list[OutMessage]:
-        data = self.client.fetch(uids, _FETCH_ITEMS)
-        messages = []
-        for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
-            item = data.get(uid)
-            if item is None or b"BODY[]" not in item:
-                continue
-            raw = bytes(item[b"BODY[]"] or b"")
-            messages.append(OutMessage(
-                key=str(uid), raw=raw, flags=_copyable_flags(item.get(b"FLAGS", ())),
-                date=item.get(b"INTERNALDATE"), fingerprint=message_fingerprint(raw),
-                size=crlf_size(raw),
-            ))
-        return messages
-
-    def _rekey(self, folder: FolderState, uidvalidity: int) -> None:
+    def _rekey(self, client: IMAPClient, folder: FolderState, uidvalidity: int) -> None:
         """The source folder was recreated: carry each record over to the new UID of the
         message with the same fingerprint (one record per message, so duplicates stay two)."""
-        exists = int(self.client.folder_status(folder.source_name, [b"MESSAGES"])[b"MESSAGES"])
-        data = fetch_range(self.client, "1:*", b"RFC822.SIZE " + HEADER_FIELDS) if exists else {}
+        exists = int(client.folder_status(folder.source_name, [b"MESSAGES"])[b"MESSAGES"])
+        data = fetch_range(client, "1:*", b"RFC822.SIZE " + HEADER_FIELDS) if exists else {}
         pool: dict[str, list[MessageRecord]] = defaultdict(list)
         for record in self.state.records(folder.id):
             pool[record.fingerprint].append(record)
@@ -197,6 +253,30 @@ class ImapCopier:
         log.warning("source UIDVALIDITY changed; matched earlier copies by fingerprint",
                     folder=folder.source_name, matched=len(carried), messages=len(data))
         self.state.rekey(folder.id, uidvalidity, carried)
+
+
+def _inventory(client: IMAPClient, exists: int) -> dict[int, int]:
+    """UID -> RFC822.SIZE of every message in the selected folder."""
+    if exists == 0:
+        return {}
+    data = fetch_range(client, "1:*", b"RFC822.SIZE")
+    return {uid: int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
+
+
+def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
+    data = client.fetch(uids, _FETCH_ITEMS)
+    messages = []
+    for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
+        item = data.get(uid)
+        if item is None or b"BODY[]" not in item:
+            continue
+        raw = bytes(item[b"BODY[]"] or b"")
+        messages.append(OutMessage(
+            key=str(uid), raw=raw, flags=_copyable_flags(item.get(b"FLAGS", ())),
+            date=item.get(b"INTERNALDATE"), fingerprint=message_fingerprint(raw),
+            size=crlf_size(raw),
+        ))
+    return messages
 
 
 def _source_fingerprint(item: dict[bytes, Any]) -> str:

@@ -32,6 +32,7 @@ from migrating_proxy.migration.messages import (
     header_block,
     message_fingerprint,
 )
+from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import CopyState
 
@@ -65,6 +66,7 @@ class Pop3Copier:
         self.should_stop = should_stop
         self.timeout = timeout
         self.backoff = backoff or Backoff()
+        self.budget = ByteBudget()
         self._conn: poplib.POP3 | None = None
 
     @property
@@ -73,13 +75,16 @@ class Pop3Copier:
             self._conn = connect_source_pop3(self.source, self.timeout)
         return self._conn
 
-    def drop(self) -> None:
+    def _drop_source(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.close()
             except Exception:
                 log.debug("source socket already gone")
         self._conn = None
+
+    def drop(self) -> None:
+        self._drop_source()
         self.writer.drop()
 
     def close(self) -> None:
@@ -113,11 +118,17 @@ class Pop3Copier:
         known = self.state.known_keys(folder.id)
         pending = [entry for entry in listing if entry[1] not in known]
         log.info("copying POP3 mailbox", pending=len(pending), known=len(known))
-        for batch in batches(pending, lambda e: e[2], BATCH_MESSAGES, BATCH_BYTES):
-            if self.should_stop():
-                raise Stopped
-            self.writer.write(folder, [self._retrieve(number, uidl) for number, uidl, _ in batch])
+        groups = batches(pending, lambda e: e[2], BATCH_MESSAGES, BATCH_BYTES)
+        with Prefetcher(groups, self._retrieve_all, lambda g: sum(e[2] for e in g),
+                        self.budget, on_abort=self._drop_source) as fetched:
+            for messages in fetched:
+                if self.should_stop():
+                    raise Stopped
+                self.writer.write(folder, messages)
         self.state.mark_synced(folder.id, 0, None)
+
+    def _retrieve_all(self, group: list[tuple[int, str, int]]) -> list[OutMessage]:
+        return [self._retrieve(number, uidl) for number, uidl, _size in group]
 
     def _retrieve(self, number: int, uidl: str) -> OutMessage:
         _resp, lines, _octets = self.conn.retr(number)  # poplib undoes the dot-stuffing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,10 @@ class CopyResult:
 
 
 class Reporter:
-    """Keeps the counters, writes them to `migrations` at most once a second, calls back."""
+    """Keeps the counters, writes them to `migrations` at most once a second, calls back.
+
+    Thread-safe: the copy lanes of a run report through one Reporter.
+    """
 
     def __init__(self, state: CopyState,
                  on_progress: Callable[[CopyProgress], None] | None = None) -> None:
@@ -46,26 +50,34 @@ class Reporter:
                                      messages_skipped=totals.skipped,
                                      bytes_copied=totals.bytes_copied)
         self._last_write = 0.0
+        self._lock = threading.RLock()
 
     def copied(self, count: int, nbytes: int) -> None:
-        self.progress.messages_copied += count
-        self.progress.bytes_copied += nbytes
-        self.flush()
+        with self._lock:
+            self.progress.messages_copied += count
+            self.progress.bytes_copied += nbytes
+            self.flush()
 
     def skipped(self, count: int) -> None:
-        self.progress.messages_skipped += count
-        self.flush()
+        with self._lock:
+            self.progress.messages_skipped += count
+            self.flush()
 
     def folder_done(self) -> None:
-        self.progress.folders_done += 1
-        self.flush()
+        with self._lock:
+            self.progress.folders_done += 1
+            self.flush()
 
     def flush(self, force: bool = False, *, finished: bool = False,
               error: str | None = None) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_write < PROGRESS_INTERVAL:
-            return
-        self._last_write = now
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_write < PROGRESS_INTERVAL:
+                return
+            self._last_write = now
+            self._write(finished, error)
+
+    def _write(self, finished: bool, error: str | None) -> None:
         p = self.progress
         self.state.write_progress(
             finished=finished, error=error,
