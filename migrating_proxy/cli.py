@@ -19,7 +19,7 @@ from migrating_proxy import logs
 from migrating_proxy.config import Config, ConfigError
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
-from migrating_proxy.provision import make_provisioner
+from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES
 from migrating_proxy.store.status import migration_status
@@ -60,6 +60,10 @@ def _domain_commands(parser: argparse.ArgumentParser) -> None:
                      help="old server's login name: %%u address, %%n local part, %%d domain")
     add.add_argument("--subscribed-only", action="store_true")
     add.add_argument("--disabled", action="store_true", help="add with migration switched off")
+    add.add_argument("--no-notice", action="store_true",
+                     help="don't put the 'your mail is moving' notice in migrated INBOXes")
+    add.add_argument("--no-verify-tls", action="store_true",
+                     help="accept the old server's certificate unverified (self-signed)")
     for action in ("enable", "disable", "remove"):
         sub.add_parser(action).add_argument("name")
     sub.add_parser("list").add_argument("--json", action="store_true")
@@ -139,7 +143,8 @@ def _domain_from_args(args: argparse.Namespace) -> Domain:
     return Domain(
         name=args.name.lower(), source_url=source.url, migrating=not args.disabled,
         relay_url=relay, type=args.type, source_user=template,
-        subscribed_only=args.subscribed_only,
+        subscribed_only=args.subscribed_only, notice=not args.no_notice,
+        verify_tls=not args.no_verify_tls,
     )
 
 
@@ -147,17 +152,18 @@ def _domain_from_args(args: argparse.Namespace) -> Domain:
 def account_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     accounts = store.accounts
     hasher = PasswordHasher(config.provision.scheme, config.provision.rounds)
+    provisioner = make_provisioner(config.provision, accounts)
     if args.action == "add":
-        accounts.add_account(args.address, hasher.hash(read_password()))
-        _provision_or_undo(config, store, undo=lambda: accounts.remove_account(args.address))
+        address = accounts.add_account(args.address, hasher.hash(read_password())).address
+        _provision_or_undo(provisioner, address, undo=lambda: accounts.remove_account(address))
     elif args.action == "passwd":
         if accounts.get_account(args.address) is None:
             raise CommandError(f"unknown account {args.address}")
         accounts.set_password_hash(args.address, hasher.hash(read_password()))
-        _provision(config, store)
+        provisioner.update(args.address)
     elif args.action == "remove":
         accounts.remove_account(args.address)
-        _provision(config, store)
+        provisioner.update(args.address)
     elif args.action == "list":
         rows = [
             {"address": a.address, "migration_state": a.migration_state,
@@ -169,13 +175,10 @@ def account_command(args: argparse.Namespace, config: Config, store: Store) -> i
     return 0
 
 
-def _provision(config: Config, store: Store) -> None:
-    make_provisioner(config.provision).sync(store.accounts.all_password_hashes())
-
-
-def _provision_or_undo(config: Config, store: Store, undo: Callable[[], None]) -> None:
+def _provision_or_undo(provisioner: Provisioner, address: str,
+                       undo: Callable[[], None]) -> None:
     try:
-        _provision(config, store)
+        provisioner.update(address)
     except OSError as exc:
         undo()
         raise CommandError(f"cannot write the store's user file: {exc.strerror}") from None

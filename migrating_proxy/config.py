@@ -60,7 +60,8 @@ class BackendConfig:
 @dataclass(frozen=True)
 class ProvisionConfig:
     kind: str = "passwd-file"
-    path: Path | None = None
+    # Without any configuration file, beside the default database; a file must name it.
+    path: Path | None = Path("var/dovecot-users")
     scheme: str = "sha512_crypt"
     rounds: int = 0  # 0: passlib's default cost for the scheme
 
@@ -88,7 +89,9 @@ class MigrationConfig:
     notice: Path | None = None  # template of the "your mail is moving" message; None: built in
     vault_key_file: Path | None = None  # None: vault.key beside the SQLite database / config
     source_timeout: float = 20.0  # seconds for any one network step with an old server
-    max_connections_per_host: int = 4  # copies running at once against one old server
+    # Connections to one old server, all copies together (each copy uses `parallel_folders`).
+    max_connections_per_host: int = 4
+    parallel_folders: int = 2  # folders one copy reads at a time (one connection each)
     max_attempts: int = 8  # a copy that keeps failing for transient reasons ends in ERROR
 
 
@@ -282,10 +285,10 @@ class _Reader:
             scheme=self.get("provision", "scheme", str, "sha512_crypt"),
             rounds=self.get("provision", "rounds", int, 0),
         )
-        if provision.kind not in ("passwd-file", "none"):
-            raise self.fail("provision.kind", 'must be "passwd-file" or "none"')
-        if provision.kind == "passwd-file" and provision.path is None:
-            raise self.fail("provision.path", 'required when provision.kind = "passwd-file"')
+        if provision.kind not in ("passwd-file", "passwd-dir", "none"):
+            raise self.fail("provision.kind", 'must be "passwd-file", "passwd-dir" or "none"')
+        if provision.kind != "none" and provision.path is None:
+            raise self.fail("provision.path", f'required when provision.kind = "{provision.kind}"')
         if not known_scheme(provision.scheme):
             raise self.fail("provision.scheme", f"unknown passlib scheme {provision.scheme!r}")
         return provision
@@ -305,7 +308,7 @@ class _Reader:
         defaults = MigrationConfig()
         values: dict[str, Any] = {}
         for key in ("workers", "resync_interval", "source_timeout", "max_connections_per_host",
-                    "max_attempts"):
+                    "parallel_folders", "max_attempts"):
             default = getattr(defaults, key)
             value = self.get("migration", key, type(default), default)
             if value < 0:

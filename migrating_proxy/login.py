@@ -118,7 +118,7 @@ class LoginService:
 
     def __init__(self, store: Store, hasher: PasswordHasher, throttle: FailureThrottle,
                  onboarding: Onboarding | None = None,
-                 on_rehash: Callable[[], None] | None = None) -> None:
+                 on_rehash: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.accounts = store.accounts
         self.hasher = hasher
@@ -179,7 +179,7 @@ class LoginService:
         if verification.ok and verification.new_hash:
             self.accounts.set_password_hash(account.address, verification.new_hash)
             if self.on_rehash:
-                self.on_rehash()
+                self.on_rehash(account.address)
         return verification.ok
 
     def _recheck_at_old_server(self, domain: Domain, account: Account,

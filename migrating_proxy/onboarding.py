@@ -18,7 +18,6 @@ at a time, so there is exactly one inserter) and repeats step 4 if a crash inter
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -90,7 +89,6 @@ class Onboarding:
     def __post_init__(self) -> None:
         # Step 4 of a first login runs here, off the login's critical path.
         self._background = concurrent.futures.ThreadPoolExecutor(2, "onboarding")
-        self._provision_lock = threading.Lock()
 
     # -- the old server ------------------------------------------------------------------
     def ask_old_server(self, domain: Domain, account: Account | None, address: str,
@@ -120,7 +118,7 @@ class Onboarding:
             log.info("first_login_race_lost", address=address)
         # Also after a lost race: the winner may not have provisioned yet, and our session's
         # store login needs the entry now.
-        self.provision()
+        self.provisioner.update(address)
         account = self.store.accounts.get_account(address)
         assert account is not None
         return account
@@ -137,7 +135,7 @@ class Onboarding:
     def complete_hash(self, account: Account, password: str) -> None:
         if account.password_hash == PENDING_HASH and self.store.accounts.set_hash_if_pending(
                 account.address, self.hasher.hash(password)):
-            self.provision()
+            self.provisioner.update(account.address)
 
     def finish_onboarding(self, account: Account, password: str) -> None:
         """Before a copy (worker only): real hash provisioned, notice in the INBOX, once."""
@@ -160,7 +158,7 @@ class Onboarding:
     def accept_new_password(self, account: Account, password: str) -> None:
         """The old server accepted a password our hash did not: the user changed it there."""
         self.store.accounts.set_password_hash(account.address, self.hasher.hash(password))
-        self.provision()
+        self.provisioner.update(account.address)
 
     def maybe_resync(self, account: Account, domain: Domain, password: str) -> None:
         """Queue an incremental pass with this password, at most once per resync_interval."""
@@ -184,7 +182,3 @@ class Onboarding:
         if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
             last = last.replace(tzinfo=UTC)
         return last
-
-    def provision(self) -> None:
-        with self._provision_lock:
-            self.provisioner.sync(self.store.accounts.all_password_hashes())

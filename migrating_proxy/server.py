@@ -39,7 +39,7 @@ def build_onboarding(config: Config, store: Store) -> Onboarding:
         config=config, store=store,
         vault=Vault(store.engine, load_or_create_key(config.vault_key_path)),
         hasher=PasswordHasher(config.provision.scheme, config.provision.rounds),
-        provisioner=make_provisioner(config.provision),
+        provisioner=make_provisioner(config.provision, store.accounts),
     )
 
 
@@ -50,7 +50,7 @@ def build_login_service(config: Config, store: Store) -> LoginService:
     )
     onboarding = build_onboarding(config, store)
     return LoginService(store, onboarding.hasher, throttle, onboarding,
-                        on_rehash=onboarding.provision)
+                        on_rehash=onboarding.provisioner.update)
 
 
 def serve(config: Config) -> int:
@@ -58,7 +58,7 @@ def serve(config: Config) -> int:
 
     store = open_store(config.database_url)
     # Repair the store's user file from the database on every start.
-    make_provisioner(config.provision).sync(store.accounts.all_password_hashes())
+    make_provisioner(config.provision, store.accounts).sync()
     threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
     threadpool.start()
     ctx = FrontendContext(

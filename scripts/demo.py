@@ -104,7 +104,7 @@ def write_config(stack: Stack) -> None:
         "backend": {"imap": f"imap://127.0.0.1:{new.imap_port}",
                     "pop3": f"pop3://127.0.0.1:{new.pop3_port}",
                     "master_user": new.master_user, "master_password_file": "master-password"},
-        "provision": {"kind": "passwd-file", "path": str(new.users_file)},
+        "provision": {"kind": "passwd-dir", "path": str(new.users_file)},
         "log": {"format": "json", "level": "info"},
     }))
 

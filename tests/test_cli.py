@@ -31,7 +31,7 @@ class Admin:
     """One proxy installation's configuration (own database), driven through the CLI."""
 
     config_path: Path
-    users_file: Path
+    store: DovecotInstance
 
     def run(self, *args: str, input: str | None = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -60,13 +60,13 @@ class Admin:
         return {row["address"]: row for row in self.json("account", "list")}
 
     def user_lines(self) -> list[str]:
-        return self.users_file.read_text().splitlines()
+        return self.store.provisioned_text().splitlines()
 
 
 def write_config(directory: Path, users_file: Path, database_url: str | None = None) -> Path:
     sections = {
         "database": {"url": database_url or f"sqlite:///{directory / 'proxy.db'}"},
-        "provision": {"kind": "passwd-file", "path": str(users_file), "rounds": 5000},
+        "provision": {"kind": "passwd-dir", "path": str(users_file), "rounds": 5000},
         "log": {"format": "json"},
     }
     path = directory / "migrating-proxy.toml"
@@ -76,8 +76,10 @@ def write_config(directory: Path, users_file: Path, database_url: str | None = N
 
 @pytest.fixture
 def admin(tmp_path: Path, module_store: DovecotInstance) -> Admin:
-    """A fresh installation provisioning the module's Dovecot store (whose file it rewrites)."""
-    return Admin(write_config(tmp_path, module_store.users_file), module_store.users_file)
+    """A fresh installation provisioning the module's Dovecot store (emptied of other users)."""
+    for entry in module_store.users_file.glob("*/*"):
+        entry.unlink()
+    return Admin(write_config(tmp_path, module_store.users_file), module_store)
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], reason: str, code: int = 1,
@@ -326,7 +328,7 @@ def test_unusable_password_is_refused(admin: Admin, password: str, reason: str) 
 
 
 def test_refused_account_adds_create_nothing(admin: Admin) -> None:
-    users_before = admin.users_file.read_bytes()
+    users_before = admin.user_lines()
     add = ["account", "add"]
     results = [
         *admin.run_all([[*add, "carol@new.example"]], input="\n"),
@@ -336,7 +338,7 @@ def test_refused_account_adds_create_nothing(admin: Admin) -> None:
     ]
     assert [r.returncode for r in results] == [1] * len(results)
     assert admin.accounts() == {}
-    assert admin.users_file.read_bytes() == users_before
+    assert admin.user_lines() == users_before
 
 
 def test_unusable_new_password_keeps_the_old_one(

@@ -244,7 +244,7 @@ def artifacts(scenario: Scenario, store: DovecotInstance) -> dict[str, bytes]:
     log, SQLite database with its WAL), the CLI's output, the store's user file and log."""
     found = {str(p): p.read_bytes() for p in scenario.proxy.directory.rglob("*") if p.is_file()}
     found["CLI stdout/stderr"] = "".join(scenario.cli_output).encode()
-    found[str(store.users_file)] = store.users_file.read_bytes()
+    found[str(store.users_file)] = store.provisioned_text().encode()
     found[str(store.log_path)] = store.log_path.read_bytes()
     return found
 

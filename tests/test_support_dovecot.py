@@ -30,8 +30,7 @@ def imap(instance: DovecotInstance) -> IMAPClient:
 def provision(store: DovecotInstance, address: str, password: str) -> None:
     # rounds=5000 (crypt's default) keeps verification fast; the format is what the proxy writes.
     hashed = sha512_crypt.using(rounds=5000).hash(password)
-    with store.users_file.open("a") as users:
-        users.write(f"{address}:{{SHA512-CRYPT}}{hashed}\n")
+    store.provision(address, f"{{SHA512-CRYPT}}{hashed}")
 
 
 def test_old_server_imap_login(old_server: DovecotInstance) -> None:

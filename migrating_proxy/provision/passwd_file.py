@@ -16,46 +16,60 @@ import tempfile
 from pathlib import Path
 
 from migrating_proxy.passwords import dovecot_form
+from migrating_proxy.provision import AccountSource
 
 
 class PasswdFileProvisioner:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, accounts: AccountSource) -> None:
         self.path = path
+        self.accounts = accounts
         self.lock_path = path.with_name(path.name + ".lock")
 
-    def sync(self, accounts: list[tuple[str, str]]) -> None:
+    def update(self, address: str) -> None:
+        self.sync()  # one file for all: the whole file follows the database
+
+    def sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Dovecot looks users up lower-cased (auth_username_format = %Lu, its default), so the
-        # file's keys are too: "Carol@new.example" must find her line, whoever typed the case.
-        body = "".join(f"{address.lower()}:{dovecot_form(h)}\n" for address, h in accounts)
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._replace(body)
+            # Read the database only now, holding the lock: a list read before it could be
+            # older than the file another process just wrote, and would drop its account.
+            # Dovecot looks users up lower-cased (auth_username_format = %Lu, its default), so
+            # the file's keys are too: "Carol@new.example" must find her line.
+            self._replace("".join(f"{address.lower()}:{dovecot_form(h)}\n"
+                                  for address, h in self.accounts.all_password_hashes()))
 
     def _replace(self, body: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            self._keep_ownership(fd)
-            with os.fdopen(fd, "w") as out:
-                out.write(body)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(self.path, body)
 
-    def _keep_ownership(self, fd: int) -> None:
-        """The new file gets the old one's mode and group (the operator gave the store's auth
-        process read access that way); a first file is 0640: hashes are nobody else's business.
-        """
-        try:
-            current = os.stat(self.path)
-        except FileNotFoundError:
-            os.fchmod(fd, 0o640)
-            return
-        os.fchmod(fd, current.st_mode & 0o777)
-        if current.st_gid != os.getegid():
-            # Not root and not in that group: keep our own group; the file still works for us.
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, -1, current.st_gid)
+
+def replace_file(path: Path, body: str) -> None:
+    """Atomically replace path's content: Dovecot never reads a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        _keep_ownership(path, fd)
+        with os.fdopen(fd, "w") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _keep_ownership(path: Path, fd: int) -> None:
+    """The new file gets the old one's mode and group (the operator gave the store's auth
+    process read access that way); a first file is 0640: hashes are nobody else's business.
+    A setgid directory hands its group to new files, which is how the store gets to read them.
+    """
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        os.fchmod(fd, 0o640)
+        return
+    os.fchmod(fd, current.st_mode & 0o777)
+    if current.st_gid != os.getegid():
+        # Not root and not in that group: keep our own group; the file still works for us.
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, -1, current.st_gid)

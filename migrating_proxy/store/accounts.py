@@ -35,11 +35,13 @@ def split_address(address: str) -> tuple[str, str]:
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain or len(address) > 320:
         raise AddressError("not an address of the form user@domain")
-    forbidden = set(' "\\:\'()<>,;[]') | {chr(c) for c in range(32)} | {"\x7f"}
+    forbidden = set(' "\\:\'()<>,;[]/') | {chr(c) for c in range(32)} | {"\x7f"}
     if any(ch in forbidden for ch in address) or not address.isascii():
         raise AddressError("address contains characters that are not allowed")
     if domain.startswith(".") or domain.endswith(".") or ".." in domain:
         raise AddressError("not a valid domain")
+    if local in (".", ".."):
+        raise AddressError("not a valid local part")
     return local, domain.lower()
 
 
@@ -195,6 +197,10 @@ class AccountStore:
                 .order_by(accounts.c.address_key)
             ).all()
         return [(row.address, row.password_hash) for row in rows]
+
+    def password_hash_of(self, address: str) -> str | None:
+        account = self.get_account(address)
+        return account.password_hash if account else None
 
     def set_password_hash(self, address: str, password_hash: str) -> None:
         self._update_account(address, password_hash=password_hash)

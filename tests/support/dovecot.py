@@ -113,7 +113,9 @@ class DovecotInstance:
     lmtp_port: int
     imaps_port: int | None
     pop3s_port: int | None
-    users_file: Path  # old server: plain users; new store: the provisioned file
+    # Old server: its plain passwd-file. New store: the directory migrating-proxy provisions
+    # (`passwd-dir`: one passwd-file per account, <dir>/<domain>/<local>).
+    users_file: Path
     master_user: str | None
     master_password: str | None
     log_path: Path
@@ -204,6 +206,18 @@ class DovecotInstance:
             raise RuntimeError("new-store users are provisioned by migrating-proxy, not by tests")
         with self.users_file.open("a") as users:
             users.write(f"{address}:{{PLAIN}}{password}\n")
+
+    def provision(self, address: str, entry: str) -> None:
+        """New store only: put `address:entry` (e.g. `{PLAIN}pw`) where the proxy would."""
+        local, _, domain = address.lower().rpartition("@")
+        path = self.users_file / domain / local
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{address.lower()}:{entry}\n")
+
+    def provisioned_text(self) -> str:
+        """New store only: every provisioned line, as one passwd-file would list them."""
+        files = sorted(p for p in self.users_file.glob("*/*") if not p.name.startswith("."))
+        return "".join(path.read_text() for path in files)
 
     def maildir(self, address: str) -> Path:
         """The user's maildir root (INBOX's cur/new/tmp; folders below it, LAYOUT=fs)."""
@@ -366,7 +380,7 @@ def render_snippet(masters_file: Path, users_file: Path, lmtp_port: int) -> str:
     """The checked-in snippet with its well-known paths and port replaced for one instance."""
     text = SNIPPET.read_text()
     for literal in (SNIPPET_MASTERS_PATH, SNIPPET_USERS_PATH):
-        if f" {literal}\n" not in text:
+        if f" {literal}" not in text:
             raise ValueError(f"{SNIPPET} no longer uses {literal}; update tests/support/dovecot.py")
     text = text.replace(SNIPPET_MASTERS_PATH, str(masters_file))
     text = text.replace(SNIPPET_USERS_PATH, str(users_file))
@@ -430,50 +444,48 @@ def old_server(
     return inst
 
 
-def _prepare_provisioned_file(path: Path, ident: _Identity) -> None:
+def _prepare_provisioned_dir(path: Path, ident: _Identity) -> None:
     """Make the proxy's future files readable by Dovecot's auth process, as in production.
 
-    The proxy writes the file 0640 and replaces it atomically, so a chmod of today's file would
-    not last. Instead the directory gets the setgid bit and the auth process's group, which
-    every new file in it inherits (the documented `install -d -g dovecot -m 2750`).
+    The proxy writes each file 0640 and replaces it atomically, so a chmod of today's files
+    would not last. Instead the directory gets the setgid bit and the auth process's group,
+    which every new directory and file below it inherits (the documented
+    `install -d -g dovecot -m 2750`).
     """
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     if _IS_ROOT:
-        os.chown(parent, -1, ident.internal_gid)
-        parent.chmod(parent.stat().st_mode & 0o7777 | 0o2750)
-    if not path.exists():
-        _write_readable_by_auth(path, "", ident)
-    elif _IS_ROOT:
         os.chown(path, -1, ident.internal_gid)
+        path.chmod(path.stat().st_mode & 0o7777 | 0o2750)
 
 
 def new_store(
     root: Path,
-    provisioned_users_file: Path,
+    provisioned_users: Path,
     master_user: str = "proxy-master",
     master_password: str | None = None,
     tls: TLSFiles | None = None,
 ) -> DovecotInstance:
     """Configure (not start) the new store from deploy/dovecot/migrating-proxy.conf.
 
-    `provisioned_users_file` is where the proxy's provisioning writes `user:{SCHEME}hash` lines;
-    it is created empty if missing. `master_password` defaults to a random one.
+    `provisioned_users` is the directory where the proxy's provisioning (`passwd-dir`) writes one
+    `user:{SCHEME}hash` file per account; it is created if missing. `master_password` defaults
+    to a random one.
     """
     ident = _Identity.for_current_user()
     _prepare_root(root, ident)
-    _check_reachable(provisioned_users_file.parent)
-    _prepare_provisioned_file(provisioned_users_file, ident)
+    provisioned_users.parent.mkdir(parents=True, exist_ok=True)
+    _check_reachable(provisioned_users.parent)
+    _prepare_provisioned_dir(provisioned_users, ident)
     password = master_password or secrets.token_urlsafe(16)
     masters = root / "masters"
     # {PLAIN} overrides the snippet's default scheme, as a {SCHEME} prefix always does.
     _write_readable_by_auth(masters, f"{master_user}:{{PLAIN}}{password}\n", ident)
 
-    inst = _make_instance(root, "new", provisioned_users_file, tls, master_user, password)
+    inst = _make_instance(root, "new", provisioned_users, tls, master_user, password)
     conf_d = root / "conf.d"
     conf_d.mkdir(exist_ok=True)
     snippet = conf_d / "migrating-proxy.conf"
-    snippet.write_text(render_snippet(masters, provisioned_users_file, inst.lmtp_port))
+    snippet.write_text(render_snippet(masters, provisioned_users, inst.lmtp_port))
     inst.config_path.write_text(_base_config(inst, ident) + f"\n!include {snippet}\n")
     return inst
 

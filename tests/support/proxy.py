@@ -104,7 +104,7 @@ class Proxy:
             "database": {"url": f"sqlite:///{self.directory / 'proxy.db'}"},
             "backend": backend,
             # Few rounds keep the suite fast; production uses passlib's default cost.
-            "provision": {"kind": "passwd-file", "path": str(self.store.users_file),
+            "provision": {"kind": "passwd-dir", "path": str(self.store.users_file),
                           "scheme": "sha512_crypt", "rounds": 5000},
             "limits": {"auth_failure_delay": 0.2, "idle_timeout": 10.0},
             # Copy workers only where a test migrates mail: they are processes of their own.
