@@ -95,7 +95,6 @@ class IMAPSession(ProxySession):
         super().__init__(ctx, implicit_tls)
         self.segments: list[bytes] = []
         self.literal_needed: int | None = None
-        self.sasl: SaslExchange | None = None
         self.sasl_tag = "*"
         self.bad_commands = 0
         self.login_tag = "*"
@@ -130,22 +129,15 @@ class IMAPSession(ProxySession):
         self.write_line(f"{self.login_tag} {text}")
 
     # -- framing -------------------------------------------------------------------------
-    def process_buffer(self) -> None:
-        while self.state == "preauth":
-            if self.literal_needed is not None:
-                if len(self.buffer) < self.literal_needed:
-                    return
-                self.segments.append(Literal(self.buffer[: self.literal_needed]))
-                del self.buffer[: self.literal_needed]
-                self.literal_needed = None
-                continue
-            line = self.take_line()
-            if line is None:
-                return
-            if self.sasl is not None:
-                self.sasl_response(line)
-            else:
-                self.command_line(line)
+    def next_line(self) -> bytes | None:
+        """A literal the command announced is taken whole first; then the next line."""
+        if self.literal_needed is not None:
+            if len(self.buffer) < self.literal_needed:
+                return None
+            self.segments.append(Literal(self.buffer[: self.literal_needed]))
+            del self.buffer[: self.literal_needed]
+            self.literal_needed = None
+        return self.take_line()
 
     def command_line(self, line: bytes) -> None:
         literal = LITERAL_AT_END.search(line)

@@ -36,7 +36,6 @@ class POP3Session(ProxySession):
     def __init__(self, ctx: FrontendContext, implicit_tls: bool = False) -> None:
         super().__init__(ctx, implicit_tls)
         self.user: bytes | None = None  # from USER, waiting for PASS
-        self.sasl: SaslExchange | None = None
         self.errors = 0
 
     # -- wording -------------------------------------------------------------------------
@@ -76,17 +75,7 @@ class POP3Session(ProxySession):
             self.write_line(f"-ERR {message}")
 
     # -- framing -------------------------------------------------------------------------
-    def process_buffer(self) -> None:
-        while self.state == "preauth":
-            line = self.take_line()
-            if line is None:
-                return
-            if self.sasl is not None:
-                self.sasl_response(line)
-            else:
-                self.command(line)
-
-    def command(self, line: bytes) -> None:
+    def command_line(self, line: bytes) -> None:
         keyword, space, rest = line.partition(b" ")
         # Only ASCII letters can name a handler; anything else is just an unknown command.
         handler = getattr(self, f"do_{keyword.decode('ascii').upper()}", None) \

@@ -25,10 +25,12 @@ from migrating_proxy.endpoints import Endpoint
 from migrating_proxy.frontends.backend import (
     BackendRefused,
     BackendSession,
+    StoreConnection,
     StoreLogin,
-    connect_store,
+    open_store,
 )
 from migrating_proxy.frontends.relay import splice, unsplice_and_close
+from migrating_proxy.frontends.sasl import SaslExchange
 from migrating_proxy.login import Credentials, LoginResult, LoginService, Outcome
 
 log = structlog.get_logger("migrating_proxy.login")
@@ -63,6 +65,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.state = "preauth"  # preauth | authenticating | relaying | closed
         self.failures = 0
         self.backend: BackendSession | None = None
+        self.pending_store: StoreConnection | None = None
+        self.sasl: SaslExchange | None = None  # an AUTHENTICATE/AUTH dialogue under way
         self.peer_host = ""
         self.peer_port = 0
 
@@ -85,6 +89,20 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
             # Pipelined input while the login is being decided; bounded all the same.
             self.close_with_error("Too much data sent before login completed.")
 
+    def process_buffer(self) -> None:
+        """Run every complete command the client sent, until login starts or input runs out."""
+        while self.state == "preauth":
+            line = self.next_line()
+            if line is None:
+                return
+            if self.sasl is not None:
+                self.sasl_response(line)
+            else:
+                self.command_line(line)
+
+    def next_line(self) -> bytes | None:
+        return self.take_line()
+
     def process_safely(self) -> None:
         try:
             self.process_buffer()
@@ -100,6 +118,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.backend is not None:
             unsplice_and_close(self.backend.transport)
+        elif self.pending_store is not None:
+            self.pending_store.abandon()
 
     def close(self) -> None:
         if self.state != "closed" and self.transport is not None:
@@ -150,6 +170,11 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         # The login's own bounds (backend.timeout, the failure delay) apply now, not idleness.
         self.setTimeout(None)
         started = time.monotonic()
+        # Open the store connection now: its greeting takes longer than the whole decision.
+        self.pending_store = open_store(
+            self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
+            self.ctx.config.backend.timeout,
+        )
         creds = Credentials(username, password, self.protocol_name, self.peer_host)
         decided = deferToThreadPool(
             self.ctx.reactor, self.ctx.threadpool, self.ctx.login_service.authenticate, creds
@@ -162,16 +187,16 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         if self.state == "closed":
             self._log(result, mechanism, started, "client gone")
             return None
+        store, self.pending_store = self.pending_store, None
+        assert store is not None
         if not result.ok:
+            store.abandon()
             return self._refuse(result, mechanism, started)
         assert result.address is not None
         master = self.ctx.config.backend.master_user or None
         secret = self.ctx.config.backend.master_password() if master else password
         login = StoreLogin(result.address, secret or "", master, self.peer_host, self.peer_port)
-        connected = connect_store(
-            self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
-            login, self.ctx.config.backend.timeout,
-        )
+        connected = store.log_in(login)
         connected.addCallbacks(
             self._store_ready, self._store_failed,
             callbackArgs=(result, mechanism, started), errbackArgs=(result, mechanism, started),
@@ -232,6 +257,9 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         unsplice_and_close(self.transport)  # type: ignore[arg-type]
 
     def _internal_error(self, failure: Failure, mechanism: str, started: float) -> None:
+        if self.pending_store is not None:
+            self.pending_store.abandon()
+            self.pending_store = None
         result = LoginResult(Outcome.UNAVAILABLE, None, f"internal error: {failure.type.__name__}")
         self._refuse(result, mechanism, started)
 
@@ -247,7 +275,10 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
     def greet(self) -> None:
         raise NotImplementedError
 
-    def process_buffer(self) -> None:
+    def command_line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def sasl_response(self, line: bytes) -> None:
         raise NotImplementedError
 
     def say_bye(self, message: str) -> None:
