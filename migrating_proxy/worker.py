@@ -56,7 +56,10 @@ class CopyWorker:
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue had nothing runnable."""
-        job = self.store.jobs.claim(self.name, self.config.migration.max_connections_per_host)
+        migration = self.config.migration
+        # The cap is on connections to one old server; each copy holds one per lane.
+        per_host = max(1, migration.max_connections_per_host // max(1, migration.parallel_folders))
+        job = self.store.jobs.claim(self.name, per_host)
         if job is None:
             return False
         account = self.store.accounts.get_account_by_id(job.account_id)
@@ -92,6 +95,7 @@ class CopyWorker:
                 store_spec(self.config, account.address),
                 should_stop=lambda: self.stop.is_set() or paused.is_set(),
                 timeout=self.config.migration.source_timeout * 3,
+                parallel_folders=max(1, self.config.migration.parallel_folders),
             )
         finally:
             beating.done.set()

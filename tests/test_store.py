@@ -8,12 +8,10 @@ shown, when no server answers there).
 from __future__ import annotations
 
 import random
-import secrets
 import string
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,53 +29,9 @@ from migrating_proxy.store import (
     open_store,
 )
 from migrating_proxy.store.db import ensure_schema, make_engine
-from migrating_proxy.store.schema import SCHEMA_VERSION, metadata, schema_info
+from migrating_proxy.store.schema import SCHEMA_VERSION, schema_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-
-# --- databases ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database of its own for this test session, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"mp_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}".splitlines()[0])
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a new SQLite file, or the session's PostgreSQL database emptied."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    url = request.getfixturevalue("postgres_url")
-    yield url
-    engine = make_engine(url)
-    try:
-        metadata.drop_all(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    store = open_store(store_url)
-    yield store
-    store.close()
-
-
 def old_domain(name: str = "old.example", **changes: object) -> Domain:
     values: dict = {"name": name, "source_url": "imap://192.0.2.1:143"} | changes
     return Domain(**values)
