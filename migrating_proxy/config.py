@@ -64,6 +64,7 @@ class ProvisionConfig:
     path: Path | None = Path("var/dovecot-users")
     scheme: str = "sha512_crypt"
     rounds: int = 0  # 0: passlib's default cost for the scheme
+    hash_processes: int = 2  # processes hashing for `serve` (crypt() would stall the relay)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class _Reader:
         "tls": {"cert", "key", "require"},
         "database": {"url"},
         "backend": {"imap", "pop3", "master_user", "master_password_file", "timeout"},
-        "provision": {"kind", "path", "scheme", "rounds"},
+        "provision": {"kind", "path", "scheme", "rounds", "hash_processes"},
         "limits": set(LimitsConfig.__dataclass_fields__),
         "log": {"format", "level"},
         "migration": set(MigrationConfig.__dataclass_fields__),
@@ -284,7 +285,10 @@ class _Reader:
             path=self.path_or_none("provision", "path"),
             scheme=self.get("provision", "scheme", str, "sha512_crypt"),
             rounds=self.get("provision", "rounds", int, 0),
+            hash_processes=self.get("provision", "hash_processes", int, 2),
         )
+        if provision.hash_processes < 0:
+            raise self.fail("provision.hash_processes", "must not be negative")
         if provision.kind not in ("passwd-file", "passwd-dir", "none"):
             raise self.fail("provision.kind", 'must be "passwd-file", "passwd-dir" or "none"')
         if provision.kind != "none" and provision.path is None:

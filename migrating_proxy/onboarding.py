@@ -36,10 +36,10 @@ from migrating_proxy.migration.connections import (
 )
 from migrating_proxy.notice import insert_notice, load_template, message_id, render
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
-from migrating_proxy.provision import Provisioner
+from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import Account, Domain, Store
 from migrating_proxy.store.schema import migrations
-from migrating_proxy.store.vault import Vault
+from migrating_proxy.store.vault import Vault, load_or_create_key
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +85,16 @@ class Onboarding:
     vault: Vault
     hasher: PasswordHasher
     provisioner: Provisioner
+
+    @classmethod
+    def from_config(cls, config: Config, store: Store, hash_processes: int = 0) -> Onboarding:
+        provision = config.provision
+        return cls(
+            config=config, store=store,
+            vault=Vault(store.engine, load_or_create_key(config.vault_key_path)),
+            hasher=PasswordHasher(provision.scheme, provision.rounds, hash_processes),
+            provisioner=make_provisioner(config.provision, store.accounts),
+        )
 
     def __post_init__(self) -> None:
         # Step 4 of a first login runs here, off the login's critical path.

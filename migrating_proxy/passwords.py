@@ -7,6 +7,8 @@ with the configured scheme: operators can upgrade schemes without a password res
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 from dataclasses import dataclass
 
 from passlib.context import CryptContext
@@ -44,25 +46,74 @@ class Verification:
     new_hash: str | None = None  # set when the stored hash should be replaced (scheme upgrade)
 
 
+def make_context(scheme: str, rounds: int) -> CryptContext:
+    schemes = [scheme, *(s for s in _READABLE if s != scheme)]
+    settings: dict[str, object] = {"schemes": schemes, "default": scheme,
+                                   "deprecated": schemes[1:]}
+    if rounds:
+        settings[f"{scheme}__rounds"] = rounds
+    return CryptContext(**settings)
+
+
+def _verify(context: CryptContext, password: str, stored_hash: str) -> Verification:
+    try:
+        ok, new_hash = context.verify_and_update(password, stored_hash)
+    except (ValueError, TypeError):  # malformed or unknown stored hash: never a match
+        return Verification(False)
+    return Verification(bool(ok), new_hash if ok else None)
+
+
 class PasswordHasher:
-    def __init__(self, scheme: str = "sha512_crypt", rounds: int = 0) -> None:
-        schemes = [scheme, *(s for s in _READABLE if s != scheme)]
-        settings: dict[str, object] = {"schemes": schemes, "default": scheme,
-                                       "deprecated": schemes[1:]}
-        if rounds:
-            settings[f"{scheme}__rounds"] = rounds
-        self.context = CryptContext(**settings)
+    """Hashing and verifying, inline or in a pool of processes.
+
+    A strong hash costs a few hundred milliseconds of CPU, and crypt() holds the GIL all that
+    time: in the proxy process every relayed session would stall for it. With `processes` the
+    work runs in child processes and the calling thread waits without holding the GIL. The
+    password crosses a local pipe to a child of our own; it is never logged or stored there.
+    """
+
+    def __init__(self, scheme: str = "sha512_crypt", rounds: int = 0,
+                 processes: int = 0) -> None:
+        self.context = make_context(scheme, rounds)
         self.scheme = scheme
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_init, initargs=(scheme, rounds),
+            )
 
     def hash(self, password: str) -> str:
-        return self.context.hash(password)
+        if self._pool is None:
+            return self.context.hash(password)
+        return self._pool.submit(_child_hash, password).result()
 
     def verify(self, password: str, stored_hash: str) -> Verification:
-        try:
-            ok, new_hash = self.context.verify_and_update(password, stored_hash)
-        except (ValueError, TypeError):  # malformed or unknown stored hash: never a match
-            return Verification(False)
-        return Verification(bool(ok), new_hash if ok else None)
+        if self._pool is None:
+            return _verify(self.context, password, stored_hash)
+        return self._pool.submit(_child_verify, password, stored_hash).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+_child_context: CryptContext | None = None
+
+
+def _child_init(scheme: str, rounds: int) -> None:
+    global _child_context
+    _child_context = make_context(scheme, rounds)
+
+
+def _child_hash(password: str) -> str:
+    assert _child_context is not None
+    return _child_context.hash(password)
+
+
+def _child_verify(password: str, stored_hash: str) -> Verification:
+    assert _child_context is not None
+    return _verify(_child_context, password, stored_hash)
 
 
 # An account whose hash is still being computed (first login of a migrating user: the hash is

@@ -15,10 +15,8 @@ from migrating_proxy.frontends.session import FrontendContext, ProxySession, Ses
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService
 from migrating_proxy.onboarding import Onboarding
-from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
-from migrating_proxy.store.vault import Vault, load_or_create_key
 
 log = structlog.get_logger(__name__)
 
@@ -34,21 +32,12 @@ def session_classes() -> dict[str, type[ProxySession]]:
     return classes
 
 
-def build_onboarding(config: Config, store: Store) -> Onboarding:
-    return Onboarding(
-        config=config, store=store,
-        vault=Vault(store.engine, load_or_create_key(config.vault_key_path)),
-        hasher=PasswordHasher(config.provision.scheme, config.provision.rounds),
-        provisioner=make_provisioner(config.provision, store.accounts),
-    )
-
-
 def build_login_service(config: Config, store: Store) -> LoginService:
     limits = config.limits
     throttle = FailureThrottle(
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
     )
-    onboarding = build_onboarding(config, store)
+    onboarding = Onboarding.from_config(config, store, config.provision.hash_processes)
     return LoginService(store, onboarding.hasher, throttle, onboarding,
                         on_rehash=onboarding.provisioner.update)
 
@@ -74,6 +63,7 @@ def serve(config: Config) -> int:
             port.stopListening()
         stop_workers(workers)
         threadpool.stop()
+        ctx.login_service.hasher.close()
         store.close()
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)

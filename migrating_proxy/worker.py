@@ -148,12 +148,10 @@ def worker_main(config: Config, number: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from migrating_proxy.server import build_onboarding
-
     name = f"{socket.gethostname()}:{os.getpid()}:{number}"  # see JobQueue.requeue_dead_claims
     store = open_store(config.database_url)
     try:
-        CopyWorker(config, store, build_onboarding(config, store), name, stop).run()
+        CopyWorker(config, store, Onboarding.from_config(config, store), name, stop).run()
     finally:
         store.close()
 
