@@ -128,12 +128,13 @@ def test_missing_command_is_a_usage_error(admin: Admin) -> None:
 def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
     admin.ok("domain", "add", "Old.Example", "--source", "imaps://mail.old.example",
              "--relay", "smtp+starttls://smtp.old.example:587", "--type", "exchange",
-             "--source-user", "%n", "--subscribed-only", "--disabled")
+             "--source-user", "%n", "--subscribed-only", "--disabled", "--no-notice",
+             "--no-verify-tls")
     assert admin.domains() == {"old.example": {
         "name": "old.example", "source_url": "imaps://mail.old.example:993",
         "relay_url": "smtp+starttls://smtp.old.example:587", "migrating": False,
         "type": "exchange", "source_user": "%n", "subscribed_only": True,
-        "notice": True, "verify_tls": True,
+        "notice": False, "verify_tls": False,
     }}
 
 
@@ -144,6 +145,7 @@ def test_domain_add_defaults(admin: Admin) -> None:
     assert domain["relay_url"] is None
     assert (domain["type"], domain["source_user"], domain["subscribed_only"]) == (
         "default", "%u", False)
+    assert domain["notice"] is True and domain["verify_tls"] is True
 
 
 SOURCES = {

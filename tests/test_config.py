@@ -17,6 +17,8 @@ from migrating_proxy import config
 from migrating_proxy.config import Config, ConfigError, load
 from migrating_proxy.endpoints import parse_endpoint
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(autouse=True)
 def no_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -291,3 +293,20 @@ def test_cli_finds_the_config_through_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 1
     expected = f"migrating-proxy: error: {path}: limits.max_line: must not be negative\n"
     assert result.stderr == expected
+
+
+def test_the_commented_example_configuration_is_valid(tmp_path: Path) -> None:
+    """config/migrating-proxy.example.toml documents every key; it must stay loadable."""
+    example = (REPO_ROOT / "config" / "migrating-proxy.example.toml").read_text()
+    secret = tmp_path / "master-password"
+    secret.write_text("x\n")
+    path = tmp_path / "migrating-proxy.toml"
+    path.write_text(example.replace("/etc/migrating-proxy/master-password", str(secret)))
+    loaded = config.load(str(path))
+    assert loaded.provision.kind == "passwd-dir"
+    assert loaded.backend.master_user == "proxy-master"
+    documented = {line.split("=")[0].strip() for line in example.splitlines()
+                  if "=" in line and not line.lstrip().startswith("#")}
+    for section in (loaded.listen, loaded.tls, loaded.backend, loaded.provision, loaded.limits,
+                    loaded.migration, loaded.log):
+        assert set(section.__dataclass_fields__) <= documented | {"url"}, section

@@ -20,9 +20,11 @@ import pytest
 import sqlalchemy
 from imapclient import IMAPClient
 
+from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import SeedMessage, make_message, sample_corpus, seed_mailbox
 from tests.support.proxy import Proxy
+from tests.support.tls import TLSFiles
 
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
 BOB, BOB_PW = "bob@old.example", "bob-pw"
@@ -290,3 +292,24 @@ def test_crash_in_the_middle_of_a_copy_then_restart_gives_an_exact_copy(
     migrated = store_snapshot(new_store, ALICE)
     assert without_notice(migrated) == before  # nothing lost, nothing twice
     assert notices(migrated) == 1
+
+
+def test_old_server_certificates_are_verified_unless_the_domain_says_not(
+        tmp_path: Path, new_store: DovecotInstance, tls_files: TLSFiles) -> None:
+    root = dovecot.instance_root("mp-oldtls-")
+    try:
+        with dovecot.old_server(root, {ALICE: ALICE_PW}, tls=tls_files) as old, \
+                Proxy(tmp_path / "p", new_store) as proxy:
+            source = f"imaps://127.0.0.1:{old.imaps_port}"
+            proxy.cli("domain", "add", "old.example", "--source", source)
+            # The test CA is not one the proxy trusts: a man in the middle would look the same.
+            with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+                imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
+            assert_nothing_created(proxy, new_store, ALICE)
+            proxy.cli("domain", "remove", "old.example")
+            proxy.cli("domain", "add", "old.example", "--source", source, "--no-verify-tls")
+            client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+            assert client.login(ALICE, ALICE_PW)[0] == "OK"
+            client.logout()
+    finally:
+        dovecot.remove_root(root)
