@@ -261,6 +261,9 @@ class _Reader:
                 raise self.fail(f"backend.{key}", str(exc)) from None
             if endpoint.protocol != key:
                 raise self.fail(f"backend.{key}", f"must be a {key} URL")
+            if endpoint.tls == "starttls":
+                # Not implemented towards the store: refuse rather than talk in clear text.
+                raise self.fail(f"backend.{key}", f"use {key}:// or {key}s:// for the store")
             values[key] = endpoint
         backend = BackendConfig(
             **values,

@@ -121,13 +121,13 @@ def test_absolute_paths_and_server_urls_are_kept(tmp_path: Path) -> None:
 url = "postgresql://mp@db.example/mp"
 [backend]
 imap = "imaps://store.example"
-pop3 = "pop3+starttls://store.example:1110"
+pop3 = "pop3s://store.example:1995"
 """, users="/var/lib/migrating-proxy/dovecot-users"))
     loaded = load(str(path))
     assert loaded.provision.path == Path("/var/lib/migrating-proxy/dovecot-users")
     assert loaded.database_url == "postgresql://mp@db.example/mp"
     assert loaded.backend.imap == parse_endpoint("imaps://store.example:993")
-    assert loaded.backend.pop3.tls == "starttls" and loaded.backend.pop3.port == 1110
+    assert loaded.backend.pop3.tls == "implicit" and loaded.backend.pop3.port == 1995
 
 
 def test_listeners_can_be_moved_and_disabled(tmp_path: Path) -> None:
@@ -310,3 +310,11 @@ def test_the_commented_example_configuration_is_valid(tmp_path: Path) -> None:
     for section in (loaded.listen, loaded.tls, loaded.backend, loaded.provision, loaded.limits,
                     loaded.migration, loaded.log):
         assert set(section.__dataclass_fields__) <= documented | {"url"}, section
+
+
+def test_store_urls_with_starttls_are_refused_rather_than_used_in_clear(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[backend]\nimap = "imap+starttls://127.0.0.1:143"\n'
+                    '[provision]\nkind = "none"\n')
+    with pytest.raises(ConfigError, match=r"backend\.imap: use imap:// or imaps://"):
+        load(str(path))
