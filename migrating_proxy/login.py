@@ -173,8 +173,12 @@ class LoginService:
     def _password_matches(self, account: Account, password: str) -> bool:
         if account.password_hash == PENDING_HASH:
             # First login moments ago; its hash is still being made. The vault has the password.
-            return self.onboarding is not None and \
-                self.onboarding.vault.matches(account.id, password)
+            if self.onboarding is None or not self.onboarding.vault.matches(account.id, password):
+                return False
+            # That first login may not have provisioned the store yet (it commits first): make
+            # sure the store knows the account before this session logs in there.
+            self.onboarding.provisioner.update(account.address)
+            return True
         verification = self.hasher.verify(password, account.password_hash)
         if verification.ok and verification.new_hash:
             self.accounts.set_password_hash(account.address, verification.new_hash)

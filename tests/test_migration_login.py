@@ -224,7 +224,7 @@ def test_concurrent_first_logins_make_one_account_and_one_job(
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == ["ok"] * 6
+    assert results == ["ok"] * 6, new_store.log_path.read_text()[-6000:]
     assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
     assert len(db_rows(proxy, "accounts")) == 1
     assert len(db_rows(proxy, "jobs")) == 1
