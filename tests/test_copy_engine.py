@@ -27,12 +27,11 @@ from migrating_proxy.store import open_store
 from migrating_proxy.store.copystate import copy_messages
 from migrating_proxy.store.schema import migrations, pop3_uidls
 from tests.support.dovecot import DovecotInstance, free_port
-from tests.support.mail import SeedMessage, make_message, seed_mailbox
+from tests.support.mail import SeedMessage, Snapshot, make_message, seed_mailbox, snapshot_folders
 
 REPO = Path(__file__).resolve().parents[1]
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
 TOKYO, NY = dt.timezone(dt.timedelta(hours=9)), dt.timezone(dt.timedelta(hours=-5))
-Snapshot = dict[str, list[tuple[bytes, tuple[bytes, ...], dt.datetime]]]
 
 
 def _seed(raw: bytes, flags: tuple[str, ...] = (), when: dt.datetime | None = None
@@ -115,21 +114,8 @@ def login(server: DovecotInstance, password: str = ALICE_PW) -> IMAPClient:
 
 def snapshot(server: DovecotInstance) -> Snapshot:
     """Folder -> sorted (body, flags, INTERNALDATE) of every message, read with PEEK."""
-    out: Snapshot = {}
     with login(server) as client:
-        for flags, _d, name in client.list_folders():
-            if b"\\Noselect" in flags or b"\\NonExistent" in flags:
-                continue
-            client.select_folder(name, readonly=True)
-            uids = client.search("ALL")
-            data = client.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
-            out[name] = sorted((m[b"BODY[]"], _flags(m[b"FLAGS"]), m[b"INTERNALDATE"])
-                               for m in data.values())
-    return out
-
-
-def _flags(flags: tuple[bytes, ...]) -> tuple[bytes, ...]:
-    return tuple(sorted(f for f in flags if f != b"\\Recent"))
+        return snapshot_folders(client)
 
 
 def _nonempty(snap: Snapshot) -> Snapshot:

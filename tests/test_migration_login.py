@@ -22,7 +22,14 @@ from imapclient import IMAPClient
 
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
-from tests.support.mail import SeedMessage, make_message, sample_corpus, seed_mailbox
+from tests.support.mail import (
+    SeedMessage,
+    Snapshot,
+    make_message,
+    sample_corpus,
+    seed_mailbox,
+    snapshot_folders,
+)
 from tests.support.proxy import Proxy
 from tests.support.tls import TLSFiles
 
@@ -55,25 +62,13 @@ def proxy(tmp_path: Path, new_store: DovecotInstance,
 
 
 def snapshot(port: int, address: str, password: str | None = None,
-             master: tuple[str, str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
-    """Every folder's messages as (bytes, flags, INTERNALDATE in UTC), order-independent."""
+             master: tuple[str, str] | None = None) -> Snapshot:
     client = IMAPClient("127.0.0.1", port, ssl=False)
     if master:
         client.plain_login(master[0], master[1], authorization_identity=address)
     else:
         client.login(address, password or "")
-    folders: dict[str, list[tuple[Any, ...]]] = {}
-    for flags, _delimiter, name in client.list_folders():
-        if b"\\Noselect" in flags or b"\\NonExistent" in flags:
-            continue
-        client.select_folder(name, readonly=True)
-        uids = client.search("ALL")
-        fetched = client.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
-        folders[name] = sorted(
-            (data[b"BODY[]"], tuple(sorted(f for f in data[b"FLAGS"] if f != b"\\Recent")),
-             data[b"INTERNALDATE"].astimezone(UTC))
-            for data in fetched.values()
-        )
+    folders = snapshot_folders(client)
     client.logout()
     return folders
 

@@ -7,12 +7,13 @@ line) into exception text, and those end up in logs and in the admin's `last_err
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import poplib
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -134,18 +135,8 @@ def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
     except Exception as exc:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
-    try:
+    with _source_login(source, client, LoginError, secrets):
         client.login(source.login, source.password)
-    except LoginError as exc:
-        _close_quietly(client)
-        text = scrub(str(exc), *secrets)
-        if _looks_transient(text):
-            raise SourceUnavailable(f"source {source.host} refused login for now: {text}") from None
-        raise SourceAuthError(f"source {source.host} refused the login: {text}") from None
-    except Exception as exc:
-        _close_quietly(client)
-        text = _describe("source login failed", source.host, exc, secrets)
-        raise SourceUnavailable(text) from None
     return client
 
 
@@ -220,20 +211,28 @@ def connect_source_pop3(source: SourceSpec, timeout: float) -> poplib.POP3:
     except Exception as exc:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
-    try:
+    with _source_login(source, conn, poplib.error_proto, secrets):
         conn.user(source.login)
         conn.pass_(source.password)
-    except poplib.error_proto as exc:
-        _close_quietly(conn)
+    return conn
+
+
+@contextlib.contextmanager
+def _source_login(source: SourceSpec, client: IMAPClient | poplib.POP3,
+                  refusal: type[Exception], secrets: tuple[str | None, ...]) -> Iterator[None]:
+    """Sort a failed source login into "wrong password" and "try later", secrets scrubbed."""
+    try:
+        yield
+    except refusal as exc:
+        _close_quietly(client)
         text = scrub(str(exc), *secrets)
         if _looks_transient(text):
             raise SourceUnavailable(f"source {source.host} refused login for now: {text}") from None
         raise SourceAuthError(f"source {source.host} refused the login: {text}") from None
     except Exception as exc:
-        _close_quietly(conn)
+        _close_quietly(client)
         text = _describe("source login failed", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
-    return conn
 
 
 def check_source_login(source: SourceSpec, timeout: float) -> None:

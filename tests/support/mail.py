@@ -156,3 +156,24 @@ def sample_corpus() -> dict[str, list[SeedMessage]]:
 def sasl_plain(user: str, password: str, authzid: str = "") -> str:
     """The base64 SASL PLAIN response (RFC 4616) a client sends."""
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+# Folder -> sorted (bytes, flags without \Recent, INTERNALDATE in UTC) of every message.
+Snapshot = dict[str, list[tuple[bytes, tuple[bytes, ...], dt.datetime]]]
+
+
+def snapshot_folders(client: IMAPClient) -> Snapshot:
+    """Everything a migration must preserve, read with PEEK so nothing changes at the source."""
+    folders: Snapshot = {}
+    for flags, _delimiter, name in client.list_folders():
+        if b"\\Noselect" in flags or b"\\NonExistent" in flags:
+            continue
+        client.select_folder(name, readonly=True)
+        uids = client.search("ALL")
+        fetched = client.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]) if uids else {}
+        folders[name] = sorted(
+            (data[b"BODY[]"], tuple(sorted(f for f in data[b"FLAGS"] if f != b"\\Recent")),
+             data[b"INTERNALDATE"].astimezone(dt.UTC))
+            for data in fetched.values()
+        )
+    return folders
