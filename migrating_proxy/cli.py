@@ -16,6 +16,8 @@ from typing import Any
 
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
+from migrating_proxy.admin.cutover import EXPORT_FORMATS
+from migrating_proxy.admin.progress import watch
 from migrating_proxy.config import Config, ConfigError
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
@@ -23,6 +25,7 @@ from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES
 from migrating_proxy.store.status import migration_status
+from migrating_proxy.store.vault import VaultKeyError
 
 
 class CommandError(Exception):
@@ -41,10 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mailboxes copied at a time (default: migration.workers)")
     status = commands.add_parser("status", help="migration state and progress per account")
     status.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    status.add_argument("--domain", metavar="DOMAIN", help="only this domain's accounts")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="refresh on a terminal")
     _domain_commands(commands.add_parser("domain", help="manage migrating domains"))
     _account_commands(commands.add_parser("account", help="manage local accounts"))
+    _admin_commands(commands)
     return parser
+
+
+def _admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    imp = commands.add_parser("import", help="import migration users from a CSV file")
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--dry-run", action="store_true", help="validate only")
+    imp.add_argument("--json", action="store_true")
+    for name, text, waits in (
+            ("migrate", "verify credentials, then queue full passes", True),
+            ("resync", "queue incremental passes (mail that arrived since)", True),
+            ("stop", "pause passes at the next batch boundary", False),
+            ("start", "resume paused passes", False)):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("addresses", nargs="*", metavar="ADDRESS")
+        sub.add_argument("--domain", metavar="DOMAIN")
+        sub.add_argument("--all", action="store_true", help="every migrating account")
+        sub.add_argument("--json", action="store_true")
+        if waits:
+            sub.add_argument("--wait", action="store_true", help="wait until every pass ends")
+    fin = commands.add_parser("finish", help="final pass, switch the domain's migration off, "
+                                             "report")
+    fin.add_argument("domain", metavar="DOMAIN")
+    fin.add_argument("--yes", action="store_true", help="don't ask for confirmation")
+    fin.add_argument("--json", action="store_true")
+    exp = commands.add_parser("export", help="a domain's accounts and password hashes")
+    exp.add_argument("domain", metavar="DOMAIN")
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
 
 
 def _domain_commands(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(config.log.format, config.log.level)
         return run(args, config)
     except (ConfigError, CommandError, StoreError, AddressError, DatabaseError,
-            EndpointError) as exc:
+            EndpointError, VaultKeyError) as exc:
         print(f"migrating-proxy: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -105,10 +138,20 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if processes < 1:
             raise CommandError("--processes must be at least 1")
         return run_pool(config, processes)
+    # Imported here: the admin handlers use this module's CommandError and printing.
+    from migrating_proxy.admin import cli as admin_cli
+
     handler: Callable[[argparse.Namespace, Config, Store], int] = {
         "domain": domain_command,
         "account": account_command,
         "status": status_command,
+        "import": admin_cli.import_command,
+        "migrate": admin_cli.pass_command,
+        "resync": admin_cli.pass_command,
+        "stop": admin_cli.pass_command,
+        "start": admin_cli.pass_command,
+        "finish": admin_cli.finish_command,
+        "export": admin_cli.export_command,
     }[args.command]
     store = open_store(config.database_url)
     try:
@@ -201,17 +244,31 @@ def read_password() -> str:
 
 # -- status -------------------------------------------------------------------------------
 def status_command(args: argparse.Namespace, config: Config, store: Store) -> int:
-    rows = migration_status(store.engine, args.addresses or None)
-    known = {row["address"].lower() for row in rows}
-    unknown = [a for a in args.addresses if a.lower() not in known]
-    if unknown:
-        raise CommandError(f"unknown account {unknown[0]}")
+    if args.domain is not None and store.accounts.get_domain(args.domain) is None:
+        raise CommandError(f"unknown domain {args.domain}")
+    rows = status_rows(store, args.addresses, args.domain)
     if args.json:
         _print_rows(rows, True, [])
-        return 0
-    table = [{**row, "progress": _progress(row)} for row in rows]
-    _print_rows(table, False, ["address", "state", "progress", "last_error"])
+    elif args.watch and sys.stdout.isatty():
+        watch(lambda: status_rows(store, args.addresses, args.domain), print_status)
+    else:
+        print_status(rows)
     return 0
+
+
+def status_rows(store: Store, addresses: list[str], domain: str | None) -> list[dict[str, Any]]:
+    rows = migration_status(store.engine, addresses or None, domain)
+    known = {row["address"].lower() for row in rows}
+    unknown = [a for a in addresses if a.lower() not in known]
+    if unknown:
+        raise CommandError(f"unknown account {unknown[0]}")
+    return rows
+
+
+def print_status(rows: list[dict[str, Any]]) -> None:
+    table = [{**row, "progress": _progress(row), "last_pass": row["last_pass_at"]}
+             for row in rows]
+    _print_rows(table, False, ["address", "state", "progress", "last_error", "last_pass"])
 
 
 def _progress(row: dict[str, Any]) -> str:
@@ -223,6 +280,11 @@ def _progress(row: dict[str, Any]) -> str:
 
 
 # -- output -------------------------------------------------------------------------------
+def print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    """Data on stdout: a JSON list, or a table of `columns`."""
+    _print_rows(rows, as_json, columns)
+
+
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
     if as_json:
         json.dump(rows, sys.stdout, indent=2, default=str)

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 0.5  # how soon an idle worker notices a first login's job
 HEARTBEAT_SECONDS = 10.0
+PAUSE_CHECK_SECONDS = 1.0  # how soon a running copy notices `migrating-proxy stop`
 MAX_RETRY_DELAY = 3600.0
 
 
@@ -99,14 +101,16 @@ class CopyWorker:
             )
         finally:
             beating.done.set()
-        self._settle(job, account, result, paused.is_set())
+        self._settle(job, account, result)
 
-    def _settle(self, job: Job, account: Account, result: CopyResult, paused: bool) -> None:
+    def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
             self._end(job, account, "done", "COMPLETED", None)
             self.onboarding.vault.erase(account.id)  # no longer needed: never keep it longer
         elif result.state == "stopped":
-            self.store.jobs.release(job.id, paused=paused)
+            # The job row says whether an admin still wants it paused (they may have run
+            # `start` while this copy was winding down), so hand it back as the row says.
+            self.store.jobs.release(job.id)
         elif result.error_kind == "auth":
             self._end(job, account, "failed", "ERROR", result.error)
             self.onboarding.vault.erase(account.id)  # a password the old server refuses
@@ -126,7 +130,12 @@ class CopyWorker:
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the job's heartbeat fresh and notices an admin's pause."""
+    """Keeps the job's heartbeat fresh and notices an admin's pause.
+
+    The pause check is a one-row read every PAUSE_CHECK_SECONDS, so `migrating-proxy stop`
+    takes effect within about a second; the heartbeat write (which takes the database's write
+    lock on SQLite) stays at HEARTBEAT_SECONDS.
+    """
 
     def __init__(self, worker: CopyWorker, job_id: int, paused: threading.Event) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
@@ -134,9 +143,15 @@ class _Heartbeat(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(HEARTBEAT_SECONDS):
+        jobs = self.worker.store.jobs
+        last_beat = time.monotonic()
+        while not self.done.wait(PAUSE_CHECK_SECONDS):
             try:
-                if self.worker.store.jobs.heartbeat(self.job_id) == "paused":
+                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                    state, last_beat = jobs.heartbeat(self.job_id), time.monotonic()
+                else:
+                    state = jobs.state_of(self.job_id)
+                if state == "paused":
                     self.paused.set()
             except Exception as exc:  # a database hiccup must not kill the copy
                 log.warning("heartbeat_failed", error=type(exc).__name__)

@@ -167,6 +167,16 @@ class AccountStore:
                 .values(password_hash=password_hash, updated_at=now())
             ).rowcount)
 
+    def set_source(self, conn: Connection, account_id: int, source_url: str | None,
+                   source_login: str | None) -> None:
+        """A per-user old server and login (None: the domain's), in the caller's transaction."""
+        conn.execute(update(accounts).where(accounts.c.id == account_id).values(
+            source_url=source_url, source_login=source_login, updated_at=now()))
+
+    def list_migrating(self, domain: str | None = None) -> list[Account]:
+        """Accounts that are (or were) migrating, optionally of one domain."""
+        return [a for a in self.list_accounts(domain) if a.migration_state is not None]
+
     def mark_notice_inserted(self, address: str) -> None:
         self._update_account(address, notice_inserted_at=now())
 

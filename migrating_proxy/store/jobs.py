@@ -126,10 +126,71 @@ class JobQueue:
                 state=state, last_error=error, finished_at=now(), claimed_by=None))
 
     def release(self, job_id: int, *, paused: bool = False) -> None:
-        """Hand a running job back (worker shutting down, or paused by an admin)."""
+        """Hand a job back (worker shutting down, or paused by an admin).
+
+        A job an admin paused while it ran is already "paused" but still claimed: clearing
+        the claim is what tells `start` (and `status`) that its worker has let go.
+        """
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
                          .values(state="paused" if paused else "queued", claimed_by=None))
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "paused")
+                         .values(claimed_by=None))
+
+    def state_of(self, job_id: int) -> str | None:
+        """The job's state: one indexed read, cheap enough to poll every second."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+
+    # -- admin controls ------------------------------------------------------------------
+    def pause(self, account_ids: list[int]) -> set[int]:
+        """Pause the accounts' queued or running jobs; the accounts whose job was paused.
+
+        A running job keeps its claim: its worker sees the state within a second, stops at
+        the next batch boundary and releases it (see `release`).
+        """
+        return self._switch(account_ids, ("queued", "running"), "paused")
+
+    def resume(self, account_ids: list[int]) -> set[int]:
+        """Paused jobs back to work; the accounts whose job was resumed.
+
+        A paused job whose worker has not let go yet goes back to "running" (the worker
+        carries on), so two workers never hold one account's job.
+        """
+        with self.engine.begin() as conn:
+            resumed = self._switch(account_ids, ("paused",), "running", conn,
+                                   jobs.c.claimed_by.is_not(None))
+            return resumed | self._switch(account_ids, ("paused",), "queued", conn,
+                                          jobs.c.claimed_by.is_(None))
+
+    def _switch(self, account_ids: list[int], from_states: tuple[str, ...], to_state: str,
+                conn: Connection | None = None, *extra: object) -> set[int]:
+        if conn is None:
+            with self.engine.begin() as own:
+                return self._switch(account_ids, from_states, to_state, own, *extra)
+        where = and_(jobs.c.account_id.in_(account_ids), jobs.c.state.in_(from_states),
+                     *extra)  # type: ignore[arg-type]
+        hit = set(conn.execute(select(jobs.c.account_id).where(where)).scalars())
+        if hit:
+            conn.execute(update(jobs).where(where).values(state=to_state))
+        return hit
+
+    def record_failure(self, account_id: int, kind: str, source_host: str, error: str,
+                       conn: Connection) -> None:
+        """A pass that failed before it was queued (the old server refused the credentials)."""
+        stamp = now()
+        conn.execute(insert(jobs).values(
+            account_id=account_id, kind=kind, state="failed", source_host=source_host,
+            not_before=stamp, attempts=0, created_at=stamp, finished_at=stamp,
+            last_error=error))
+
+    def active_states(self, account_ids: list[int]) -> dict[int, tuple[str, bool]]:
+        """account id -> (state, still claimed by a worker) of its active job."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.account_id, jobs.c.state, jobs.c.claimed_by)
+                                .where(jobs.c.account_id.in_(account_ids),
+                                       jobs.c.state.in_(ACTIVE))).all()
+        return {row.account_id: (row.state, row.claimed_by is not None) for row in rows}
 
     def retry_later(self, job_id: int, error: str, delay: float) -> None:
         with self.engine.begin() as conn:

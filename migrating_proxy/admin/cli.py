@@ -1,0 +1,147 @@
+"""The admin commands' argument handling and output (the logic is in the sibling modules).
+
+Data on stdout (a table, or JSON with `--json`), never a progress display unless stdout is a
+terminal; errors as one line through cli.main. A command whose accounts ended in ERROR prints
+its data first, then fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from migrating_proxy.admin import audit
+from migrating_proxy.admin.cutover import export, finish
+from migrating_proxy.admin.imports import (
+    apply_import,
+    decode,
+    existing_states,
+    parse_import,
+)
+from migrating_proxy.admin.operations import Operations, Outcome, select_accounts
+from migrating_proxy.admin.progress import ProgressDisplay
+from migrating_proxy.cli import CommandError, print_rows
+from migrating_proxy.config import Config
+from migrating_proxy.provision import make_provisioner
+from migrating_proxy.store import Store
+
+OUTCOME_COLUMNS = ["address", "result", "reason"]
+WAIT_COLUMNS = [*OUTCOME_COLUMNS, "state", "messages_copied", "messages_skipped",
+                "bytes_copied", "last_error"]
+
+
+# -- import -------------------------------------------------------------------------------
+def import_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    try:
+        text = decode(Path(args.file).read_bytes())
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CommandError(f"{args.file}: {exc}; nothing imported") from None
+    domains = {d.name: d for d in store.accounts.list_domains()}
+    plan = parse_import(text, domains, existing_states(store))
+    if plan.errors:
+        for bad in plan.errors:  # every bad line first, then the one-line verdict
+            print(f"{args.file}: {bad}", file=sys.stderr)
+        raise CommandError(f"{args.file}: {len(plan.errors)} bad line(s); nothing imported")
+    created = sum(not row.existing for row in plan.rows)
+    if not args.dry_run:
+        operations = Operations.open(config, store)
+        created, _ = apply_import(store, operations.vault,
+                                  make_provisioner(config.provision, store.accounts), plan.rows)
+    summary = {"file": args.file, "dry_run": args.dry_run, "created": created,
+               "updated": len(plan.rows) - created}
+    audit("import", **summary, accounts=[row.address for row in plan.rows])
+    _print_summary(summary, args.json)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        verb = "would import" if summary["dry_run"] else "imported"
+        print(f"{verb} {summary['created']} new account(s), "
+              f"updated {summary['updated']} existing account(s)")
+
+
+# -- migrate / resync / stop / start ------------------------------------------------------
+def pass_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    targets = select_accounts(store, args.addresses, args.domain, args.all)
+    operations = Operations.open(config, store)
+    outcomes: list[Outcome] = getattr(operations, args.command)(targets)
+    rows = [outcome.as_dict() for outcome in outcomes]
+    columns = OUTCOME_COLUMNS
+    if getattr(args, "wait", False):
+        final = {row["address"]: row for row in _wait(operations, [a.address for a in targets])}
+        rows = [{**row, **_final_fields(final.get(row["address"]))} for row in rows]
+        columns = WAIT_COLUMNS
+    print_rows(rows, args.json, columns)
+    failed = [row["address"] for row in rows
+              if row["result"] == "error" or row.get("state") == "ERROR"]
+    if failed:
+        raise CommandError(f"{len(failed)} account(s) in ERROR: {', '.join(failed[:5])}"
+                           f"{' ...' if len(failed) > 5 else ''} (see status)")
+    return 0
+
+
+def _final_fields(row: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("state", "messages_copied", "messages_skipped", "bytes_copied", "last_error")
+    return {key: row[key] if row else None for key in keys}
+
+
+def _wait(operations: Operations, addresses: list[str]) -> list[dict[str, Any]]:
+    """Wait for the passes to end, with the live display on a terminal only."""
+    display = ProgressDisplay(sys.stdout) if sys.stdout.isatty() else None
+    return operations.wait(addresses, display.update if display else None)
+
+
+# -- finish / export ----------------------------------------------------------------------
+def finish_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    if store.accounts.get_domain(args.domain) is None:
+        raise CommandError(f"unknown domain {args.domain}")
+    if not args.yes and sys.stdin.isatty() and not _confirm(args.domain):
+        raise CommandError("not confirmed; nothing changed")
+    operations = Operations.open(config, store)
+    display = ProgressDisplay(sys.stdout) if sys.stdout.isatty() else None
+    report = finish(operations, args.domain, display.update if display else None)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report)
+    return 0
+
+
+def _confirm(domain: str) -> bool:
+    sys.stderr.write(f"Finish the migration of {domain}: run a final pass, then refuse unknown "
+                     "users and stop relaying to the old server? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"domain {report['domain']}: migration switched off")
+    print(f"accounts: {report['accounts']}, migrated: {len(report['migrated'])}, "
+          f"with errors: {len(report['errors'])}, "
+          f"imported but never migrated: {len(report['never_migrated'])}")
+    print(f"messages copied: {report['messages_copied']}, "
+          f"skipped: {report['messages_skipped']}")
+    for reason, count in report["skipped_reasons"].items():
+        print(f"  skipped {count}: {reason}")
+    for item in report["errors"]:
+        print(f"error: {item['address']}: {item['last_error']}")
+    for address in report["never_migrated"]:
+        print(f"never migrated: {address}")
+    for address in report["no_final_pass"]:
+        print(f"no final pass (no stored password): {address}")
+    print(f"vault entries erased: {report['vault_entries_erased']}")
+
+
+def export_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    sys.stdout.write(export(store, args.domain, args.format))
+    return 0

@@ -1,0 +1,101 @@
+"""The end of a domain's migration: `finish` (final pass, switch off, report) and `export`."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from migrating_proxy.admin import audit
+from migrating_proxy.admin.operations import NO_PASSWORD, Operations
+from migrating_proxy.passwords import PENDING_HASH, dovecot_form
+from migrating_proxy.store import Account, Store, StoreError
+from migrating_proxy.store.copystate import CopyState
+
+EXPORT_FORMATS = ("dovecot-passwd", "csv")
+
+
+def finish(ops: Operations, domain_name: str,
+           on_tick: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Final incremental pass for every migrated account, wait, switch migration off, report.
+
+    Only accounts that completed a pass get a final one: an account in ERROR would make the
+    cut-over wait out its retries, and is reported instead. Vault entries are erased
+    afterwards, except those of imported users never migrated: `migrate` still needs them.
+    """
+    domain = ops.store.accounts.get_domain(domain_name)
+    if domain is None:
+        raise StoreError(f"unknown domain {domain_name}")
+    accounts = ops.store.accounts.list_migrating(domain.name)
+    finals = ops.resync([a for a in accounts if a.migration_state == "COMPLETED"])
+    rows = ops.wait([a.address for a in accounts], on_tick)
+    ops.store.accounts.set_domain_migrating(domain.name, False)
+    erased = _erase_vault(ops, [a for a in accounts if a.migration_state != "NEW"])
+    report = _report(ops.store, domain.name, accounts, rows)
+    report["no_final_pass"] = [o.address for o in finals if o.reason == NO_PASSWORD]
+    report["vault_entries_erased"] = erased
+    audit("finish", domain=domain.name, accounts=len(accounts),
+          migrated=len(report["migrated"]), errors=len(report["errors"]))
+    return report
+
+
+def _erase_vault(ops: Operations, accounts: list[Account]) -> int:
+    erased = 0
+    for account in accounts:
+        if ops.vault.get(account.id) is not None:
+            ops.vault.erase(account.id)
+            erased += 1
+    return erased
+
+
+def _report(store: Store, domain: str, accounts: list[Account],
+            rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_state: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_state.setdefault(row["state"], []).append(row)
+    skipped = [
+        {"address": account.address, "folder": folder, "message": key, "reason": reason}
+        for account in accounts
+        for folder, key, reason in CopyState(store.engine, account.id).skipped()
+    ]
+    return {
+        "domain": domain,
+        "migrating": False,
+        "accounts": len(accounts),
+        "migrated": [row["address"] for row in by_state.get("COMPLETED", [])],
+        "errors": [{"address": row["address"], "last_error": row["last_error"]}
+                   for row in by_state.get("ERROR", [])],
+        "never_migrated": [row["address"] for row in by_state.get("NEW", [])],
+        "unfinished": [row["address"] for row in by_state.get("PENDING", [])],
+        "messages_copied": sum(row["messages_copied"] for row in rows),
+        "messages_skipped": sum(row["messages_skipped"] for row in rows),
+        "bytes_copied": sum(row["bytes_copied"] for row in rows),
+        "skipped": skipped,
+        "skipped_reasons": dict(Counter(item["reason"] for item in skipped)),
+    }
+
+
+def export(store: Store, domain: str, fmt: str) -> str:
+    """The domain's accounts and hashes, for loading into the new store directly.
+
+    Accounts whose hash is still pending (imported, never migrated) get Dovecot's locked
+    entry in dovecot-passwd form and an empty hash in CSV: nobody can log in with them yet.
+    """
+    if store.accounts.get_domain(domain) is None:
+        raise StoreError(f"unknown domain {domain}")
+    if fmt not in EXPORT_FORMATS:
+        raise StoreError(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
+    accounts = store.accounts.list_accounts(domain)
+    audit("export", domain=domain.lower(), format=fmt, accounts=len(accounts))
+    if fmt == "dovecot-passwd":
+        return "".join(f"{a.address.lower()}:{dovecot_form(a.password_hash)}\n"
+                       for a in accounts)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["address", "password_hash", "migration_state"])
+    for a in accounts:
+        pending = a.password_hash == PENDING_HASH
+        writer.writerow([a.address, "" if pending else a.password_hash, a.migration_state or ""])
+    return out.getvalue()

@@ -1,0 +1,217 @@
+"""migrate, resync, stop, start, wait and the per-account outcome of each.
+
+Each operation takes the accounts the admin named and returns one `Outcome` per account, in the
+order given, so the CLI can print a row per account whatever happened to it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from migrating_proxy.admin import audit
+from migrating_proxy.config import Config
+from migrating_proxy.endpoints import parse_endpoint
+from migrating_proxy.migration.connections import (
+    SourceAuthError,
+    SourceUnavailable,
+    check_source_login,
+)
+from migrating_proxy.onboarding import source_spec
+from migrating_proxy.store import Account, Domain, Store, StoreError
+from migrating_proxy.store.status import migration_status
+from migrating_proxy.store.vault import Vault, load_or_create_key
+
+VERIFY_THREADS = 8  # credential checks in flight; each is one login at an old server
+POLL_SECONDS = 0.5
+SETTLED_JOB_STATES = (None, "paused", "pausing")  # nothing more will happen without an admin
+NO_PASSWORD = ("no stored password: import the user's password again, or wait for the user's "
+               "next login")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    address: str
+    result: str  # queued | error | skipped | paused | resumed
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_accounts(store: Store, addresses: list[str], domain: str | None,
+                    every: bool) -> list[Account]:
+    """The migrating accounts an admin named: addresses, a domain, or --all (exactly one)."""
+    if sum((bool(addresses), domain is not None, every)) != 1:
+        raise StoreError("name accounts, or give --domain DOMAIN or --all")
+    if domain is not None:
+        if store.accounts.get_domain(domain) is None:
+            raise StoreError(f"unknown domain {domain}")
+        return store.accounts.list_migrating(domain)
+    if every:
+        return store.accounts.list_migrating()
+    found = []
+    for address in addresses:
+        account = store.accounts.get_account(address)
+        if account is None:
+            raise StoreError(f"unknown account {address}")
+        found.append(account)
+    return found
+
+
+@dataclass
+class Operations:
+    config: Config
+    store: Store
+    vault: Vault
+
+    @classmethod
+    def open(cls, config: Config, store: Store) -> Operations:
+        return cls(config, store, Vault(store.engine, load_or_create_key(config.vault_key_path)))
+
+    # -- migrate -------------------------------------------------------------------------
+    def migrate(self, targets: list[Account]) -> list[Outcome]:
+        """Verify each user's password at the old server, then queue a full pass.
+
+        Checked in parallel and before anything is queued, so a wrong password fails in
+        seconds (state ERROR, reason in `status`) instead of after a worker's retries.
+        """
+        outcomes: dict[str, Outcome] = {}
+        ready: list[tuple[Account, Domain, str]] = []
+        for account in targets:
+            domain, password = self._domain(account), self.vault.get(account.id)
+            reason = _why_not_migrate(account, self._active(account), domain, password)
+            if reason:
+                outcomes[account.address] = Outcome(account.address, "skipped", reason)
+            else:
+                assert domain is not None and password is not None
+                ready.append((account, domain, password))
+        with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            verdicts = list(pool.map(lambda item: self._verify(*item), ready))
+        for (account, domain, _), (error, refused) in zip(ready, verdicts, strict=True):
+            if error:
+                self._fail(account, domain, error, erase=refused)
+                outcomes[account.address] = Outcome(account.address, "error", error)
+            else:
+                self._queue(account, domain, "full")
+                outcomes[account.address] = Outcome(account.address, "queued")
+        return self._audited("migrate", targets, outcomes)
+
+    def _verify(self, account: Account, domain: Domain, password: str) -> tuple[str | None, bool]:
+        """(error, the old server refused the password) of one credential check."""
+        spec = source_spec(domain, account, account.address, password)
+        try:
+            check_source_login(spec, self.config.migration.source_timeout)
+        except SourceAuthError:
+            return "the old server refused the password", True
+        except SourceUnavailable as exc:
+            return f"old server unreachable: {exc}", False
+        return None, False
+
+    def _fail(self, account: Account, domain: Domain, error: str, erase: bool) -> None:
+        with self.store.engine.begin() as conn:
+            self.store.jobs.record_failure(account.id, "full", _host(account, domain), error,
+                                           conn)
+            self.store.accounts.set_migration_state(account.address, "ERROR", conn)
+        if erase:  # a password the old server refuses is of no use to anyone
+            self.vault.erase(account.id)
+
+    def _queue(self, account: Account, domain: Domain, kind: str) -> None:
+        with self.store.engine.begin() as conn:
+            self.store.jobs.enqueue(account.id, kind, _host(account, domain), conn)
+            self.store.accounts.set_migration_state(account.address, "PENDING", conn)
+
+    # -- resync --------------------------------------------------------------------------
+    def resync(self, targets: list[Account]) -> list[Outcome]:
+        """Queue an incremental pass for each account that has been migrated (or tried)."""
+        outcomes = {}
+        for account in targets:
+            domain = self._domain(account)
+            reason = _why_not_resync(account, self._active(account), domain)
+            if reason is None and self.vault.get(account.id) is None:
+                reason = NO_PASSWORD
+            if reason:
+                outcomes[account.address] = Outcome(account.address, "skipped", reason)
+                continue
+            assert domain is not None
+            self._queue(account, domain, "incremental")
+            outcomes[account.address] = Outcome(account.address, "queued")
+        return self._audited("resync", targets, outcomes)
+
+    # -- stop / start --------------------------------------------------------------------
+    def stop(self, targets: list[Account]) -> list[Outcome]:
+        paused = self.store.jobs.pause([a.id for a in targets])
+        outcomes = {a.address: Outcome(a.address, "paused") if a.id in paused else
+                    Outcome(a.address, "skipped", "no queued or running pass")
+                    for a in targets}
+        return self._audited("stop", targets, outcomes)
+
+    def start(self, targets: list[Account]) -> list[Outcome]:
+        resumed = self.store.jobs.resume([a.id for a in targets])
+        outcomes = {a.address: Outcome(a.address, "resumed") if a.id in resumed else
+                    Outcome(a.address, "skipped", "no paused pass")
+                    for a in targets}
+        return self._audited("start", targets, outcomes)
+
+    # -- waiting -------------------------------------------------------------------------
+    def wait(self, addresses: list[str],
+             on_tick: Callable[[list[dict[str, Any]]], None] | None = None
+             ) -> list[dict[str, Any]]:
+        """Poll `status` until no account has a queued or running pass; the final rows.
+
+        Paused passes count as settled: they wait for an admin's `start`.
+        """
+        while True:
+            rows = migration_status(self.store.engine, addresses) if addresses else []
+            if on_tick:
+                on_tick(rows)
+            if all(row["job_state"] in SETTLED_JOB_STATES for row in rows):
+                return rows
+            time.sleep(POLL_SECONDS)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _domain(self, account: Account) -> Domain | None:
+        return self.store.accounts.get_domain(account.domain)
+
+    def _active(self, account: Account) -> str | None:
+        job = self.store.jobs.active_job(account.id)
+        return job.state if job else None
+
+    def _audited(self, action: str, targets: list[Account],
+                 outcomes: dict[str, Outcome]) -> list[Outcome]:
+        ordered = [outcomes[a.address] for a in targets]
+        counts: dict[str, int] = {}
+        for outcome in ordered:
+            counts[outcome.result] = counts.get(outcome.result, 0) + 1
+        audit(action, accounts=[a.address for a in targets], results=counts)
+        return ordered
+
+
+def _host(account: Account, domain: Domain) -> str:
+    return parse_endpoint(account.source_url or domain.source_url).host
+
+
+def _why_not_migrate(account: Account, active: str | None, domain: Domain | None,
+                     password: str | None) -> str | None:
+    if account.migration_state is None:
+        return "a local account, not a migrating one"
+    if account.migration_state == "COMPLETED":
+        return "already migrated; use resync for mail that arrived since"
+    if active:
+        return f"a pass is already {active}"
+    if domain is None:
+        return f"domain {account.domain} is not configured"
+    return NO_PASSWORD if password is None else None
+
+
+def _why_not_resync(account: Account, active: str | None, domain: Domain | None) -> str | None:
+    if account.migration_state is None:
+        return "a local account, not a migrating one"
+    if account.migration_state == "NEW":
+        return "never migrated; use migrate"
+    if active:
+        return f"a pass is already {active}"
+    return f"domain {account.domain} is not configured" if domain is None else None
