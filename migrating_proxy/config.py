@@ -7,7 +7,10 @@ the key and the reason, so the CLI can print one line instead of a traceback.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,9 @@ class ListenConfig:
     imaps: tuple[str, int] | None = None
     pop3: tuple[str, int] | None = ("127.0.0.1", 1110)
     pop3s: tuple[str, int] | None = None
+    # Off unless configured, so existing deployments open no port they did not ask for.
+    smtp: tuple[str, int] | None = None  # inbound (MX): no AUTH, local domains only
+    submission: tuple[str, int] | None = None  # AUTH required
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class BackendConfig:
     master_user: str = ""
     master_password_file: Path | None = None
     timeout: float = 10.0  # connect + greeting + login at the store, seconds
+    # Where inbound mail for local accounts goes: LMTP (or SMTP) of the new store.
+    delivery: Endpoint = field(default_factory=lambda: parse_endpoint("lmtp://127.0.0.1:24"))
 
     def master_password(self) -> str | None:
         """Read on demand so the secret lives in memory only while a login needs it."""
@@ -96,6 +104,41 @@ class MigrationConfig:
     max_attempts: int = 8  # a copy that keeps failing for transient reasons ends in ERROR
 
 
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or `"50MB"` / `"50M"` / `"512K"` (binary multiples, like Dovecot)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", value.upper())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size like 50MB")
+    return int(match[1]) * SIZE_UNITS[match[2]]
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    """The SMTP front-ends (inbound MX and submission) and their next hops."""
+
+    max_message_size: int = 50 * 1024**2  # bytes; advertised with SIZE and enforced
+    hostname: str = ""  # banner and Received header; "": the machine's FQDN
+    outbound: Endpoint | None = None  # submission relay for authenticated users' mail
+    data_timeout: float = 180.0  # seconds of silence allowed inside DATA (RFC 5321 4.5.3.2.5)
+    timeout: float = 60.0  # seconds for each step with a next hop (connect, RCPT, DATA end)
+    max_recipients: int = 100  # RCPTs per transaction; more get 452 4.5.3
+
+    @property
+    def banner_name(self) -> str:
+        return self.hostname or machine_fqdn()
+
+
+@functools.cache
+def machine_fqdn() -> str:
+    """Once per process: getfqdn() may ask DNS, which must not happen per SMTP session."""
+    return socket.getfqdn()
+
+
 @dataclass(frozen=True)
 class LogConfig:
     format: str = "auto"  # auto | json | console
@@ -113,6 +156,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
 
     @property
     def vault_key_path(self) -> Path:
@@ -154,14 +198,16 @@ class _Reader:
     """Turns the parsed TOML into a Config, naming `file: section.key: reason` on errors."""
 
     KNOWN = {
-        "listen": {"imap", "imaps", "pop3", "pop3s"},
+        "listen": set(ListenConfig.__dataclass_fields__),
         "tls": {"cert", "key", "require"},
         "database": {"url"},
-        "backend": {"imap", "pop3", "master_user", "master_password_file", "timeout"},
+        "backend": {"imap", "pop3", "master_user", "master_password_file", "timeout",
+                    "delivery"},
         "provision": {"kind", "path", "scheme", "rounds", "hash_processes"},
         "limits": set(LimitsConfig.__dataclass_fields__),
         "log": {"format", "level"},
         "migration": set(MigrationConfig.__dataclass_fields__),
+        "smtp": set(SMTPConfig.__dataclass_fields__),
     }
 
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
@@ -184,10 +230,13 @@ class _Reader:
             limits=self._limits(),
             log=self._log(),
             migration=self._migration(),
+            smtp=self._smtp(),
         )
         for name in ("imaps", "pop3s"):
             if getattr(config.listen, name) and not config.tls.enabled:
                 raise self.fail(f"listen.{name}", "needs tls.cert and tls.key")
+        if config.listen.submission and config.smtp.outbound is None:
+            raise self.fail("smtp.outbound", "required with listen.submission")
         return config
 
     def _check_known_keys(self) -> None:
@@ -219,7 +268,7 @@ class _Reader:
     def _listen(self) -> ListenConfig:
         defaults = ListenConfig()
         values = {}
-        for key in ("imap", "imaps", "pop3", "pop3s"):
+        for key in ListenConfig.__dataclass_fields__:
             current = getattr(defaults, key)
             text = self.get("listen", key, str, f"{current[0]}:{current[1]}" if current else "")
             try:
@@ -270,6 +319,8 @@ class _Reader:
             master_user=self.get("backend", "master_user", str, ""),
             master_password_file=self.path_or_none("backend", "master_password_file"),
             timeout=self.get("backend", "timeout", float, 10.0),
+            delivery=self._endpoint("backend", "delivery", "lmtp://127.0.0.1:24",
+                                    ("lmtp", "smtp")),
         )
         if backend.master_user and backend.master_password_file is None:
             raise self.fail("backend.master_password_file", "required with backend.master_user")
@@ -279,6 +330,39 @@ class _Reader:
                 f"{backend.master_password_file} is not a readable file",
             )
         return backend
+
+    def _endpoint(self, section: str, key: str, default: str,
+                  allowed: tuple[str, ...]) -> Endpoint:
+        try:
+            return parse_endpoint(self.get(section, key, str, default), allowed)
+        except EndpointError as exc:
+            raise self.fail(f"{section}.{key}", str(exc)) from None
+
+    def _smtp(self) -> SMTPConfig:
+        defaults = SMTPConfig()
+        try:
+            size = parse_size(self.get("smtp", "max_message_size", (int, str),
+                                       defaults.max_message_size))
+        except ValueError as exc:
+            raise self.fail("smtp.max_message_size", str(exc)) from None
+        outbound = self.get("smtp", "outbound", str, "")
+        values: dict[str, Any] = {
+            "max_message_size": size,
+            "hostname": self.get("smtp", "hostname", str, ""),
+            "outbound": self._endpoint("smtp", "outbound", outbound, ("smtp",))
+            if outbound else None,
+        }
+        for key in ("data_timeout", "timeout", "max_recipients"):
+            default = getattr(defaults, key)
+            values[key] = self.get("smtp", key, type(default), default)
+            if values[key] <= 0:
+                raise self.fail(f"smtp.{key}", "must be positive")
+        if size <= 0:
+            raise self.fail("smtp.max_message_size", "must be positive")
+        if not re.fullmatch(r"[A-Za-z0-9.-]*", values["hostname"]):
+            # It goes into every banner and Received header: letters, digits, dots, dashes.
+            raise self.fail("smtp.hostname", "must be a plain host name")
+        return SMTPConfig(**values)
 
     def _provision(self) -> ProvisionConfig:
         from migrating_proxy.passwords import known_scheme

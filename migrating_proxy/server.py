@@ -12,6 +12,8 @@ from twisted.python.threadpool import ThreadPool
 from migrating_proxy.config import Config
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.session import FrontendContext, ProxySession, SessionFactory
+from migrating_proxy.frontends.smtp import SMTPSession
+from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService
 from migrating_proxy.onboarding import Onboarding
@@ -22,8 +24,11 @@ log = structlog.get_logger(__name__)
 
 
 def session_classes() -> dict[str, type[ProxySession]]:
-    """Listener name -> session class; POP3 joins when its module is importable."""
-    classes: dict[str, type[ProxySession]] = {"imap": IMAPSession, "imaps": IMAPSession}
+    """Listener name -> session class (config `listen.<name>`); POP3 joins when importable."""
+    classes: dict[str, type[ProxySession]] = {
+        "imap": IMAPSession, "imaps": IMAPSession,
+        "smtp": SMTPSession, "submission": SubmissionSession,
+    }
     try:
         from migrating_proxy.frontends.pop3 import POP3Session
     except ImportError:
@@ -97,12 +102,14 @@ def stop_workers(workers: subprocess.Popen[bytes] | None) -> None:
 
 def listen_all(ctx: FrontendContext) -> list:
     reactor, listen, ports = ctx.reactor, ctx.config.listen, []
+    if listen.smtp or listen.submission:
+        ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
     for name, session_class in session_classes().items():
         address = getattr(listen, name)
         if address is None:
             continue
         host, port = address
-        implicit = name.endswith("s")
+        implicit = name in ("imaps", "pop3s")
         factory = SessionFactory(session_class, ctx, implicit_tls=implicit)
         if implicit:
             if ctx.tls_options is None:
