@@ -102,6 +102,10 @@ class MigrationConfig:
     max_connections_per_host: int = 4
     parallel_folders: int = 2  # folders one copy reads at a time (one connection each)
     max_attempts: int = 8  # a copy that keeps failing for transient reasons ends in ERROR
+    # false: a captured password is erased as soon as a pass completes (the user's next login
+    # brings it back for the next pass). true: kept, encrypted, until `finish`, so workers run
+    # an incremental pass every resync_interval on their own.
+    keep_credentials: bool = False
 
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -407,6 +411,7 @@ class _Reader:
             values[key] = value
         for key in ("notice", "vault_key_file"):
             values[key] = self.path_or_none("migration", key)
+        values["keep_credentials"] = self.get("migration", "keep_credentials", bool, False)
         if values["notice"] is not None and not values["notice"].is_file():
             raise self.fail("migration.notice", f"{values['notice']} is not a readable file")
         return MigrationConfig(**values)

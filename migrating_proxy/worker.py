@@ -106,7 +106,8 @@ class CopyWorker:
     def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
             self._end(job, account, "done", "COMPLETED", None)
-            self.onboarding.vault.erase(account.id)  # no longer needed: never keep it longer
+            if not self.config.migration.keep_credentials:
+                self.onboarding.vault.erase(account.id)  # not needed now: never keep it longer
         elif result.state == "stopped":
             # The job row says whether an admin still wants it paused (they may have run
             # `start` while this copy was winding down), so hand it back as the row says.
@@ -198,6 +199,23 @@ def recover_dead_claims(config: Config) -> None:
         log.info("jobs_recovered", count=requeued, reason="their worker process died")
 
 
+def queue_due_resyncs(config: Config) -> None:
+    """Automatic incremental passes (with kept credentials); never lets the pool die."""
+    from migrating_proxy.admin.operations import Operations
+
+    try:
+        store = open_store(config.database_url)
+        try:
+            queued = Operations.open(config, store).resync_due()
+        finally:
+            store.close()
+    except Exception as exc:  # the database may be briefly unreachable: try next time
+        log.warning("resync_scheduling_failed", error=type(exc).__name__)
+        return
+    if queued:
+        log.info("resyncs_queued", count=queued)
+
+
 def run_pool(config: Config, processes: int) -> int:
     """Run `processes` workers until SIGTERM/SIGINT, replacing any that die; exit code."""
     context = multiprocessing.get_context("spawn")  # no inherited sockets, threads or engines
@@ -212,6 +230,7 @@ def run_pool(config: Config, processes: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    next_resync_check = time.monotonic()
     while not stopping.is_set():
         dead = [n for n in range(processes) if n not in children or not children[n].is_alive()]
         if dead:
@@ -222,6 +241,9 @@ def run_pool(config: Config, processes: int) -> int:
             children[number] = context.Process(target=worker_main, args=(config, number),
                                                name=f"worker-{number}")
             children[number].start()
+        if config.migration.keep_credentials and time.monotonic() >= next_resync_check:
+            queue_due_resyncs(config)
+            next_resync_check = time.monotonic() + min(60.0, config.migration.resync_interval)
         stopping.wait(1.0)
     for child in children.values():
         child.join()

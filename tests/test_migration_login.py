@@ -308,3 +308,23 @@ def test_old_server_certificates_are_verified_unless_the_domain_says_not(
             client.logout()
     finally:
         dovecot.remove_root(root)
+
+
+def test_kept_credentials_let_workers_fetch_late_mail_without_a_login(
+        tmp_path: Path, new_store: DovecotInstance, seeded_old: DovecotInstance) -> None:
+    with migrating_proxy(tmp_path / "p", new_store, seeded_old, keep_credentials=True,
+                         resync_interval=1.0) as proxy:
+        IMAPClient("127.0.0.1", proxy.imap_port, ssl=False).login(ALICE, ALICE_PW)
+        assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
+        assert len(db_rows(proxy, "vault")) == 1  # kept, encrypted, for the next passes
+        old = IMAPClient("127.0.0.1", seeded_old.imap_port, ssl=False)
+        old.login(ALICE, ALICE_PW)
+        old.append("INBOX", make_message("Late, no login since", "picked up anyway\n",
+                                         datetime(2025, 6, 1, 9, 0, tzinfo=UTC)))
+        old.logout()
+        expected = snapshot(seeded_old.imap_port, ALICE, ALICE_PW)
+        deadline = time.monotonic() + 60
+        while without_notice(store_snapshot(new_store, ALICE)) != expected:
+            assert time.monotonic() < deadline, proxy.log_text()[-3000:]
+            time.sleep(0.5)
+        assert notices(store_snapshot(new_store, ALICE)) == 1

@@ -10,6 +10,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from migrating_proxy.admin import audit
@@ -140,6 +141,21 @@ class Operations:
             self._queue(account, domain, "incremental")
             outcomes[account.address] = Outcome(account.address, "queued")
         return self._audited("resync", targets, outcomes)
+
+    def resync_due(self) -> int:
+        """Queue a pass for migrated accounts of migrating domains whose last pass is older
+        than resync_interval and whose password was kept; returns how many were queued."""
+        horizon = datetime.now(UTC) - timedelta(seconds=self.config.migration.resync_interval)
+        rows = migration_status(self.store.engine)
+        stale = {row["address"] for row in rows if row["state"] == "COMPLETED"
+                 and (row["last_pass_at"] is None
+                      or datetime.fromisoformat(row["last_pass_at"]) < horizon)}
+        due = [account for account in self.store.accounts.list_migrating()
+               if account.address in stale and (domain := self._domain(account)) is not None
+               and domain.migrating and self.vault.get(account.id) is not None]
+        if not due:
+            return 0
+        return sum(outcome.result == "queued" for outcome in self.resync(due))
 
     # -- stop / start --------------------------------------------------------------------
     def stop(self, targets: list[Account]) -> list[Outcome]:
