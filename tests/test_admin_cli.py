@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import select
+import smtplib
 import subprocess
 import sys
 import time
@@ -62,9 +63,23 @@ def old21() -> Iterator[DovecotInstance]:
 
 def admin_proxy(directory: Path, store: DovecotInstance, old: DovecotInstance,
                 workers: int = 2, **migration: Any) -> Proxy:
-    proxy = Proxy(directory, store, overrides={"migration": {"workers": workers, **migration}})
+    smtp_port = free_port()
+    proxy = Proxy(directory, store, overrides={
+        "migration": {"workers": workers, **migration},
+        "listen": {"smtp": f"127.0.0.1:{smtp_port}"},
+        "backend": {"delivery": f"lmtp://127.0.0.1:{store.lmtp_port}"},
+    })
+    proxy.ports["smtp"] = smtp_port
     proxy.cli("domain", "add", DOMAIN, "--source", f"imap://127.0.0.1:{old.imap_port}")
     return proxy
+
+
+def rcpt_code(port: int, recipient: str) -> int:
+    """What the proxy's inbound SMTP answers for a recipient (the MX's view)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("sender.example")
+        smtp.mail("someone@sender.example")
+        return smtp.rcpt(recipient)[0]
 
 
 def hosted_csv(path: Path, old: DovecotInstance) -> Path:
@@ -167,10 +182,15 @@ def test_import_migrate_resync_finish_export(tmp_path: Path, new_store: DovecotI
             snapshot(old21.imap_port, "user02@old.example", USERS["user02@old.example"])
 
         assert cli.run("finish", "nope.example", "--yes", code=1).stderr.count("\n") == 1
+        # Before the cut-over, mail for a user not seen yet belongs to the old server (no
+        # relay configured here, so: try later); afterwards, nobody of that name exists.
+        assert rcpt_code(proxy.ports["smtp"], STRANGER) == 451
         report = cli.json("finish", DOMAIN, "--yes")
         # After the cut-over an unknown user of the domain is refused; migrated ones are not.
         assert not login_ok(proxy.imap_port, STRANGER, STRANGER_PW)
         assert login_ok(proxy.imap_port, "user01@old.example", USERS["user01@old.example"])
+        assert rcpt_code(proxy.ports["smtp"], STRANGER) == 550
+        assert rcpt_code(proxy.ports["smtp"], "user01@old.example") == 250
 
     migrated = sorted(set(USERS) - failed - {LATE, MAPPED_FROM} | {MAPPED_TO})
     assert sorted(report["migrated"]) == migrated
