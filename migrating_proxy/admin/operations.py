@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -159,18 +159,20 @@ class Operations:
 
     # -- stop / start --------------------------------------------------------------------
     def stop(self, targets: list[Account]) -> list[Outcome]:
-        paused = self.store.jobs.pause([a.id for a in targets])
-        outcomes = {a.address: Outcome(a.address, "paused") if a.id in paused else
-                    Outcome(a.address, "skipped", "no queued or running pass")
-                    for a in targets}
-        return self._audited("stop", targets, outcomes)
+        return self._switch("stop", targets, self.store.jobs.pause, "paused",
+                            "no queued or running pass")
 
     def start(self, targets: list[Account]) -> list[Outcome]:
-        resumed = self.store.jobs.resume([a.id for a in targets])
-        outcomes = {a.address: Outcome(a.address, "resumed") if a.id in resumed else
-                    Outcome(a.address, "skipped", "no paused pass")
-                    for a in targets}
-        return self._audited("start", targets, outcomes)
+        return self._switch("start", targets, self.store.jobs.resume, "resumed",
+                            "no paused pass")
+
+    def _switch(self, action: str, targets: list[Account],
+                change: Callable[[list[int]], Collection[int]], done: str,
+                otherwise: str) -> list[Outcome]:
+        changed = change([a.id for a in targets])
+        outcomes = {a.address: Outcome(a.address, done) if a.id in changed else
+                    Outcome(a.address, "skipped", otherwise) for a in targets}
+        return self._audited(action, targets, outcomes)
 
     # -- waiting -------------------------------------------------------------------------
     def wait(self, addresses: list[str],
