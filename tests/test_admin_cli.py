@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import select
+import signal
 import smtplib
 import subprocess
 import sys
@@ -309,6 +310,8 @@ def test_progress_display_on_a_terminal(tmp_path: Path, new_store: DovecotInstan
     with proxy:
         output, code = run_in_pty([sys.executable, "-m", "migrating_proxy", "--config",
                                    str(proxy.config_path), "migrate", "--all", "--wait"])
+        watched, watch_code = watch_in_pty([sys.executable, "-m", "migrating_proxy", "--config",
+                                            str(proxy.config_path), "status", "--watch"])
         # finish asks first on a terminal; anything but yes changes nothing.
         refused, refused_code = run_in_pty([sys.executable, "-m", "migrating_proxy", "--config",
                                             str(proxy.config_path), "finish", DOMAIN],
@@ -319,7 +322,33 @@ def test_progress_display_on_a_terminal(tmp_path: Path, new_store: DovecotInstan
     total = [line for line in output.splitlines() if " total " in line][-1]
     assert "msgs/s" in total and "ETA" in total and "(2/2 accounts settled)" in total
     assert refused_code == 1 and "[y/N]" in refused and "not confirmed" in refused
+    # status --watch redraws the table in place until Ctrl-C, which ends it cleanly.
+    assert watched.count(CLEAR_SCREEN) >= 2 and watch_code == 0, watched
+    assert watched.split(CLEAR_SCREEN)[1].split()[:5] == [
+        "address", "state", "progress", "last_error", "last_pass"]
     assert json.loads(proxy.cli("domain", "list", "--json").stdout)[0]["migrating"]
+
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def watch_in_pty(argv: list[str], redraws: int = 2) -> tuple[str, int]:
+    """Run a redrawing command on a pseudo-terminal until it redrew `redraws` times, then
+    press Ctrl-C; everything it wrote, and its exit code."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(argv, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                               close_fds=True)
+    os.close(slave)
+    output = ""
+    deadline = time.monotonic() + 60
+    while output.count(CLEAR_SCREEN) < redraws + 1 and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1)
+        if ready:
+            output += os.read(master, 65536).decode(errors="replace")
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=30)
+    os.close(master)
+    return output, code
 
 
 def run_in_pty(argv: list[str], answer: bytes | None = None) -> tuple[str, int]:
