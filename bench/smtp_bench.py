@@ -92,6 +92,9 @@ def main() -> int:
         store.start()
         proxy.add_account(USER, PASSWORD)
         proxy.start()
+        # One delivery first: the store creates the mailbox on it. Left to the first round,
+        # ten concurrent first deliveries race to create it (451 4.2.0 Mailbox already exists).
+        sender(paths["direct"], 1, args.size)
         for number in range(rounds):
             order = ("direct", "proxy") if number % 2 == 0 else ("proxy", "direct")
             for name in order:

@@ -29,6 +29,7 @@ class Route:
     next_hop: Endpoint | None = None
     reply: str = ""  # full reply line when next_hop is None, e.g. "550 5.1.1 ..."
     verify_tls: bool = True  # the domain's --no-verify-tls applies to its relay too
+    local: bool = False  # an account exists: the store, whatever the domain's state
 
     @property
     def accepted(self) -> bool:
@@ -42,7 +43,7 @@ def route(accounts: AccountStore, delivery: Endpoint, address: str) -> Route:
     except AddressError:
         return Route(address, reply="553 5.1.3 Bad recipient address syntax")
     if accounts.get_account(address) is not None:
-        return Route(address, delivery)
+        return Route(address, delivery, local=True)
     domain = accounts.get_domain(domain_name)
     if domain is None:
         return Route(address, reply="550 5.7.1 Relaying denied")

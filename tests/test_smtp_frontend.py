@@ -440,6 +440,55 @@ def test_data_reader_gives_the_same_verdict_however_the_bytes_are_split(
         assert bytes(reader.message) == content, size
 
 
+@pytest.mark.parametrize("content", [
+    b"", b"a\r\n", b".\r\n", b".a\r\n..b\r\nc.\r\n.\r\n", b"x\r\n.\r\n.\r\ny\r\n",
+])
+def test_data_sent_to_the_hop_reads_back_as_the_message(content: bytes) -> None:
+    """The next hop's DATA (dot-stuffed here, not by smtplib) gives back exactly the message:
+    read by our own DataReader, as a hop would read it."""
+    from migrating_proxy.delivery import dot_stuff
+    from migrating_proxy.frontends.smtp import DataReader
+
+    wire = dot_stuff(content)
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    reader = DataReader(MAX_SIZE)
+    assert reader.feed(wire + b"NOOP\r\n") == b"NOOP\r\n"
+    assert reader.problem is None and bytes(reader.message) == content
+
+
+def test_one_session_follows_an_account_created_during_it(
+        smtp_proxy: Proxy, port: int, old_smtp: OldSMTP, module_store: DovecotInstance) -> None:
+    """A session's recipient without an account goes to the old server until the account
+    exists, then at once to the store; the store's connection is reused (MAIL and RCPT
+    pipelined), also after a refused message."""
+    hank = f"hank-{token()}@new.example"
+    tags = [token() for _ in range(5)]
+    raw, answer = send_raw_data(port, hank, message(tags[0]) + b".\r\n")
+    assert answer == b"250 2.0.0 Ok: delivered\r\n"
+    smtp_proxy.add_account(hank, PASSWORD)
+
+    def send(recipient: str, data: bytes) -> bytes:
+        assert raw.command(f"MAIL FROM:<{SENDER}>".encode()).startswith(b"250")
+        assert raw.command(f"RCPT TO:<{recipient}>".encode()).startswith(b"250")
+        assert raw.command(b"DATA").startswith(b"354")
+        raw.send(data)
+        return raw.reply()
+
+    assert send(hank, message(tags[1], b"..dot\r\n") + b".\r\n").startswith(b"250")
+    assert send(CAROL, message(tags[2]) + b".\r\n").startswith(b"250")
+    assert send(CAROL, message(tags[3], b"bare\nLF\r\n") + b".\r\n").startswith(b"554")
+    assert send(hank, message(tags[4]) + b".\r\n").startswith(b"250")
+    raw.command(b"QUIT")
+    raw.close()
+    assert [m.recipients for m in old_smtp.messages if tags[0].encode() in m.content] == [[hank]]
+    assert not [m for m in old_smtp.messages if any(t.encode() in m.content for t in tags[1:])]
+    [stored] = in_store(module_store, hank, tags[1])
+    assert after_our_trace(stored) == message(tags[1], b".dot\r\n")
+    assert len(in_store(module_store, CAROL, tags[2])) == 1
+    assert not in_store(module_store, CAROL, tags[3])
+    assert len(in_store(module_store, hank, tags[4])) == 1
+
+
 def test_overlong_command_line_is_refused_and_closed(port: int) -> None:
     raw = RawSMTP(port)
     raw.send(b"NOOP " + b"x" * 20000 + b"\r\nNOOP\r\n")

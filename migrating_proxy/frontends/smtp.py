@@ -157,6 +157,11 @@ class SMTPSession(ProxySession):
         # The last transaction's hop connection, kept for the next transaction of this
         # session: a sender with many messages pays one connect + LHLO, not one per message.
         self.spare: NextHop | None = None
+        # Recipients found to have an account, for the rest of the session: a sender with
+        # many messages for one user pays one account lookup, not one per message. Only
+        # these: "no account" is asked again each time, so an account created meanwhile
+        # gets its mail at once instead of the old server's.
+        self.local_routes: dict[str, Route] = {}
 
     # -- session plumbing --------------------------------------------------------------
     def greet(self) -> None:
@@ -319,19 +324,26 @@ class SMTPSession(ProxySession):
             return "452 4.5.3 Too many recipients for this transaction, send separately"
         if txn.hop is None:
             hop = self.hop_for(found.next_hop, found.verify_tls)
-            reply = hop.open(txn.sender, txn.options)
-            if not reply.startswith("2"):
+            opened, reply = hop.open(txn.sender, txn.options, found.address)
+            if reply is None:  # MAIL not accepted
                 self.spare = hop  # closed by open() if unusable; else kept for later
-                return reply
+                return opened
             txn.hop = hop
-        reply = txn.hop.rcpt(found.address)
+        else:
+            reply = txn.hop.rcpt(found.address)
         if reply.startswith("2"):
             txn.recipients.append(found.address)
         return reply
 
     def route_recipient(self, address: str) -> Route:
         """In a thread: where this recipient's copy goes (see migrating_proxy.routing)."""
-        return route(self.ctx.login_service.accounts, self.ctx.config.backend.delivery, address)
+        found = self.local_routes.get(address)
+        if found is None:
+            found = route(self.ctx.login_service.accounts, self.ctx.config.backend.delivery,
+                          address)
+            if found.local and len(self.local_routes) < self.smtp.max_recipients:
+                self.local_routes[address] = found
+        return found
 
     def hop_for(self, endpoint: Endpoint, verify_tls: bool) -> NextHop:
         """In a thread: the spare connection if it goes to the same hop, else a new one."""
