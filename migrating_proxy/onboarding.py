@@ -69,6 +69,12 @@ def source_spec(domain: Domain, account: Account | None, address: str, password:
     )
 
 
+def source_host(domain: Domain, account: Account | None = None) -> str:
+    """The old server a user's mail comes from: the per-user source, else the domain's."""
+    url = (account.source_url if account and account.source_url else None) or domain.source_url
+    return parse_endpoint(url).host
+
+
 def store_spec(config: Config, address: str, user_password: str | None = None) -> StoreSpec:
     endpoint = config.backend.imap
     return StoreSpec(
@@ -117,7 +123,7 @@ class Onboarding:
     # -- first login ---------------------------------------------------------------------
     def create_account(self, domain: Domain, address: str, password: str) -> Account:
         """Account + vault + job in one transaction; the existing account if we lost a race."""
-        host = parse_endpoint(domain.source_url).host
+        host = source_host(domain)
         try:
             with self.store.engine.begin() as conn:
                 account_id = self.store.accounts.insert_account(
@@ -157,7 +163,7 @@ class Onboarding:
         domain = self.store.accounts.get_domain(account.domain)
         if domain is None or not domain.notice:
             return
-        old_server = parse_endpoint(account.source_url or domain.source_url).host
+        old_server = source_host(domain, account)
         message = render(load_template(self.config.migration.notice), address=account.address,
                          domain=account.domain, old_server=old_server, account_id=account.id)
         insert_notice(store_spec(self.config, account.address), message,
@@ -178,7 +184,7 @@ class Onboarding:
         interval = timedelta(seconds=self.config.migration.resync_interval)
         if last is not None and datetime.now(UTC) - last < interval:
             return
-        host = parse_endpoint(account.source_url or domain.source_url).host
+        host = source_host(domain, account)
         with self.store.engine.begin() as conn:
             self.vault.put(account.id, password, conn)
             self.store.jobs.enqueue(account.id, "incremental", host, conn)

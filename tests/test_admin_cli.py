@@ -4,7 +4,6 @@ proxy (`serve` with copy workers) and the CLI run as a subprocess, the way an ad
 
 from __future__ import annotations
 
-import imaplib
 import json
 import os
 import pty
@@ -24,7 +23,13 @@ from imapclient import IMAPClient
 
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
-from tests.support.mail import SeedMessage, make_message, sample_corpus, seed_mailbox
+from tests.support.mail import (
+    SeedMessage,
+    can_log_in,
+    make_message,
+    sample_corpus,
+    seed_mailbox,
+)
 from tests.support.proxy import Proxy
 from tests.test_migration_login import snapshot, store_snapshot, without_notice
 
@@ -113,14 +118,6 @@ class Transcript:
         return json.loads(self.run(*args, "--json", code=code).stdout)
 
 
-def login_ok(port: int, address: str, password: str) -> bool:
-    client = imaplib.IMAP4("127.0.0.1", port)
-    try:
-        client.login(address, password)
-    except imaplib.IMAP4.error:
-        return False
-    client.logout()
-    return True
 
 
 def add_mail(old: DovecotInstance, address: str, subject: str) -> None:
@@ -163,7 +160,7 @@ def test_import_migrate_resync_finish_export(tmp_path: Path, new_store: DovecotI
         assert without_notice(store_snapshot(new_store, MAPPED_TO)) == \
             snapshot(old21.imap_port, MAPPED_FROM, USERS[MAPPED_FROM])
         # The worker made the real hash: the user's password works at the store directly.
-        assert login_ok(new_store.imap_port, "user02@old.example", USERS["user02@old.example"])
+        assert can_log_in(new_store.imap_port, "user02@old.example", USERS["user02@old.example"])
 
         # The minimal form, for one more user; it stays NEW (nobody migrates it).
         minimal = tmp_path / "late.csv"
@@ -188,8 +185,8 @@ def test_import_migrate_resync_finish_export(tmp_path: Path, new_store: DovecotI
         assert rcpt_code(proxy.ports["smtp"], STRANGER) == 451
         report = cli.json("finish", DOMAIN, "--yes")
         # After the cut-over an unknown user of the domain is refused; migrated ones are not.
-        assert not login_ok(proxy.imap_port, STRANGER, STRANGER_PW)
-        assert login_ok(proxy.imap_port, "user01@old.example", USERS["user01@old.example"])
+        assert not can_log_in(proxy.imap_port, STRANGER, STRANGER_PW)
+        assert can_log_in(proxy.imap_port, "user01@old.example", USERS["user01@old.example"])
         assert rcpt_code(proxy.ports["smtp"], STRANGER) == 550
         assert rcpt_code(proxy.ports["smtp"], "user01@old.example") == 250
 

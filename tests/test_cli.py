@@ -7,7 +7,6 @@ password, so the proxy can be retired without a password reset.
 
 from __future__ import annotations
 
-import imaplib
 import json
 import os
 import subprocess
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imapclient import IMAPClient
 
 from tests.support.dovecot import DovecotInstance
+from tests.support.mail import can_log_in
 from tests.support.proxy import render_toml
 
 PASSWORD = "Tr0ub4dor & 3 \"quoted\" pw"
@@ -94,14 +93,6 @@ def assert_refused(result: subprocess.CompletedProcess[str], reason: str, code: 
     assert result.stdout == "", what
 
 
-def can_log_in_directly(store: DovecotInstance, address: str, password: str) -> bool:
-    with IMAPClient("127.0.0.1", store.imap_port, ssl=False, timeout=10) as client:
-        try:
-            client.login(address, password)
-        except imaplib.IMAP4.error:
-            return False
-        client.logout()
-        return True
 
 
 # --- the program --------------------------------------------------------------------------
@@ -267,9 +258,9 @@ def test_account_add_provisions_the_store_for_a_direct_login(
     [line] = admin.user_lines()
     assert line.startswith("carol@new.example:{SHA512-CRYPT}$6$")
     assert admin.accounts().keys() == {"Carol@new.example"}
-    assert can_log_in_directly(module_store, "Carol@new.example", PASSWORD)
-    assert can_log_in_directly(module_store, "carol@new.example", PASSWORD)
-    assert not can_log_in_directly(module_store, "Carol@new.example", PASSWORD + "x")
+    assert can_log_in(module_store.imap_port, "Carol@new.example", PASSWORD)
+    assert can_log_in(module_store.imap_port, "carol@new.example", PASSWORD)
+    assert not can_log_in(module_store.imap_port, "Carol@new.example", PASSWORD + "x")
 
 
 def test_account_list_json_has_the_documented_keys(admin: Admin) -> None:
@@ -296,8 +287,8 @@ def test_account_passwd_changes_the_direct_login(
 ) -> None:
     admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
     admin.ok("account", "passwd", "CAROL@new.example", input="a brand new one\n")
-    assert can_log_in_directly(module_store, "carol@new.example", "a brand new one")
-    assert not can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+    assert can_log_in(module_store.imap_port, "carol@new.example", "a brand new one")
+    assert not can_log_in(module_store.imap_port, "carol@new.example", PASSWORD)
     assert len(admin.user_lines()) == 1
 
 
@@ -308,8 +299,8 @@ def test_account_remove_takes_the_user_off_the_store(
     admin.ok("account", "add", "dave@new.example", input=PASSWORD + "\n")
     admin.ok("account", "remove", "Carol@NEW.example")
     assert [line.split(":")[0] for line in admin.user_lines()] == ["dave@new.example"]
-    assert not can_log_in_directly(module_store, "carol@new.example", PASSWORD)
-    assert can_log_in_directly(module_store, "dave@new.example", PASSWORD)
+    assert not can_log_in(module_store.imap_port, "carol@new.example", PASSWORD)
+    assert can_log_in(module_store.imap_port, "dave@new.example", PASSWORD)
     assert list(admin.accounts()) == ["dave@new.example"]
 
 
@@ -349,7 +340,7 @@ def test_unusable_new_password_keeps_the_old_one(
     admin.ok("account", "add", "carol@new.example", input=PASSWORD + "\n")
     assert_refused(admin.run("account", "passwd", "carol@new.example", input="\n"),
                    "empty password")
-    assert can_log_in_directly(module_store, "carol@new.example", PASSWORD)
+    assert can_log_in(module_store.imap_port, "carol@new.example", PASSWORD)
 
 
 def test_invalid_address_is_refused(admin: Admin) -> None:

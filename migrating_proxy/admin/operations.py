@@ -15,13 +15,12 @@ from typing import Any
 
 from migrating_proxy.admin import audit
 from migrating_proxy.config import Config
-from migrating_proxy.endpoints import parse_endpoint
 from migrating_proxy.migration.connections import (
     SourceAuthError,
     SourceUnavailable,
     check_source_login,
 )
-from migrating_proxy.onboarding import source_spec
+from migrating_proxy.onboarding import source_host, source_spec
 from migrating_proxy.store import Account, Domain, Store, StoreError
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import Vault, load_or_create_key
@@ -114,7 +113,7 @@ class Operations:
 
     def _fail(self, account: Account, domain: Domain, error: str, erase: bool) -> None:
         with self.store.engine.begin() as conn:
-            self.store.jobs.record_failure(account.id, "full", _host(account, domain), error,
+            self.store.jobs.record_failure(account.id, "full", source_host(domain, account), error,
                                            conn)
             self.store.accounts.set_migration_state(account.address, "ERROR", conn)
         if erase:  # a password the old server refuses is of no use to anyone
@@ -122,7 +121,7 @@ class Operations:
 
     def _queue(self, account: Account, domain: Domain, kind: str) -> None:
         with self.store.engine.begin() as conn:
-            self.store.jobs.enqueue(account.id, kind, _host(account, domain), conn)
+            self.store.jobs.enqueue(account.id, kind, source_host(domain, account), conn)
             self.store.accounts.set_migration_state(account.address, "PENDING", conn)
 
     # -- resync --------------------------------------------------------------------------
@@ -206,10 +205,6 @@ class Operations:
             counts[outcome.result] = counts.get(outcome.result, 0) + 1
         audit(action, accounts=[a.address for a in targets], results=counts)
         return ordered
-
-
-def _host(account: Account, domain: Domain) -> str:
-    return parse_endpoint(account.source_url or domain.source_url).host
 
 
 def _why_not_migrate(account: Account, active: str | None, domain: Domain | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import imaplib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -177,3 +178,14 @@ def snapshot_folders(client: IMAPClient) -> Snapshot:
             for data in fetched.values()
         )
     return folders
+
+
+def can_log_in(port: int, address: str, password: str) -> bool:
+    """Whether an IMAP LOGIN at 127.0.0.1:port succeeds (a store, an old server or the proxy)."""
+    with IMAPClient("127.0.0.1", port, ssl=False, timeout=10) as client:
+        try:
+            client.login(address, password)
+        except imaplib.IMAP4.error:
+            return False
+        client.logout()
+        return True
