@@ -155,7 +155,7 @@ def connect_store_imap(store: StoreSpec, timeout: float) -> IMAPClient:
         else:
             client.login(store.address, store.user_password or "")
     except Exception as exc:
-        _close_quietly(client)
+        abort_quietly(client)
         text = _describe("store login failed for " + store.address, store.host, exc, secrets)
         if isinstance(exc, LoginError | imaplib.IMAP4.error) and not _looks_transient(text):
             raise DestinationError(text) from None
@@ -167,7 +167,7 @@ def _describe(what: str, host: str, exc: BaseException, secrets: tuple[str | Non
     return scrub(f"{what} ({host}): {type(exc).__name__}: {exc}", *secrets)
 
 
-def _close_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
+def abort_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
     """Best effort: the connection may already be gone; shut the socket without waiting."""
     if client is None:
         return
@@ -190,7 +190,7 @@ def close_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
         else:
             client.quit()
     except Exception:
-        _close_quietly(client)
+        abort_quietly(client)
 
 
 # --- POP3 ----------------------------------------------------------------------------------
@@ -224,13 +224,13 @@ def _source_login(source: SourceSpec, client: IMAPClient | poplib.POP3,
     try:
         yield
     except refusal as exc:
-        _close_quietly(client)
+        abort_quietly(client)
         text = scrub(str(exc), *secrets)
         if _looks_transient(text):
             raise SourceUnavailable(f"source {source.host} refused login for now: {text}") from None
         raise SourceAuthError(f"source {source.host} refused the login: {text}") from None
     except Exception as exc:
-        _close_quietly(client)
+        abort_quietly(client)
         text = _describe("source login failed", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
 

@@ -22,6 +22,7 @@ from imapclient import IMAPClient
 from migrating_proxy.migration.connections import (
     Backoff,
     SourceSpec,
+    abort_quietly,
     close_quietly,
     connect_source_imap,
 )
@@ -88,11 +89,7 @@ class _Lane:
         return self._client
 
     def drop_source(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.shutdown()
-            except Exception:
-                log.debug("source socket already gone")
+        abort_quietly(self._client)
         self._client = None
 
     def drop(self) -> None:

@@ -20,6 +20,7 @@ import structlog
 from migrating_proxy.migration.connections import (
     Backoff,
     SourceSpec,
+    abort_quietly,
     close_quietly,
     connect_source_pop3,
 )
@@ -76,11 +77,7 @@ class Pop3Copier:
         return self._conn
 
     def _drop_source(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                log.debug("source socket already gone")
+        abort_quietly(self._conn)
         self._conn = None
 
     def drop(self) -> None:
