@@ -8,12 +8,10 @@ import threading
 import pytest
 
 from migrating_proxy.migration.folders import (
-    FolderMapping,
     Namespace,
     plan_folders,
     translate_name,
 )
-from migrating_proxy.migration.imap_copy import by_destination
 from migrating_proxy.migration.messages import (
     batches,
     crlf_size,
@@ -30,8 +28,10 @@ def _plan(names: list[tuple[tuple[bytes, ...], str]], preset: str = "default",
           source_ns: Namespace = SLASH, store: list | None = None) -> dict[str, str]:
     listing = [(flags, b"/" if source_ns.delimiter == "/" else b".", name)
                for flags, name in names]
-    return {m.source: m.dest for m in plan_folders(listing, set(), source_ns, store or [],
-                                                   SLASH, preset)}
+    plan = plan_folders(listing, set(), source_ns, store or [], SLASH, preset)
+    dests = [m.dest for m in plan]
+    assert len(set(dests)) == len(dests), f"two source folders share a store folder: {plan}"
+    return {m.source: m.dest for m in plan}
 
 
 def test_special_use_by_attribute_name_and_store_attribute() -> None:
@@ -65,6 +65,93 @@ def test_delimiter_and_namespace_translation() -> None:
     assert plan == {"INBOX": "INBOX", "INBOX.Sent": "Sent", "INBOX.a.b": "a/b",
                     "INBOX.x/y": "x_y"}
     assert translate_name("a.b", Namespace("", "."), Namespace("INBOX.", ".")) == "INBOX.a.b"
+
+
+# --- no folder is ever merged into another (issue 8, item 2) --------------------------------
+
+# (special folder with its attribute, a plain folder whose name means the same use)
+PAIRS = [
+    ("Drafts", b"\\Drafts", "Entwürfe"),  # German
+    ("Sent", b"\\Sent", "Gesendete Objekte"),
+    ("Trash", b"\\Trash", "Papierkorb"),
+    ("Drafts", b"\\Drafts", "Brouillons"),  # French
+    ("Sent", b"\\Sent", "Éléments envoyés"),
+    ("Junk", b"\\Junk", "Courrier indésirable"),
+    ("Drafts", b"\\Drafts", "Borradores"),  # Spanish
+    ("Trash", b"\\Trash", "Papelera"),
+    ("Sent", b"\\Sent", "Elementos enviados"),
+    ("Drafts", b"\\Drafts", "Bozze"),  # Italian
+    ("Sent", b"\\Sent", "Posta inviata"),
+    ("Trash", b"\\Trash", "Cestino"),
+    ("Sent", b"\\Sent", "Sent Items"),  # English variants
+    ("Trash", b"\\Trash", "Deleted Items"),
+    ("Junk", b"\\Junk", "Spam"),
+    ("Sent", b"\\Sent", "Sent Messages"),
+]
+
+
+@pytest.mark.parametrize(("special", "attribute", "plain"), PAIRS)
+def test_a_plain_folder_named_like_a_special_one_keeps_its_own_name(
+        special: str, attribute: bytes, plain: str) -> None:
+    for order in (1, -1):  # whichever LIST gives first
+        listing = [((), "INBOX"), ((attribute,), special), ((), plain)]
+        assert _plan([listing[0], *listing[1:][::order]]) == {
+            "INBOX": "INBOX", special: special, plain: plain}
+
+
+@pytest.mark.parametrize(("special", "attribute", "plain"), PAIRS)
+def test_the_store_special_folder_is_taken_by_the_attribute_not_by_the_name(
+        special: str, attribute: bytes, plain: str) -> None:
+    """The store calls its special folder by the plain folder's name: the folder with the
+    attribute goes there, the plain one beside it, under a name of its own."""
+    store = [((attribute,), b"/", plain)]
+    plan = _plan([((), "INBOX"), ((), plain), ((), f"{plain}/2019"), ((attribute,), special)],
+                 store=store)
+    assert plan == {"INBOX": "INBOX", special: plain, plain: f"{plain} (2)",
+                    f"{plain}/2019": f"{plain} (2)/2019"}
+
+
+@pytest.mark.parametrize(("guessed", "other", "store_folder"), [
+    ("Sent", "Sent Items", "Sent"), ("Trash", "Deleted Items", "Trash"),
+    ("Junk", "Spam", "Junk"), ("Drafts", "Entwürfe", "Drafts"),
+    ("Gesendet", "Gesendete Objekte", "Sent"), ("Corbeille", "Éléments supprimés", "Trash"),
+    ("Borradores", "Bozze", "Drafts"),
+])
+def test_without_attributes_one_folder_per_use_is_guessed(guessed: str, other: str,
+                                                           store_folder: str) -> None:
+    """Courier advertises no special use: a guess by name, for one folder only, the same
+    one whatever LIST's order; the other keeps its name."""
+    for names in ([guessed, other], [other, guessed]):
+        plan = _plan([((), "INBOX"), *(((), n) for n in names)])
+        assert plan == {"INBOX": "INBOX", guessed: store_folder, other: other}
+
+
+def test_two_folders_with_one_attribute_are_both_kept() -> None:
+    plan = _plan([((), "INBOX"), ((b"\\Sent",), "Sent"), ((b"\\Sent",), "Sent 2010")])
+    assert plan == {"INBOX": "INBOX", "Sent": "Sent", "Sent 2010": "Sent 2010"}
+
+
+def test_a_preset_name_beats_a_well_known_one_and_the_loser_keeps_its_name() -> None:
+    plan = _plan([((), "INBOX"), ((), "Sent"), ((), "Sent Items")], "exchange")
+    assert plan == {"INBOX": "INBOX", "Sent Items": "Sent", "Sent": "Sent (2)"}
+
+
+def test_names_that_meet_after_translation_stay_apart() -> None:
+    courier = Namespace("INBOX.", ".")
+    plan = _plan([((), "INBOX"), ((), "INBOX.x/y"), ((), "INBOX.x_y"), ((), "INBOX.Inbox"),
+                  ((), "INBOX.Inbox.old")], source_ns=courier)
+    assert plan == {"INBOX": "INBOX", "INBOX.x/y": "x_y", "INBOX.x_y": "x_y (2)",
+                    "INBOX.Inbox": "Inbox (2)", "INBOX.Inbox.old": "Inbox (2)/old"}
+
+
+def test_parents_come_before_children_whatever_the_list_order() -> None:
+    """Courier and Cyrus may list INBOX.Archive.2019 before INBOX.Archive."""
+    courier = Namespace("INBOX.", ".")
+    listing = [((), b".", "INBOX.Archive.2019.Q1"), ((), b".", "INBOX.Archive.2019"),
+               ((), b".", "INBOX.Zeta"), ((), b".", "INBOX"), ((), b".", "INBOX.Archive")]
+    plan = plan_folders(listing, set(), courier, [], SLASH)
+    assert [m.dest for m in plan] == ["INBOX", "Archive", "Archive/2019", "Archive/2019/Q1",
+                                      "Zeta"]
 
 
 def test_inbox_first() -> None:
@@ -145,10 +232,3 @@ def test_budget_waits_until_released() -> None:
     waiter.join()
     cancelled.set()
     assert not budget.acquire(20, cancelled)  # 5 held, 20 more never fits: gives up
-
-
-def test_folders_sharing_a_store_name_go_to_one_lane() -> None:
-    plan = [FolderMapping("INBOX", "INBOX", True), FolderMapping("Sent", "Sent", True, "sent"),
-            FolderMapping("A", "A", True), FolderMapping("Sent Items", "Sent", True, "sent")]
-    groups = by_destination(plan)
-    assert [[m.source for m in g] for g in groups] == [["INBOX"], ["Sent", "Sent Items"], ["A"]]

@@ -4,11 +4,19 @@ Pure functions over LIST results (imapclient's `(flags, delimiter, name)` triple
 already decoded from modified UTF-7), so the rules are testable without a server:
 
 * `\\Noselect` / `\\NonExistent` folders are not copied (their selectable children are).
-* Special-use folders (RFC 6154 attributes, XLIST's, then per-provider and well-known names)
-  go to the store's folder with the same special use, whatever either side calls it.
+* Special-use folders go to the store's folder with the same special use, whatever either side
+  calls it. A folder's use comes from its attribute (RFC 6154, XLIST); a guess from its name
+  (the provider preset's names, then well-known ones such as "Sent Items" or "Entwürfe") is
+  made only for a use that no source folder has by attribute, and for one folder per use.
 * Provider presets skip folders that are not mail (Exchange calendars...) or would copy a
   message once per label (Gmail's All Mail, Important, Starred).
-* Other names keep their hierarchy, re-joined with the store's delimiter below its namespace.
+* Every other folder keeps its name and hierarchy, re-joined with the store's delimiter below
+  its namespace.
+* No two source folders ever share a store folder: a folder whose store name is already taken
+  (by a special folder, or by another folder after delimiter translation) gets " (2)", " (3)"...
+  and its subfolders follow it. A user's "Entwürfe" beside a "Drafts" stays a folder of its own.
+* Parents come before their children in the plan, whatever order LIST gave: creating a child
+  first leaves its parent as a `\\Noselect` placeholder on some stores (Dovecot).
 """
 
 from __future__ import annotations
@@ -124,20 +132,24 @@ def _in_tree(name: str, roots: Iterable[str], delimiter: str | None) -> bool:
     return False
 
 
-def source_role(flags: Iterable[bytes | str], relative: str, delimiter: str | None,
-                preset: Preset) -> str | None:
-    """The special use of a source folder: attribute first, then preset, then common names."""
-    for attribute in _attributes(flags):
+def attribute_role(flags: Iterable[bytes | str]) -> str | None:
+    """The special use a source folder declares by attribute (RFC 6154 or XLIST), if any."""
+    for attribute in sorted(_attributes(flags)):
         if attribute in _ATTRIBUTE_ROLES:
             return _ATTRIBUTE_ROLES[attribute]
+    return None
+
+
+def name_role(relative: str, delimiter: str | None, preset: Preset) -> tuple[str, int] | None:
+    """The special use a folder's name suggests, with a rank (lower is a better guess): the
+    preset's own names first, then well-known top-level names in the order listed."""
     for name, role in preset.roles:
         if relative.lower() == _native(name, delimiter):
-            return role
-    top_level = delimiter is None or delimiter not in relative
-    if top_level:
+            return role, 0
+    if delimiter is None or delimiter not in relative:
         for role, names in _WELL_KNOWN.items():
             if relative.lower() in names:
-                return role
+                return role, 1 + names.index(relative.lower())
     return None
 
 
@@ -163,6 +175,113 @@ def translate_name(relative: str, source: Namespace, store: Namespace) -> str:
     return store.prefix + (store.delimiter or "/").join(parts)
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A source folder that will be copied, before its store name is chosen."""
+
+    name: str
+    relative: str  # below the source's personal namespace
+    flags: tuple[bytes | str, ...]
+    subscribed: bool
+
+
+def assign_roles(folders: Sequence[_Candidate], delimiter: str | None,
+                 preset: Preset) -> dict[str, str]:
+    """Source name -> special use, one folder per use.
+
+    An attribute is the server's word and wins; of several folders with one attribute the
+    first listed has it. A name is a guess, made only for a use no folder has by attribute,
+    and given to the best-ranked name only ("Sent" over "Sent Items", then LIST order).
+    """
+    roles: dict[str, str] = {}
+    by_attribute: set[str] = set()
+    for folder in folders:
+        role = attribute_role(folder.flags)
+        if role is not None and role not in by_attribute:
+            by_attribute.add(role)
+            roles[folder.name] = role
+    guesses: dict[str, tuple[int, int, str]] = {}  # role -> (rank, LIST position, name)
+    for position, folder in enumerate(folders):
+        if attribute_role(folder.flags) is not None:
+            continue  # its use was declared (or lost to an earlier folder): no guessing
+        guess = name_role(folder.relative, delimiter, preset)
+        if guess is None or guess[0] in by_attribute:
+            continue
+        role, rank = guess
+        if role not in guesses or (rank, position) < guesses[role][:2]:
+            guesses[role] = (rank, position, folder.name)
+    roles.update({name: role for role, (_rank, _position, name) in guesses.items()})
+    return roles
+
+
+def _store_key(name: str, delimiter: str | None) -> str:
+    """Store names compared as the store compares them: INBOX in any letter case is INBOX."""
+    first, sep, rest = name.partition(delimiter) if delimiter else (name, "", "")
+    return ("INBOX" if first.upper() == "INBOX" else first) + sep + rest
+
+
+class _StoreNames:
+    """Store names handed out so far: no two source folders get the same one."""
+
+    def __init__(self, store: Namespace) -> None:
+        self.store = store
+        self.taken: set[str] = set()
+        self.moved: dict[str, str] = {}  # source relative name -> store name, when suffixed
+
+    def claim(self, name: str) -> None:
+        self.taken.add(_store_key(name, self.store.delimiter))
+
+    def own_name(self, relative: str, source: Namespace) -> str:
+        """relative's store name below any moved parent, suffixed if taken, and claimed."""
+        name = self._below_moved_parent(relative, source)
+        candidate, number = name, 1
+        while _store_key(candidate, self.store.delimiter) in self.taken:
+            number += 1
+            candidate = f"{name} ({number})"
+        if candidate != name:
+            self.moved[relative] = candidate
+        self.claim(candidate)
+        return candidate
+
+    def _below_moved_parent(self, relative: str, source: Namespace) -> str:
+        parts = relative.split(source.delimiter) if source.delimiter else [relative]
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = (source.delimiter or "").join(parts[:depth])
+            if parent in self.moved:
+                rest = translate_name((source.delimiter or "").join(parts[depth:]), source,
+                                      Namespace("", self.store.delimiter))
+                return self.moved[parent] + (self.store.delimiter or "/") + rest
+        return translate_name(relative, source, self.store)
+
+
+def _depth(name: str, delimiter: str | None) -> int:
+    return name.count(delimiter) if delimiter else 0
+
+
+def parents_first(plan: list[FolderMapping], delimiter: str | None) -> list[FolderMapping]:
+    """The plan with every folder after the plan's folders above it on the store, otherwise in
+    the order given: creating a child first would leave the parent a placeholder."""
+    by_dest = {m.dest: m for m in plan}
+    ordered: list[FolderMapping] = []
+    placed: set[str] = set()
+
+    def place(mapping: FolderMapping) -> None:
+        if mapping.dest in placed:
+            return
+        placed.add(mapping.dest)
+        if delimiter:
+            parts = mapping.dest.split(delimiter)
+            for depth in range(1, len(parts)):
+                parent = by_dest.get(delimiter.join(parts[:depth]))
+                if parent is not None:
+                    place(parent)
+        ordered.append(mapping)
+
+    for mapping in plan:
+        place(mapping)
+    return ordered
+
+
 def plan_folders(
     source_list: Iterable[ListEntry],
     subscribed: set[str],
@@ -172,10 +291,12 @@ def plan_folders(
     preset_name: str = "default",
     subscribed_only: bool = False,
 ) -> list[FolderMapping]:
-    """The folders to copy, INBOX first, each with its store name."""
+    """The folders to copy, INBOX first and parents before children, each with its own store
+    name (never one another source folder also goes to)."""
     preset = PRESETS.get(preset_name, PRESETS["default"])
     specials = store_special_folders(store_list)
-    plan: list[FolderMapping] = []
+    folders: list[_Candidate] = []
+    inbox: str | None = None  # as the source spells it
     for flags, _delimiter, name in source_list:
         attributes = _attributes(flags)
         is_inbox = name.upper() == "INBOX"
@@ -187,13 +308,24 @@ def plan_folders(
                                                            source_ns.delimiter):
             continue
         if is_inbox:
-            plan.append(FolderMapping(name, "INBOX", True))
+            inbox = name
             continue
-        role = source_role(flags, relative, source_ns.delimiter, preset)
+        folders.append(_Candidate(name, relative, tuple(flags), name in subscribed))
+
+    roles = assign_roles(folders, source_ns.delimiter, preset)
+    names = _StoreNames(store_ns)
+    names.claim("INBOX")
+    dests: dict[str, str] = {}
+    for folder in folders:  # the special folders first: the store's own ones are theirs
+        role = roles.get(folder.name)
         if role is not None:
-            dest = specials.get(role) or store_ns.prefix + DEFAULT_STORE_NAMES[role]
-        else:
-            dest = translate_name(relative, source_ns, store_ns)
-        plan.append(FolderMapping(name, dest, name in subscribed, role))
-    plan.sort(key=lambda m: m.dest != "INBOX")  # stable: INBOX first, the rest in LIST order
-    return plan
+            dests[folder.name] = specials.get(role) or store_ns.prefix + DEFAULT_STORE_NAMES[role]
+            names.claim(dests[folder.name])
+    for folder in sorted(folders, key=lambda f: _depth(f.relative, source_ns.delimiter)):
+        if folder.name not in dests:  # parents before children, so children follow a move
+            dests[folder.name] = names.own_name(folder.relative, source_ns)
+
+    plan = [FolderMapping(inbox, "INBOX", True)] if inbox is not None else []
+    plan += [FolderMapping(f.name, dests[f.name], f.subscribed, roles.get(f.name))
+             for f in folders]
+    return parents_first(plan, store_ns.delimiter)

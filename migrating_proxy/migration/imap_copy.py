@@ -102,19 +102,6 @@ class _Lane:
         self.writer.close()
 
 
-def by_destination(plan: list[FolderMapping]) -> list[list[FolderMapping]]:
-    """The plan as groups of folders with the same store name, in plan order (INBOX first).
-
-    A group is copied by one lane, folder after folder: reconciling a folder claims store
-    messages by fingerprint, which must not race with another source folder's batch in flight
-    into the same store folder (e.g. "Sent" and "Sent Items" both going to Sent).
-    """
-    groups: dict[str, list[FolderMapping]] = {}
-    for mapping in plan:
-        groups.setdefault(mapping.dest, []).append(mapping)
-    return list(groups.values())
-
-
 class ImapCopier:
     """Copies one account from an IMAP source, up to `parallel_folders` folders at a time.
 
@@ -147,13 +134,13 @@ class ImapCopier:
         self.reporter.progress.messages_total = self.backoff.run(
             lambda: self._count(first.client, plan), on_retry=first.drop)
         self.reporter.flush(force=True)
-        groups = by_destination(plan)
+        # Every folder has a store folder of its own (plan_folders), so lanes never meet.
         idle: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for lane in self.lanes[:len(groups)]:
+        for lane in self.lanes[:len(plan)]:
             idle.put(lane)
-        with ThreadPoolExecutor(max_workers=max(1, min(len(self.lanes), len(groups))),
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.lanes), len(plan))),
                                 thread_name_prefix="copy-lane") as pool:
-            futures = [pool.submit(self._copy_group, group, idle) for group in groups]
+            futures = [pool.submit(self._copy_one, mapping, idle) for mapping in plan]
             self._wait(futures)
 
     def _wait(self, futures: list[Future[None]]) -> None:
@@ -166,14 +153,12 @@ class ImapCopier:
         if errors:  # the real failure rather than the Stopped it caused elsewhere
             raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
 
-    def _copy_group(self, group: list[FolderMapping], idle: queue.SimpleQueue[_Lane]) -> None:
+    def _copy_one(self, mapping: FolderMapping, idle: queue.SimpleQueue[_Lane]) -> None:
         lane = idle.get()
         try:
-            for mapping in group:
-                self._check_stop()
-                self.backoff.run(lambda m=mapping: self.copy_folder(lane, m),
-                                 on_retry=lane.drop)
-                self.reporter.folder_done()
+            self._check_stop()
+            self.backoff.run(lambda: self.copy_folder(lane, mapping), on_retry=lane.drop)
+            self.reporter.folder_done()
         finally:
             idle.put(lane)
 
