@@ -115,7 +115,9 @@ class CopyWorker:
         elif result.error_kind == "auth":
             self._end(job, account, "failed", "ERROR", result.error)
             self.onboarding.vault.erase(account.id)  # a password the old server refuses
-        elif job.attempts >= self.config.migration.max_attempts:
+        elif result.error_kind == "folders" or job.attempts >= self.config.migration.max_attempts:
+            # Folders the servers refuse stay refused: say so now instead of retrying for hours.
+            # The password stays for a resync once the admin has fixed the folder.
             self._end(job, account, "failed", "ERROR", result.error)
         else:
             delay = retry_delay(job.attempts)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from migrating_proxy.migration import (
 from migrating_proxy.store import open_store
 from migrating_proxy.store.copystate import copy_messages
 from migrating_proxy.store.schema import migrations, pop3_uidls
+from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import SeedMessage, Snapshot, make_message, seed_mailbox, snapshot_folders
 
@@ -199,6 +201,69 @@ def test_no_folder_is_merged_into_a_special_one(old_server: DovecotInstance,
     copied, source = snapshot(new_store), snapshot(old_server)
     assert copied == source
     assert len(copied["Entwürfe"]) == 3 and len(copied["Drafts"]) == 2
+
+
+# --- old servers that are not Dovecot: INBOX. namespace, parents listed after children ------
+
+
+@pytest.fixture
+def courier_old() -> Iterator[DovecotInstance]:
+    """An old server with Courier's (and Cyrus's) namespace: "INBOX." and "." as separator,
+    Maildir++, no SPECIAL-USE. (Dovecot configured that way; see the report of issue 8.)"""
+    root = dovecot.instance_root("mp-courier-")
+    try:
+        with dovecot.old_server(root, {ALICE: ALICE_PW}, courier_style=True) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+def test_inbox_namespace_with_store_placeholders_loses_no_folder(
+        courier_old: DovecotInstance, new_store: DovecotInstance, engine: Engine) -> None:
+    """Children created before their parents (as a copy of a child-first LIST did) leave
+    \\Noselect placeholders on the store; the parents must still be created and filled."""
+    when = dt.datetime(2024, 5, 5, tzinfo=NY)
+    names = ["INBOX", "INBOX.Projects.2019", "INBOX.Projects", "INBOX.Archive.2019",
+             "INBOX.Archive", "INBOX.Sent", "INBOX.Drafts", "INBOX.Entwürfe", "INBOX.a.b.c"]
+    seed_mailbox(courier_old.host, courier_old.imap_port, ALICE, ALICE_PW,
+                 {name: [_seed(make_message(f"{name} {i}", "x\n", when)) for i in range(2)]
+                  for name in names})
+    store = store_spec(new_store)
+    with login(new_store) as client:
+        for child in ("Projects/2019", "a/b/c"):
+            client.create_folder(child)
+        placeholders = [n for f, _d, n in client.list_folders() if b"\\Noselect" in f]
+    assert sorted(placeholders) == ["Projects", "a", "a/b"]
+    result = run_copy(engine, _account_id(engine), source_spec(courier_old), store)
+    assert result.state == "completed", result.error
+    source = snapshot(courier_old)
+    expected = {("INBOX" if n == "INBOX" else n.removeprefix("INBOX.").replace(".", "/")):
+                source[n] for n in names}
+    assert _nonempty(snapshot(new_store)) == expected
+
+
+def test_a_folder_the_old_server_refuses_is_reported_and_the_rest_copied(
+        old_server: DovecotInstance, new_store: DovecotInstance, engine: Engine) -> None:
+    when = dt.datetime(2024, 6, 6, tzinfo=NY)
+    folders = {name: [_seed(make_message(f"{name} {i}", "x\n", when)) for i in range(3)]
+               for name in ["INBOX", "Broken", "Fine", "Later"]}
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, folders)
+    before = snapshot(old_server)
+    broken = old_server.maildir(ALICE) / "Broken"
+    broken.chmod(0)  # the old server fails STATUS and SELECT on it: "[SERVERBUG] ..."
+    try:
+        result = run_copy(engine, _account_id(engine), source_spec(old_server),
+                          store_spec(new_store), parallel_folders=1)
+    finally:
+        broken.chmod(0o700)
+    assert result.state == "error" and result.error_kind == "folders", result.error
+    assert "Broken" in (result.error or "") and "SERVERBUG" in (result.error or "")
+    copied = _nonempty(snapshot(new_store))
+    assert copied == {k: v for k, v in _nonempty(before).items() if k != "Broken"}
+    assert result.progress.folders_done == result.progress.folders_total - 1
+    again = run_copy(engine, _account_id(engine), source_spec(old_server), store_spec(new_store))
+    assert again.state == "completed", again.error
+    assert _nonempty(snapshot(new_store)) == _nonempty(before)
 
 
 # --- crashes, UIDVALIDITY, refusals ----------------------------------------------------------

@@ -289,6 +289,28 @@ def test_crash_in_the_middle_of_a_copy_then_restart_gives_an_exact_copy(
     assert notices(migrated) == 1
 
 
+def test_a_folder_the_old_server_refuses_ends_the_pass_in_error_with_the_rest_copied(
+        tmp_path: Path, new_store: DovecotInstance, seeded_old: DovecotInstance) -> None:
+    """One folder's failure neither stops the others nor keeps the account PENDING through
+    hours of retries: the pass copies the rest and ends in ERROR naming the folder."""
+    before = snapshot(seeded_old.imap_port, ALICE, ALICE_PW)
+    broken = seeded_old.maildir(ALICE) / "Archive" / "2024"
+    broken.chmod(0)  # the old server answers STATUS and SELECT with "NO [SERVERBUG] ..."
+    try:
+        with migrating_proxy(tmp_path / "p", new_store, seeded_old, parallel_folders=1) as proxy:
+            IMAPClient("127.0.0.1", proxy.imap_port, ssl=False).login(ALICE, ALICE_PW)
+            status = proxy.wait_for_state(ALICE, timeout=30)
+    finally:
+        broken.chmod(0o700)
+    assert status["state"] == "ERROR", status
+    assert "Archive/2024" in status["last_error"] and "SERVERBUG" in status["last_error"]
+    assert status["folders_done"] == status["folders_total"] - 1
+    migrated = without_notice(store_snapshot(new_store, ALICE))
+    assert {k: v for k, v in migrated.items() if v} == {
+        k: v for k, v in before.items() if v and k != "Archive/2024"}
+    assert [row.state for row in db_rows(proxy, "jobs")] == ["failed"]  # no retry pending
+
+
 def test_old_server_certificates_are_verified_unless_the_domain_says_not(
         tmp_path: Path, new_store: DovecotInstance, tls_files: TLSFiles) -> None:
     root = dovecot.instance_root("mp-oldtls-")

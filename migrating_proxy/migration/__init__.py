@@ -22,7 +22,7 @@ from migrating_proxy.migration.connections import (
     scrub,
 )
 from migrating_proxy.migration.destination import StoreWriter
-from migrating_proxy.migration.imap_copy import ImapCopier, Stopped
+from migrating_proxy.migration.imap_copy import FoldersFailed, ImapCopier, Stopped
 from migrating_proxy.migration.pop3_copy import Pop3Copier
 from migrating_proxy.migration.progress import CopyProgress, CopyResult, Reporter
 from migrating_proxy.store.copystate import CopyState
@@ -62,7 +62,8 @@ def run_copy(
 
     Never raises for mail-server trouble: the result says "completed" (possibly with skipped
     messages the store refused), "stopped" (should_stop() returned true at a batch boundary;
-    run again to continue) or "error" with `error_kind` auth | unavailable | store | internal.
+    run again to continue) or "error" with `error_kind` auth | unavailable | store | folders |
+    internal ("folders": the folders named in `error` were refused, every other one copied).
     The account's `migrations` row is kept up to date throughout.
 
     An IMAP source is copied up to `parallel_folders` folders at a time, each over its own
@@ -106,6 +107,8 @@ def _run(action: Callable[[], None], reporter: Reporter,
         return CopyResult("error", progress, scrub(str(exc), *secrets), error_kind="unavailable")
     except DestinationError as exc:
         return CopyResult("error", progress, scrub(str(exc), *secrets), error_kind="store")
+    except FoldersFailed as exc:  # everything else was copied
+        return CopyResult("error", progress, scrub(str(exc), *secrets), error_kind="folders")
     except Exception as exc:
         # After retries: a source that keeps failing mid-copy counts as unavailable.
         text = scrub(f"{type(exc).__name__}: {exc}", *secrets)

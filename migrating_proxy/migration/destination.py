@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from migrating_proxy.migration.connections import (
     StoreSpec,
@@ -80,18 +81,31 @@ class StoreWriter:
     # --- folders ---------------------------------------------------------------------------
 
     def ensure_folder(self, name: str, subscribe: bool) -> None:
-        """Create the folder if missing (never touching an existing one), subscribe if asked."""
+        """Create the folder unless it is usable (never touching one that is), subscribe if
+        asked. A `\\Noselect` placeholder is not usable: Dovecot leaves one for a parent when a
+        child was created first, and it must be created for real before it takes mail."""
         if name in self._ready:
             return
-        if name.upper() != "INBOX" and not self.client.folder_exists(name):
+        if name.upper() != "INBOX" and not self._usable(name):
             try:
                 self.client.create_folder(name)
             except Exception:
-                if not self.client.folder_exists(name):  # a concurrent creator is fine
+                if not self._usable(name):  # a concurrent creator is fine
                     raise
             if subscribe:
                 self.client.subscribe_folder(name)
         self._ready.add(name)
+
+    def _usable(self, name: str) -> bool:
+        """Whether the store has `name` as a folder that takes mail. STATUS rather than LIST:
+        LIST shows placeholders too, and a store may create its special folders on first use."""
+        try:
+            self.client.folder_status(name, [b"UIDVALIDITY"])
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError:
+            return False
+        return True
 
     def _current_bounds(self, name: str) -> _Bounds:
         bounds = self._bounds.get(name)

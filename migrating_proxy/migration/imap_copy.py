@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
 
 from migrating_proxy.migration.connections import (
     Backoff,
@@ -25,6 +26,7 @@ from migrating_proxy.migration.connections import (
     abort_quietly,
     close_quietly,
     connect_source_imap,
+    is_transient,
 )
 from migrating_proxy.migration.destination import StoreWriter
 from migrating_proxy.migration.folders import FolderMapping, Namespace, plan_folders
@@ -52,6 +54,15 @@ _STATUS_ITEMS = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"]
 
 class Stopped(Exception):
     """should_stop() said so at a batch boundary; everything so far is recorded."""
+
+
+class FoldersFailed(Exception):
+    """Some folders could not be copied (the servers refused an operation on them); every
+    other folder was. The message names each folder and the server's reason."""
+
+    def __init__(self, failures: list[tuple[str, str]]) -> None:
+        reasons = "; ".join(f"{name}: {reason[:200]}" for name, reason in failures)
+        super().__init__(f"{len(failures)} folder(s) not copied: {reasons}")
 
 
 def _namespace(client: IMAPClient) -> Namespace:
@@ -106,8 +117,10 @@ class ImapCopier:
     """Copies one account from an IMAP source, up to `parallel_folders` folders at a time.
 
     Each lane (a source and a store connection) copies whole folders; INBOX is handed out
-    first, and inside a folder the newest message goes first. A failure in one lane stops the
-    others at their next batch boundary, and the run reports that failure.
+    first, and inside a folder the newest message goes first. A folder the servers refuse to
+    handle (a NO that retrying won't change) is recorded and the others are copied; the run
+    then raises FoldersFailed. Any other failure (login, connection, after retries) stops the
+    other lanes at their next batch boundary, and the run reports it.
     """
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
@@ -122,6 +135,7 @@ class ImapCopier:
         self.lanes = [_Lane(source, writer if i == 0 else writer.sibling(), timeout)
                       for i in range(max(1, parallel_folders))]
         self._failed = threading.Event()
+        self.failed_folders: list[tuple[str, str]] = []  # (source name, reason)
 
     def close(self) -> None:
         for lane in self.lanes:
@@ -142,6 +156,8 @@ class ImapCopier:
                                 thread_name_prefix="copy-lane") as pool:
             futures = [pool.submit(self._copy_one, mapping, idle) for mapping in plan]
             self._wait(futures)
+        if self.failed_folders:
+            raise FoldersFailed(self.failed_folders)
 
     def _wait(self, futures: list[Future[None]]) -> None:
         """Wait for every lane; on the first failure, stop the others and raise it."""
@@ -157,7 +173,15 @@ class ImapCopier:
         lane = idle.get()
         try:
             self._check_stop()
-            self.backoff.run(lambda: self.copy_folder(lane, mapping), on_retry=lane.drop)
+            try:
+                self.backoff.run(lambda: self.copy_folder(lane, mapping), on_retry=lane.drop)
+            except IMAPClientError as exc:
+                if is_transient(exc):
+                    raise
+                log.warning("folder not copied", folder=mapping.source, dest=mapping.dest,
+                            reason=str(exc)[:300])
+                self.failed_folders.append((mapping.source, str(exc)))
+                return
             self.reporter.folder_done()
         finally:
             idle.put(lane)
@@ -182,8 +206,14 @@ class ImapCopier:
 
     @staticmethod
     def _count(client: IMAPClient, plan: list[FolderMapping]) -> int:
-        return sum(int(client.folder_status(m.source, [b"MESSAGES"])[b"MESSAGES"])
-                   for m in plan)
+        total = 0
+        for mapping in plan:
+            try:
+                total += int(client.folder_status(mapping.source, [b"MESSAGES"])[b"MESSAGES"])
+            except IMAPClientError as exc:  # counted as empty; its copy will say what failed
+                if is_transient(exc):
+                    raise
+        return total
 
     # --- one folder ------------------------------------------------------------------------
 

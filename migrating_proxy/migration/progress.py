@@ -31,8 +31,9 @@ class CopyResult:
     # (source folder, source UID or POP3 UIDL, the store's reason) per refused message.
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     # Why it failed: "auth" (wrong source password), "unavailable" (source down/timeout),
-    # "store" (the new store failed), "internal". None unless state == "error".
-    error_kind: Literal["auth", "unavailable", "store", "internal"] | None = None
+    # "store" (the new store failed), "folders" (some folders refused, the rest copied),
+    # "internal". None unless state == "error".
+    error_kind: Literal["auth", "unavailable", "store", "folders", "internal"] | None = None
 
 
 class Reporter:
