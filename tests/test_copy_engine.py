@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import poplib
 import signal
 import subprocess
 import sys
@@ -432,3 +433,24 @@ def test_pop3_source(old_server: DovecotInstance, new_store: DovecotInstance,
     assert len(uidls) == 5 and states == {"copied"}
     assert run_copy(engine, _account_id(engine), spec, store).progress.messages_copied == 5
     assert len(snapshot(new_store)["INBOX"]) == 5
+
+
+def test_pop3_source_with_lines_far_over_poplibs_limit(old_server: DovecotInstance,
+                                                       new_store: DovecotInstance,
+                                                       engine: Engine) -> None:
+    """Lines of 20,000 and 200,000 bytes (poplib refuses more than 2,048 by default), newest
+    first among ordinary messages: every message arrives, byte for byte, and poplib's own
+    module-wide limit is left as it was for the rest of the process."""
+    limit = poplib._MAXLINE
+    msgs = []
+    for i, line in enumerate([0, 20_000, 0, 200_000, 0]):
+        raw = make_message(f"long {i}", "short body\n", dt.datetime(2021, 3, 1 + i, tzinfo=NY))
+        if line:
+            raw = raw.replace(b"\r\n\r\n", b"\r\n\r\n" + b"A" * line + b"\r\n", 1)
+        msgs.append(_seed(raw))
+    seed_mailbox(old_server.host, old_server.imap_port, ALICE, ALICE_PW, {"INBOX": msgs})
+    spec = source_spec(old_server, protocol="pop3", port=old_server.pop3_port)
+    result = run_copy(engine, _account_id(engine), spec, store_spec(new_store))
+    assert result.state == "completed", result.error
+    assert sorted(m[0] for m in snapshot(new_store)["INBOX"]) == sorted(m.raw for m in msgs)
+    assert limit == poplib._MAXLINE

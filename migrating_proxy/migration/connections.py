@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 from imapclient import IMAPClient
@@ -196,16 +196,61 @@ def close_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
 # --- POP3 ----------------------------------------------------------------------------------
 
 
-def connect_source_pop3(source: SourceSpec, timeout: float) -> poplib.POP3:
+class _LineLimit:
+    """poplib's line limit per connection instead of per process.
+
+    poplib refuses any line over 2,048 bytes (the module-wide `poplib._MAXLINE`), but real mail
+    has far longer ones (base64 without folding, HTML on one line). Raising the global would
+    change every other POP3 client in the process; here each connection has its own
+    `max_line`, raised only while a message is being read (see `message_lines`).
+    """
+
+    max_line = poplib._MAXLINE
+    file: Any
+
+    def _getline(self) -> tuple[bytes, int]:  # poplib.POP3._getline with self.max_line
+        line = self.file.readline(self.max_line + 1)
+        if len(line) > self.max_line:
+            raise poplib.error_proto("line too long")
+        if not line:
+            raise poplib.error_proto("-ERR EOF")
+        octets = len(line)
+        if line[-2:] == b"\r\n":
+            return line[:-2], octets
+        if line[:1] == b"\r":
+            return line[1:-1], octets
+        return line[:-1], octets
+
+    @contextlib.contextmanager
+    def message_lines(self, size: int) -> Iterator[None]:
+        """Allow lines as long as a message of `size` octets can have while reading it.
+        Twice the size and at least 1 MiB: some servers' LIST sizes are estimates (Exchange's
+        POP3 by default); the bound still stops a server that never ends a line."""
+        self.max_line = max(2 * size, 1 << 20)
+        try:
+            yield
+        finally:
+            self.max_line = type(self).max_line
+
+
+class SourcePOP3(_LineLimit, poplib.POP3):
+    """A POP3 connection to an old server (see _LineLimit)."""
+
+
+class SourcePOP3_SSL(_LineLimit, poplib.POP3_SSL):
+    """A POP3-over-TLS connection to an old server (see _LineLimit)."""
+
+
+def connect_source_pop3(source: SourceSpec, timeout: float) -> SourcePOP3:
     """Logged-in POP3 session; SourceAuthError / SourceUnavailable otherwise."""
     secrets = (source.password,)
     context = _tls_context(source.verify_tls)
     try:
         if source.tls == "implicit":
-            conn: poplib.POP3 = poplib.POP3_SSL(source.host, source.port, timeout=timeout,
-                                               context=context)
+            conn: SourcePOP3 = SourcePOP3_SSL(source.host, source.port, timeout=timeout,
+                                              context=context)
         else:
-            conn = poplib.POP3(source.host, source.port, timeout=timeout)
+            conn = SourcePOP3(source.host, source.port, timeout=timeout)
             if source.tls == "starttls":
                 conn.stls(context)
     except Exception as exc:

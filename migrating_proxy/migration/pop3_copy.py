@@ -10,7 +10,6 @@ it copied), so the proxy can later serve the old UIDLs to POP3 clients.
 
 from __future__ import annotations
 
-import poplib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -19,6 +18,7 @@ import structlog
 
 from migrating_proxy.migration.connections import (
     Backoff,
+    SourcePOP3,
     SourceSpec,
     abort_quietly,
     close_quietly,
@@ -68,10 +68,10 @@ class Pop3Copier:
         self.timeout = timeout
         self.backoff = backoff or Backoff()
         self.budget = ByteBudget()
-        self._conn: poplib.POP3 | None = None
+        self._conn: SourcePOP3 | None = None
 
     @property
-    def conn(self) -> poplib.POP3:
+    def conn(self) -> SourcePOP3:
         if self._conn is None:
             self._conn = connect_source_pop3(self.source, self.timeout)
         return self._conn
@@ -125,10 +125,12 @@ class Pop3Copier:
         self.state.mark_synced(folder.id, 0, None)
 
     def _retrieve_all(self, group: list[tuple[int, str, int]]) -> list[OutMessage]:
-        return [self._retrieve(number, uidl) for number, uidl, _size in group]
+        return [self._retrieve(number, uidl, size) for number, uidl, size in group]
 
-    def _retrieve(self, number: int, uidl: str) -> OutMessage:
-        _resp, lines, _octets = self.conn.retr(number)  # poplib undoes the dot-stuffing
+    def _retrieve(self, number: int, uidl: str, size: int) -> OutMessage:
+        conn = self.conn
+        with conn.message_lines(size):  # a line may be as long as the message
+            _resp, lines, _octets = conn.retr(number)  # poplib undoes the dot-stuffing
         raw = b"\r\n".join(lines) + b"\r\n"
         return OutMessage(key=uidl, raw=raw, flags=POP3_FLAGS, date=_date_of(raw),
                           fingerprint=message_fingerprint(raw), size=crlf_size(raw))
