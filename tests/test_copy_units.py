@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from migrating_proxy.migration.connections import describe_error
 from migrating_proxy.migration.folders import (
     Namespace,
     plan_folders,
@@ -232,3 +233,14 @@ def test_budget_waits_until_released() -> None:
     waiter.join()
     cancelled.set()
     assert not budget.acquire(20, cancelled)  # 5 held, 20 more never fits: gives up
+
+
+def test_error_descriptions_never_quote_what_we_sent() -> None:
+    """A UnicodeEncodeError names a character of the password and its position; network
+    errors and server replies are described in full."""
+    try:
+        "Grüße".encode("ascii")
+    except UnicodeEncodeError as exc:
+        assert describe_error(exc) == "UnicodeEncodeError"
+    assert describe_error(ConnectionRefusedError(111, "Connection refused")) == \
+        "ConnectionRefusedError: [Errno 111] Connection refused"

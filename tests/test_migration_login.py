@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import imaplib
 import poplib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.support.mail import (
     snapshot_folders,
 )
 from tests.support.proxy import Proxy
+from tests.support.secrets import find_secrets
 from tests.support.tls import TLSFiles
 
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
@@ -159,6 +161,86 @@ def test_pop3_first_login_with_a_pop3_source(tmp_path: Path, new_store: DovecotI
     assert notices({"INBOX": inbox}) == 0  # this domain switched the notice off
     assert sorted(m[0] for m in inbox) == sorted(m[0] for m in inbox_before)
     assert len(db_rows(proxy, "pop3_uidls")) == len(inbox_before)
+
+
+# -- passwords are UTF-8 -------------------------------------------------------------------------
+UTF8_USERS = {  # address -> (password, how the user logs in to the proxy)
+    "ute@old.example": ("Grüße-Straße-ü€", "IMAP LOGIN with a literal"),
+    "zoe@old.example": ("Zoë-Ørsted-€uro-ß", "IMAP AUTHENTICATE PLAIN"),
+    "pia@pop.example": ("Pâté-Ñandú-Ünïcode-€", "POP3 USER/PASS, POP3 old server"),
+}
+
+
+def imap_login_with_literal(port: int, user: str, password: str) -> bytes:
+    """LOGIN with the password as a literal, the way RFC 9051 carries any octets."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        lines = sock.makefile("rb")
+        lines.readline()
+        data = password.encode()
+        sock.sendall(f"a LOGIN {user} {{{len(data)}}}\r\n".encode())
+        assert lines.readline().startswith(b"+")
+        sock.sendall(data + b"\r\n")
+        while not (answer := lines.readline()).startswith(b"a "):
+            pass
+        sock.sendall(b"z LOGOUT\r\n")
+    return answer
+
+
+def test_utf8_passwords_migrate_by_imap_login_authenticate_plain_and_pop3(
+        tmp_path: Path, new_store: DovecotInstance, old_server: DovecotInstance) -> None:
+    """Non-ASCII passwords pass the old server's check and its copy logins, IMAP and POP3,
+    and are found in no form in anything the proxy wrote."""
+    when = datetime(2025, 2, 2, 12, 0, tzinfo=UTC)
+    old_server.stop()  # Dovecot re-reads a passwd-file changed within the same second late
+    for address, (password, _how) in UTF8_USERS.items():
+        old_server.add_user(address, password)
+    old_server.start()
+    for address, (password, _how) in UTF8_USERS.items():
+        seed_mailbox("127.0.0.1", old_server.imap_port, address, password,
+                     {"INBOX": [SeedMessage(make_message(f"for {address}", "hi\n", when))],
+                      "Entwürfe": [SeedMessage(make_message("draft", "d\n", when))]})
+    ute, zoe, pia = UTF8_USERS
+    proxy = migrating_proxy(tmp_path / "p", new_store, old_server)
+    proxy.cli("domain", "add", "pop.example", "--source",
+              f"pop3://127.0.0.1:{old_server.pop3_port}")
+    wrong = "Grüße-falsch-€"
+    with proxy:  # a wrong one is refused as wrong, not "old server unreachable"
+        assert b"[AUTHENTICATIONFAILED]" in imap_login_with_literal(proxy.imap_port, ute, wrong)
+        assert imap_login_with_literal(proxy.imap_port, ute, UTF8_USERS[ute][0]).startswith(
+            b"a OK"), proxy.log_text()[-2000:]
+        with IMAPClient("127.0.0.1", proxy.imap_port, ssl=False, timeout=20) as client:
+            client.plain_login(zoe, UTF8_USERS[zoe][0])
+        pop = poplib.POP3("127.0.0.1", proxy.pop3_port, timeout=20)
+        pop.user(pia)
+        assert pop.pass_(UTF8_USERS[pia][0]).startswith(b"+OK")
+        pop.quit()
+        for address in UTF8_USERS:
+            assert proxy.wait_for_state(address)["state"] == "COMPLETED", address
+    for address in (ute, zoe):
+        old = snapshot_folders_of(old_server, address, UTF8_USERS[address][0])
+        assert without_notice(store_snapshot(new_store, address)) == old
+    pop3_inbox = snapshot_folders_of(old_server, pia, UTF8_USERS[pia][0])["INBOX"]
+    assert [m[0] for m in without_notice(store_snapshot(new_store, pia))["INBOX"]] == [
+        m[0] for m in pop3_inbox]  # POP3 sees only the INBOX
+    for address, (password, _how) in UTF8_USERS.items():  # the store has the password's hash
+        with IMAPClient("127.0.0.1", new_store.imap_port, ssl=False) as direct:
+            direct.plain_login(address, password)
+
+    written = {str(path): path.read_bytes() for path in proxy.directory.rglob("*")
+               if path.is_file()}
+    written[str(new_store.users_file)] = new_store.provisioned_text().encode()
+    written[str(new_store.log_path)] = new_store.log_path.read_bytes()
+    passwords = [wrong, *(password for password, _how in UTF8_USERS.values())]
+    leaks = {name: find_secrets(data, passwords, UTF8_USERS) for name, data in written.items()}
+    assert {name: found for name, found in leaks.items() if found} == {}
+    assert b"UnicodeEncodeError" not in written[str(proxy.log_path)]
+    assert db_rows(proxy, "vault") == []
+
+
+def snapshot_folders_of(server: DovecotInstance, address: str, password: str) -> Snapshot:
+    with IMAPClient("127.0.0.1", server.imap_port, ssl=False) as client:
+        client.plain_login(address, password)
+        return snapshot_folders(client)
 
 
 # -- what must not happen ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ passwords and their base64 SASL forms.
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 import secrets
@@ -25,6 +24,8 @@ from imapclient import IMAPClient
 
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
+from tests.support.secrets import b64, plain_blob
+from tests.support.secrets import find_secrets as secrets_in
 
 USER = "Sally@new.example"
 TOKEN = secrets.token_hex(6)
@@ -36,26 +37,8 @@ HAS_POP3 = importlib.util.find_spec("migrating_proxy.frontends.pop3") is not Non
 REQUIRED_FIELDS = ("address", "peer", "protocol", "outcome", "duration_ms")
 
 
-def b64(data: str) -> str:
-    return base64.b64encode(data.encode()).decode()
-
-
-def plain_blob(user: str, password: str) -> str:
-    return b64(f"\0{user}\0{password}")
-
-
-def secret_forms(password: str) -> list[str]:
-    """What a password looks like on the wire: itself, base64 alone (AUTH LOGIN), base64 PLAIN
-    blobs for every user spelling the scenario used; each also without its '=' padding."""
-    forms = [password, b64(password)]
-    for user in (USER, USER.lower()):
-        forms += [plain_blob(user, password), b64(f"{user}\0{user}\0{password}")]
-    return forms + [form.rstrip("=") for form in forms if form.endswith("=")]
-
-
 def find_secrets(data: bytes) -> list[str]:
-    return [form for password in ALL_PASSWORDS for form in secret_forms(password)
-            if form.encode() in data]
+    return secrets_in(data, ALL_PASSWORDS, (USER, USER.lower()))
 
 
 # --- the scenario ---------------------------------------------------------------------------

@@ -92,6 +92,19 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
     return context
 
 
+# Exceptions whose text is about the network, TLS or a server's reply, never about our input.
+_TEXT_IS_SAFE = (OSError, EOFError, imaplib.IMAP4.error, poplib.error_proto)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for a log line or `last_error`: the text of network and TLS errors and of
+    server replies, only the class of anything else. A UnicodeEncodeError raised while
+    sending a password, for one, quotes a character of it and its position."""
+    if isinstance(exc, _TEXT_IS_SAFE):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
 def _looks_transient(text: str) -> bool:
     upper = text.upper()
     return any(marker in upper for marker in _TRANSIENT_MARKERS)
@@ -127,6 +140,43 @@ def open_imap(host: str, port: int, tls: TLSMode, verify_tls: bool, timeout: flo
     return client
 
 
+def imap_login(client: IMAPClient, username: str, password: str) -> None:
+    """LOGIN with credentials in UTF-8 (RFC 9051); LoginError if refused.
+
+    imaplib sends LOGIN's arguments as ASCII quoted strings and raises UnicodeEncodeError
+    otherwise, so a password such as "Grüße" could never log in. Non-ASCII credentials go as
+    literals, which carry any octets (a quoted string carries 8-bit text only in IMAP4rev2).
+    """
+    if username.isascii() and password.isascii():
+        client.login(username, password)
+        return
+    imap = client._imap
+    tag = imap._new_tag()
+    try:
+        imap.send(tag + b" LOGIN")
+        for value in (username, password):
+            if not _send_literal(imap, tag, value.encode("utf-8")):
+                break  # refused before the literal: the tagged answer says why
+        else:
+            imap.send(b"\r\n")
+        typ, data = imap._command_complete("LOGIN", tag)
+        client._checkok("login", typ, data)
+    except IMAPClientError as exc:  # as IMAPClient.login words it
+        raise LoginError(str(exc)) from None
+    imap.state = "AUTH"
+
+
+def _send_literal(imap: imaplib.IMAP4, tag: bytes, data: bytes) -> bool:
+    """A synchronizing literal: announce it, wait for "+", send it. False if the server
+    answered the command instead of "+"."""
+    imap.send(b" {%d}\r\n" % len(data))
+    while imap._get_response():  # None once the continuation request arrived
+        if imap.tagged_commands.get(tag):
+            return False
+    imap.send(data)
+    return True
+
+
 def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
     """Logged-in client on the old server; SourceAuthError / SourceUnavailable otherwise."""
     secrets = (source.password,)
@@ -136,7 +186,7 @@ def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
     with _source_login(source, client, LoginError, secrets):
-        client.login(source.login, source.password)
+        imap_login(client, source.login, source.password)
     return client
 
 
@@ -153,7 +203,7 @@ def connect_store_imap(store: StoreSpec, timeout: float) -> IMAPClient:
             client.plain_login(store.master_user, store.master_password or "",
                                authorization_identity=store.address)
         else:
-            client.login(store.address, store.user_password or "")
+            imap_login(client, store.address, store.user_password or "")
     except Exception as exc:
         abort_quietly(client)
         text = _describe("store login failed for " + store.address, store.host, exc, secrets)
@@ -164,7 +214,7 @@ def connect_store_imap(store: StoreSpec, timeout: float) -> IMAPClient:
 
 
 def _describe(what: str, host: str, exc: BaseException, secrets: tuple[str | None, ...]) -> str:
-    return scrub(f"{what} ({host}): {type(exc).__name__}: {exc}", *secrets)
+    return scrub(f"{what} ({host}): {describe_error(exc)}", *secrets)
 
 
 def abort_quietly(client: IMAPClient | poplib.POP3 | None) -> None:
@@ -310,7 +360,7 @@ class Backoff:
                 if not is_transient(exc) or attempt == self.attempts:
                     raise
                 log.warning("transient error, retrying", attempt=attempt, delay=delay,
-                            error=f"{type(exc).__name__}: {exc}"[:300])
+                            error=describe_error(exc)[:300])
                 if on_retry is not None:
                     on_retry()
                 self.sleep(delay)

@@ -204,7 +204,7 @@ class DovecotInstance:
         """Old server only: append `address:{PLAIN}password` (Dovecot re-reads the file)."""
         if self.kind != "old":
             raise RuntimeError("new-store users are provisioned by migrating-proxy, not by tests")
-        with self.users_file.open("a") as users:
+        with self.users_file.open("a", encoding="utf-8") as users:
             users.write(f"{address}:{{PLAIN}}{password}\n")
 
     def provision(self, address: str, entry: str) -> None:
@@ -459,7 +459,8 @@ def old_server(
     ident = _Identity.for_current_user()
     _prepare_root(root, ident)
     users_file = root / "users"
-    users_file.write_text("".join(f"{a}:{{PLAIN}}{p}\n" for a, p in users.items()))
+    users_file.write_text("".join(f"{a}:{{PLAIN}}{p}\n" for a, p in users.items()),
+                          encoding="utf-8")  # Dovecot compares a password's UTF-8 bytes
     inst = _make_instance(root, "old", users_file, tls)
     config = _base_config(inst, ident, courier_style) + _old_server_config(users_file)
     inst.config_path.write_text(config + _old_lmtp_config(inst.lmtp_port))

@@ -89,7 +89,10 @@ def seed_mailbox(
     """
     appended: dict[str, int] = {}
     with IMAPClient(host, port=port, ssl=ssl, timeout=30) as client:
-        client.login(address, password)
+        if password.isascii():
+            client.login(address, password)
+        else:  # imaplib's LOGIN is ASCII only; SASL PLAIN carries UTF-8
+            client.plain_login(address, password)
         existing = {name for _flags, _sep, name in client.list_folders()}
         for folder, messages in spec.items():
             if folder not in existing and folder.upper() != "INBOX":
