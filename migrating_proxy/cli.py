@@ -18,6 +18,7 @@ from migrating_proxy import config as config_module
 from migrating_proxy import logs
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
+from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import Config, ConfigError
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
@@ -97,9 +98,28 @@ def _domain_commands(parser: argparse.ArgumentParser) -> None:
                      help="don't put the 'your mail is moving' notice in migrated INBOXes")
     add.add_argument("--no-verify-tls", action="store_true",
                      help="accept the old server's certificate unverified (self-signed)")
+    add_source_tls_options(add)
     for action in ("enable", "disable", "remove"):
         sub.add_parser(action).add_argument("name")
     sub.add_parser("list").add_argument("--json", action="store_true")
+
+
+def add_source_tls_options(parser: argparse.ArgumentParser) -> None:
+    """Options about trusting the old server, shared by the domain commands that set them."""
+    parser.add_argument("--source-ca", metavar="FILE",
+                        help="PEM file with the certificate(s) of the private CA that signed the "
+                             "old server's certificate; its content is stored, trusted beside "
+                             "the system's CAs ('' for none)")
+
+
+def source_ca_from_args(args: argparse.Namespace) -> str | None:
+    """--source-ca's PEM content: None if not given, "" for an explicit '' (none)."""
+    if args.source_ca is None or args.source_ca == "":
+        return args.source_ca
+    try:
+        return read_ca_file(args.source_ca)
+    except CAFileError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _account_commands(parser: argparse.ArgumentParser) -> None:
@@ -183,11 +203,13 @@ def _domain_from_args(args: argparse.Namespace) -> Domain:
         raise CommandError("--source-user may only use %u, %n and %d")
     if "@" in args.name or not args.name.strip(". ") or " " in args.name:
         raise CommandError(f"{args.name!r} is not a domain name")
+    if args.source_ca and args.no_verify_tls:
+        raise CommandError("--source-ca and --no-verify-tls contradict each other")
     return Domain(
         name=args.name.lower(), source_url=source.url, migrating=not args.disabled,
         relay_url=relay, type=args.type, source_user=template,
         subscribed_only=args.subscribed_only, notice=not args.no_notice,
-        verify_tls=not args.no_verify_tls,
+        verify_tls=not args.no_verify_tls, source_ca=source_ca_from_args(args) or None,
     )
 
 

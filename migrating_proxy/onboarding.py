@@ -66,6 +66,7 @@ def source_spec(domain: Domain, account: Account | None, address: str, password:
         protocol=endpoint.protocol,  # type: ignore[arg-type]
         host=endpoint.host, port=endpoint.port, tls=endpoint.tls, verify_tls=domain.verify_tls,
         login=login, password=password, type=domain.type, subscribed_only=domain.subscribed_only,
+        ca_pem=domain.source_ca,
     )
 
 

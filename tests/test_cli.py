@@ -21,6 +21,7 @@ import pytest
 from tests.support.dovecot import DovecotInstance
 from tests.support.mail import can_log_in
 from tests.support.proxy import render_toml
+from tests.support.tls import TLSFiles
 
 PASSWORD = "Tr0ub4dor & 3 \"quoted\" pw"
 
@@ -125,7 +126,7 @@ def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
         "name": "old.example", "source_url": "imaps://mail.old.example:993",
         "relay_url": "smtp+starttls://smtp.old.example:587", "migrating": False,
         "type": "exchange", "source_user": "%n", "subscribed_only": True,
-        "notice": False, "verify_tls": False,
+        "notice": False, "verify_tls": False, "source_ca": None,
     }}
 
 
@@ -181,6 +182,36 @@ def test_bad_domain_add_is_refused_in_one_line_and_creates_nothing(admin: Admin)
     results = admin.run_all([["domain", "add", *args] for args, _ in BAD_DOMAIN_ADDS])
     for (args, reason), result in zip(BAD_DOMAIN_ADDS, results, strict=True):
         assert_refused(result, reason, context=args)
+    assert admin.domains() == {}
+
+
+def test_domain_add_source_ca_keeps_the_certificate_not_the_path(
+        admin: Admin, tls_files: TLSFiles, tmp_path: Path) -> None:
+    """The CA's certificate is stored, so the file may go (and other machines need no copy)."""
+    ca = tmp_path / "old-ca.pem"
+    ca.write_text("Subject: our old CA\n" + tls_files.ca_cert.read_text())
+    admin.ok("domain", "add", "old.example", "--source", "imaps://x", "--source-ca", str(ca))
+    ca.unlink()
+    assert admin.domains()["old.example"]["source_ca"] == tls_files.ca_cert.read_text()
+
+
+def test_bad_source_ca_is_refused_in_one_line_and_creates_nothing(
+        admin: Admin, tls_files: TLSFiles, tmp_path: Path) -> None:
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("the CA is on the old server somewhere\n")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with_key = tmp_path / "bundle.pem"
+    with_key.write_text(tls_files.cert.read_text() + tls_files.key.read_text())
+    cases = [(tmp_path / "missing.pem", "No such file"), (not_pem, "no PEM certificate"),
+             (broken, "not a usable certificate"), (with_key, "private key"),
+             (tls_files.ca_cert, "--no-verify-tls")]
+    results = admin.run_all([["domain", "add", "old.example", "--source", "imaps://x",
+                              "--source-ca", str(path)]
+                             + (["--no-verify-tls"] if path == tls_files.ca_cert else [])
+                             for path, _ in cases])
+    for (path, reason), result in zip(cases, results, strict=True):
+        assert_refused(result, reason, context=path)
     assert admin.domains() == {}
 
 

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy
 from imapclient import IMAPClient
 
+from migrating_proxy.migration import SourceSpec, SourceUnavailable, check_source_login
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import (
@@ -410,6 +412,46 @@ def test_old_server_certificates_are_verified_unless_the_domain_says_not(
             client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
             assert client.login(ALICE, ALICE_PW)[0] == "OK"
             client.logout()
+    finally:
+        dovecot.remove_root(root)
+
+
+def test_an_old_server_with_a_private_ca_is_trusted_with_source_ca(
+        tmp_path: Path, new_store: DovecotInstance, tls_files: TLSFiles) -> None:
+    """Refused without --source-ca (as a man in the middle would be), accepted with it for the
+    check and the copy, IMAPS and POP3S; the CA file may be gone after `domain add`."""
+    root = dovecot.instance_root("mp-oldca-")
+    try:
+        with dovecot.old_server(root, {ALICE: ALICE_PW}, tls=tls_files) as old, \
+                migrating_proxy(tmp_path / "p", new_store, old, workers=1) as proxy:
+            seed_mailbox("127.0.0.1", old.imap_port, ALICE, ALICE_PW, sample_corpus())
+            source = f"imaps://127.0.0.1:{old.imaps_port}"
+            proxy.cli("domain", "remove", "old.example")
+            proxy.cli("domain", "add", "old.example", "--source", source)
+            with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+                imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
+            assert_nothing_created(proxy, new_store, ALICE)
+            assert "CERTIFICATE_VERIFY_FAILED" in proxy.log_text()
+
+            ca_file = tmp_path / "old-ca.pem"
+            ca_file.write_bytes(tls_files.ca_cert.read_bytes())
+            proxy.cli("domain", "remove", "old.example")
+            proxy.cli("domain", "add", "old.example", "--source", source, "--source-ca",
+                      str(ca_file))
+            ca_file.unlink()
+            client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
+            assert client.login(ALICE, ALICE_PW)[0] == "OK"
+            client.logout()
+            assert proxy.wait_for_state(ALICE)["state"] == "COMPLETED"
+            assert without_notice(store_snapshot(new_store, ALICE)) == snapshot(
+                old.imap_port, ALICE, ALICE_PW)
+
+            assert old.pop3s_port is not None
+            pop3s = SourceSpec("pop3", "127.0.0.1", old.pop3s_port, "implicit", True, ALICE,
+                               ALICE_PW)
+            with pytest.raises(SourceUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                check_source_login(pop3s, timeout=5)
+            check_source_login(replace(pop3s, ca_pem=tls_files.ca_cert.read_text()), timeout=5)
     finally:
         dovecot.remove_root(root)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from passlib.hash import sha512_crypt
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from migrating_proxy.login import FailureThrottle
 from migrating_proxy.passwords import PasswordHasher, dovecot_form
@@ -226,6 +226,31 @@ def test_ensure_schema_twice_keeps_data_and_version(store_url: str) -> None:
             versions = conn.execute(schema_info.select()).all()
         assert [row.version for row in versions] == [SCHEMA_VERSION]
         assert store.accounts.get_account("alice@example.com") is not None
+    finally:
+        store.close()
+
+
+def test_version_1_database_is_upgraded_in_place_with_domain_source_ca(store_url: str) -> None:
+    """A database of version 1 (no domains.source_ca) keeps its domains and gains the column."""
+    store = open_store(store_url)
+    store.accounts.add_domain(Domain("old.example", "imap://old.example:143"))
+    store.close()
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE domains DROP COLUMN source_ca")
+            conn.execute(update(schema_info).values(version=1))
+    finally:
+        engine.dispose()
+    store = open_store(store_url)
+    try:
+        assert store.accounts.get_domain("old.example") == Domain(
+            "old.example", "imap://old.example:143")
+        store.accounts.add_domain(Domain("ca.example", "imaps://x:993", source_ca="PEM"))
+        domain = store.accounts.get_domain("ca.example")
+        assert domain is not None and domain.source_ca == "PEM"
+        with store.engine.connect() as conn:
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
     finally:
         store.close()
 

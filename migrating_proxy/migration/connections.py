@@ -11,7 +11,6 @@ import contextlib
 import imaplib
 import poplib
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any, Literal, TypeVar
 import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
+
+from migrating_proxy.cacerts import client_context
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +45,7 @@ class SourceSpec:
     password: str = field(repr=False)
     type: str = "default"  # default | gmail | exchange | office | domino
     subscribed_only: bool = False
+    ca_pem: str | None = field(default=None, repr=False)  # a private CA, beside the system's
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,6 @@ def scrub(text: str, *secrets: str | None) -> str:
     return text
 
 
-def _tls_context(verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 # Exceptions whose text is about the network, TLS or a server's reply, never about our input.
 _TEXT_IS_SAFE = (OSError, EOFError, imaplib.IMAP4.error, poplib.error_proto)
 
@@ -124,10 +118,11 @@ def is_transient(exc: BaseException) -> bool:
 # --- IMAP ----------------------------------------------------------------------------------
 
 
-def open_imap(host: str, port: int, tls: TLSMode, verify_tls: bool, timeout: float) -> IMAPClient:
+def open_imap(host: str, port: int, tls: TLSMode, verify_tls: bool, timeout: float,
+              ca_pem: str | None = None) -> IMAPClient:
     """A connected (not logged-in) client; every socket operation times out after `timeout`."""
     # Loading the CA store costs ~10 ms a connection: only when TLS is used.
-    context = _tls_context(verify_tls) if tls != "none" else None
+    context = client_context(verify_tls, ca_pem) if tls != "none" else None
     client = IMAPClient(host, port=port, ssl=tls == "implicit", ssl_context=context,
                         timeout=timeout)
     # imapclient sets imaplib's debug level to 5, at which imaplib formats the repr of every
@@ -181,7 +176,8 @@ def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
     """Logged-in client on the old server; SourceAuthError / SourceUnavailable otherwise."""
     secrets = (source.password,)
     try:
-        client = open_imap(source.host, source.port, source.tls, source.verify_tls, timeout)
+        client = open_imap(source.host, source.port, source.tls, source.verify_tls, timeout,
+                           source.ca_pem)
     except Exception as exc:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
@@ -294,7 +290,7 @@ class SourcePOP3_SSL(_LineLimit, poplib.POP3_SSL):
 def connect_source_pop3(source: SourceSpec, timeout: float) -> SourcePOP3:
     """Logged-in POP3 session; SourceAuthError / SourceUnavailable otherwise."""
     secrets = (source.password,)
-    context = _tls_context(source.verify_tls)
+    context = client_context(source.verify_tls, source.ca_pem)
     try:
         if source.tls == "implicit":
             conn: SourcePOP3 = SourcePOP3_SSL(source.host, source.port, timeout=timeout,

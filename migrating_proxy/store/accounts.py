@@ -65,6 +65,7 @@ class Domain:
     subscribed_only: bool = False
     notice: bool = True
     verify_tls: bool = True
+    source_ca: str | None = None  # PEM certificates of the old server's private CA
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
         name=row.name, source_url=row.source_url, migrating=row.migrating,
         relay_url=row.relay_url, type=row.type, source_user=row.source_user,
         subscribed_only=row.subscribed_only, notice=row.notice, verify_tls=row.verify_tls,
+        source_ca=row.source_ca,
     )
 
 

@@ -14,8 +14,13 @@ class DatabaseError(Exception):
     """The database cannot be used: unreachable, or a schema newer than this program."""
 
 
-# version -> step that brings a database from version-1 to version. Empty until the first change.
-UPGRADES: dict[int, Callable[[Connection], None]] = {}
+def _add_domain_source_ca(conn: Connection) -> None:
+    """Version 2: domains.source_ca (`domain add --source-ca`)."""
+    conn.exec_driver_sql("ALTER TABLE domains ADD COLUMN source_ca TEXT")
+
+
+# version -> step that brings a database from version-1 to version.
+UPGRADES: dict[int, Callable[[Connection], None]] = {2: _add_domain_source_ca}
 
 
 def make_engine(url: str) -> Engine:

@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -50,6 +50,9 @@ domains = Table(
     Column("subscribed_only", Boolean, nullable=False, default=False),
     Column("notice", Boolean, nullable=False, default=True),
     Column("verify_tls", Boolean, nullable=False, default=True),
+    # PEM certificates of a private CA that signed the old server's certificate (--source-ca),
+    # trusted beside the system's CAs. Content, not a path: see migrating_proxy/cacerts.py.
+    Column("source_ca", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
