@@ -127,10 +127,8 @@ class Onboarding:
         host = source_host(domain)
         try:
             with self.store.engine.begin() as conn:
-                account_id = self.store.accounts.insert_account(
-                    conn, address, PENDING_HASH, migration_state="PENDING")
+                account_id = self.store.lifecycle.first_login(address, PENDING_HASH, host, conn)
                 self.vault.put(account_id, password, conn)
-                self.store.jobs.enqueue(account_id, "full", host, conn)
         except IntegrityError:
             log.info("first_login_race_lost", address=address)
         # Also after a lost race: the winner may not have provisioned yet, and our session's
@@ -188,8 +186,7 @@ class Onboarding:
         host = source_host(domain, account)
         with self.store.engine.begin() as conn:
             self.vault.put(account.id, password, conn)
-            self.store.jobs.enqueue(account.id, "incremental", host, conn)
-            self.store.accounts.set_migration_state(account.address, "PENDING", conn)
+            self.store.lifecycle.queue_pass(account.id, "incremental", host, conn)
         log.info("resync_queued", address=account.address)
 
     def _last_pass(self, account_id: int) -> datetime | None:

@@ -10,6 +10,7 @@ queue; the next worker to claim it resumes where it stopped, copying nothing twi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -25,7 +26,7 @@ from migrating_proxy import logs
 from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyResult, run_copy
 from migrating_proxy.onboarding import Onboarding, source_spec, store_spec
-from migrating_proxy.store import Account, Store, open_store
+from migrating_proxy.store import Account, AccountState, JobState, RowGone, Store, open_store
 from migrating_proxy.store.jobs import Job
 
 log = structlog.get_logger(__name__)
@@ -70,10 +71,13 @@ class CopyWorker:
         structlog.contextvars.bind_contextvars(address=account.address, job=job.id)
         try:
             self.execute(job, account)
+        except RowGone:  # `account remove` while the pass ran: its job went with it
+            log.info("migration_pass_dropped", reason="account removed")
         except Exception as exc:  # the store or database failed outside the copy: retry later
             log.exception("job_failed_unexpectedly", error=type(exc).__name__)
-            self.store.jobs.retry_later(job.id, f"{type(exc).__name__}: {exc}",
-                                        retry_delay(job.attempts))
+            with contextlib.suppress(RowGone):
+                self.store.jobs.retry_later(job.id, f"{type(exc).__name__}: {exc}",
+                                            retry_delay(job.attempts))
         finally:
             structlog.contextvars.clear_contextvars()
         return True
@@ -83,10 +87,9 @@ class CopyWorker:
         password = self.onboarding.vault.get(account.id)
         if domain is None or password is None:
             reason = "no stored password; the next login of the user will start the copy"
-            self._end(job, account, "failed", "ERROR", reason)
+            self._failed(job, reason)
             return
         self.onboarding.finish_onboarding(account, password)
-        self.store.accounts.set_migration_state(account.address, "PENDING")
         paused = threading.Event()
         beating = _Heartbeat(self, job.id, paused)
         beating.start()
@@ -105,7 +108,8 @@ class CopyWorker:
 
     def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
-            self._end(job, account, "done", "COMPLETED", None)
+            self.store.lifecycle.pass_completed(job.id, job.account_id)
+            log.info("migration_pass_ended", state=AccountState.COMPLETED, error=None)
             if not self.config.migration.keep_credentials:
                 self.onboarding.vault.erase(account.id)  # not needed now: never keep it longer
         elif result.state == "stopped":
@@ -113,23 +117,21 @@ class CopyWorker:
             # `start` while this copy was winding down), so hand it back as the row says.
             self.store.jobs.release(job.id)
         elif result.error_kind == "auth":
-            self._end(job, account, "failed", "ERROR", result.error)
+            self._failed(job, result.error)
             self.onboarding.vault.erase(account.id)  # a password the old server refuses
         elif result.error_kind == "folders" or job.attempts >= self.config.migration.max_attempts:
             # Folders the servers refuse stay refused: say so now instead of retrying for hours.
             # The password stays for a resync once the admin has fixed the folder.
-            self._end(job, account, "failed", "ERROR", result.error)
+            self._failed(job, result.error)
         else:
             delay = retry_delay(job.attempts)
             self.store.jobs.retry_later(job.id, result.error or "copy failed", delay)
             log.warning("copy_retry_scheduled", error=result.error, delay=delay,
                         attempt=job.attempts)
 
-    def _end(self, job: Job, account: Account, job_state: str, account_state: str,
-             error: str | None) -> None:
-        self.store.jobs.finish(job.id, job_state, error)
-        self.store.accounts.set_migration_state(account.address, account_state)
-        log.info("migration_pass_ended", state=account_state, error=error)
+    def _failed(self, job: Job, error: str | None) -> None:
+        self.store.lifecycle.pass_failed(job.id, job.account_id, error)
+        log.info("migration_pass_ended", state=AccountState.ERROR, error=error)
 
 
 class _Heartbeat(threading.Thread):
@@ -154,7 +156,7 @@ class _Heartbeat(threading.Thread):
                     state, last_beat = jobs.heartbeat(self.job_id), time.monotonic()
                 else:
                     state = jobs.state_of(self.job_id)
-                if state == "paused":
+                if state == JobState.PAUSED:
                     self.paused.set()
             except Exception as exc:  # a database hiccup must not kill the copy
                 log.warning("heartbeat_failed", error=type(exc).__name__)

@@ -32,7 +32,7 @@ def test_one_active_job_per_account(store: Store) -> None:
     claimed = store.jobs.claim("w1", max_per_host=4)
     assert claimed is not None and claimed.id == first and claimed.kind == "full"
     assert store.jobs.enqueue(alice, "incremental", "old-host") == first  # running counts too
-    store.jobs.finish(first, "done")
+    store.lifecycle.pass_completed(first, alice)
     assert store.jobs.enqueue(alice, "incremental", "old-host") != first
 
 
@@ -48,7 +48,7 @@ def test_claims_respect_the_per_host_cap_and_put_first_logins_first(store: Store
     third = store.jobs.claim("w3", max_per_host=2)  # busy-host is full: the other host's job
     assert third is not None and third.account_id == ids[3]
     assert store.jobs.claim("w4", max_per_host=2) is None
-    store.jobs.finish(first.id, "done")
+    store.lifecycle.pass_completed(first.id, first.account_id)
     fourth = store.jobs.claim("w4", max_per_host=2)
     assert fourth is not None and fourth.account_id == ids[0]
 

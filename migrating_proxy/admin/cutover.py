@@ -11,7 +11,7 @@ from typing import Any
 from migrating_proxy.admin import audit
 from migrating_proxy.admin.operations import NO_PASSWORD, Operations
 from migrating_proxy.passwords import PENDING_HASH, dovecot_form
-from migrating_proxy.store import Account, Store, StoreError
+from migrating_proxy.store import Account, AccountState, Store, StoreError
 from migrating_proxy.store.copystate import CopyState
 
 EXPORT_FORMATS = ("dovecot-passwd", "csv")
@@ -29,10 +29,10 @@ def finish(ops: Operations, domain_name: str,
     if domain is None:
         raise StoreError(f"unknown domain {domain_name}")
     accounts = ops.store.accounts.list_migrating(domain.name)
-    finals = ops.resync([a for a in accounts if a.migration_state == "COMPLETED"])
+    finals = ops.resync([a for a in accounts if a.migration_state is AccountState.COMPLETED])
     rows = ops.wait([a.address for a in accounts], on_tick)
     ops.store.accounts.set_domain_migrating(domain.name, False)
-    erased = _erase_vault(ops, [a for a in accounts if a.migration_state != "NEW"])
+    erased = _erase_vault(ops, [a for a in accounts if a.migration_state is not AccountState.NEW])
     report = _report(ops.store, domain.name, accounts, rows)
     report["no_final_pass"] = [o.address for o in finals if o.reason == NO_PASSWORD]
     report["vault_entries_erased"] = erased
@@ -64,11 +64,11 @@ def _report(store: Store, domain: str, accounts: list[Account],
         "domain": domain,
         "migrating": False,
         "accounts": len(accounts),
-        "migrated": [row["address"] for row in by_state.get("COMPLETED", [])],
+        "migrated": [row["address"] for row in by_state.get(AccountState.COMPLETED, [])],
         "errors": [{"address": row["address"], "last_error": row["last_error"]}
-                   for row in by_state.get("ERROR", [])],
-        "never_migrated": [row["address"] for row in by_state.get("NEW", [])],
-        "unfinished": [row["address"] for row in by_state.get("PENDING", [])],
+                   for row in by_state.get(AccountState.ERROR, [])],
+        "never_migrated": [row["address"] for row in by_state.get(AccountState.NEW, [])],
+        "unfinished": [row["address"] for row in by_state.get(AccountState.PENDING, [])],
         "messages_copied": sum(row["messages_copied"] for row in rows),
         "messages_skipped": sum(row["messages_skipped"] for row in rows),
         "bytes_copied": sum(row["bytes_copied"] for row in rows),

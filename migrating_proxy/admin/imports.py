@@ -253,7 +253,7 @@ def apply_import(store: Store, vault: Vault, provisioner: Provisioner,
     with store.engine.begin() as conn:
         for row in rows:
             account_id = ids[row.address.lower()] if row.existing else \
-                store.accounts.insert_account(conn, row.address, PENDING_HASH, "NEW")
+                store.lifecycle.imported(row.address, PENDING_HASH, conn)
             store.accounts.set_source(conn, account_id, row.source_url, row.source_login)
             vault.put(account_id, row.password, conn)
     # A locked entry, so the store knows the account; the worker provisions the real hash.

@@ -21,13 +21,13 @@ from migrating_proxy.migration.connections import (
     check_source_login,
 )
 from migrating_proxy.onboarding import source_host, source_spec
-from migrating_proxy.store import Account, Domain, Store, StoreError
+from migrating_proxy.store import Account, AccountState, Domain, JobState, Store, StoreError
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import Vault, load_or_create_key
 
 VERIFY_THREADS = 8  # credential checks in flight; each is one login at an old server
 POLL_SECONDS = 0.5
-SETTLED_JOB_STATES = (None, "paused", "pausing")  # nothing more will happen without an admin
+SETTLED_JOB_STATES = (None, JobState.PAUSED, "pausing")  # nothing more will happen without an admin
 NO_PASSWORD = ("no stored password: import the user's password again, or wait for the user's "
                "next login")
 
@@ -112,17 +112,12 @@ class Operations:
         return None, False
 
     def _fail(self, account: Account, domain: Domain, error: str, erase: bool) -> None:
-        with self.store.engine.begin() as conn:
-            self.store.jobs.record_failure(account.id, "full", source_host(domain, account), error,
-                                           conn)
-            self.store.accounts.set_migration_state(account.address, "ERROR", conn)
+        self.store.lifecycle.check_failed(account.id, source_host(domain, account), error)
         if erase:  # a password the old server refuses is of no use to anyone
             self.vault.erase(account.id)
 
     def _queue(self, account: Account, domain: Domain, kind: str) -> None:
-        with self.store.engine.begin() as conn:
-            self.store.jobs.enqueue(account.id, kind, source_host(domain, account), conn)
-            self.store.accounts.set_migration_state(account.address, "PENDING", conn)
+        self.store.lifecycle.queue_pass(account.id, kind, source_host(domain, account))
 
     # -- resync --------------------------------------------------------------------------
     def resync(self, targets: list[Account]) -> list[Outcome]:
@@ -146,7 +141,7 @@ class Operations:
         than resync_interval and whose password was kept; returns how many were queued."""
         horizon = datetime.now(UTC) - timedelta(seconds=self.config.migration.resync_interval)
         rows = migration_status(self.store.engine)
-        stale = {row["address"] for row in rows if row["state"] == "COMPLETED"
+        stale = {row["address"] for row in rows if row["state"] == AccountState.COMPLETED
                  and (row["last_pass_at"] is None
                       or datetime.fromisoformat(row["last_pass_at"]) < horizon)}
         due = [account for account in self.store.accounts.list_migrating()
@@ -211,7 +206,7 @@ def _why_not_migrate(account: Account, active: str | None, domain: Domain | None
                      password: str | None) -> str | None:
     if account.migration_state is None:
         return "a local account, not a migrating one"
-    if account.migration_state == "COMPLETED":
+    if account.migration_state is AccountState.COMPLETED:
         return "already migrated; use resync for mail that arrived since"
     if active:
         return f"a pass is already {active}"
@@ -223,7 +218,7 @@ def _why_not_migrate(account: Account, active: str | None, domain: Domain | None
 def _why_not_resync(account: Account, active: str | None, domain: Domain | None) -> str | None:
     if account.migration_state is None:
         return "a local account, not a migrating one"
-    if account.migration_state == "NEW":
+    if account.migration_state is AccountState.NEW:
         return "never migrated; use migrate"
     if active:
         return f"a pass is already {active}"

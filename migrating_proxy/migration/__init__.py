@@ -82,13 +82,13 @@ def run_copy(
                             parallel_folders=parallel_folders)
     log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}",
                     store_address=store.address)
-    log_.info("copy starting")
+    log_.info("copy_started")
     result = _run(copier.run, reporter, (source.password, store.master_password,
                                          store.user_password))
     copier.close()
     result.skipped = state.skipped()
     reporter.flush(force=True, finished=result.state == "completed", error=result.error)
-    log_.info("copy finished", state=result.state, error=result.error,
+    log_.info("copy_finished", state=result.state, error=result.error,
               copied=result.progress.messages_copied, skipped=result.progress.messages_skipped)
     return result
 
@@ -112,6 +112,6 @@ def _run(action: Callable[[], None], reporter: Reporter,
     except Exception as exc:
         # After retries: a source that keeps failing mid-copy counts as unavailable.
         text = scrub(f"{type(exc).__name__}: {exc}", *secrets)
-        log.exception("copy failed", error=text)
+        log.exception("copy_failed", error=text)
         return CopyResult("error", progress, text, error_kind="internal")
     return CopyResult("completed", progress)

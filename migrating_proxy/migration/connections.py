@@ -355,7 +355,7 @@ class Backoff:
             except Exception as exc:
                 if not is_transient(exc) or attempt == self.attempts:
                     raise
-                log.warning("transient error, retrying", attempt=attempt, delay=delay,
+                log.warning("transient_error_retrying", attempt=attempt, delay=delay,
                             error=describe_error(exc)[:300])
                 if on_retry is not None:
                     on_retry()

@@ -140,7 +140,7 @@ class StoreWriter:
         uids = outcome.uids or []
         if len(uids) != len(messages) or outcome.uidvalidity != bounds.uidvalidity:
             # No (usable) APPENDUID: find the messages the way a restart would.
-            log.warning("store gave no APPENDUID; reconciling", folder=folder.dest_name)
+            log.warning("appenduid_missing_reconciling", folder=folder.dest_name)
             self._bounds.pop(folder.dest_name, None)
             self.reconcile(folder)
             return
@@ -151,7 +151,7 @@ class StoreWriter:
         self.reporter.copied(len(messages), sum(len(m.raw) for m in messages))
 
     def _skip(self, folder: FolderState, message: OutMessage, reason: str) -> None:
-        log.warning("store refused a message", folder=folder.source_name, key=message.key,
+        log.warning("message_refused_by_store", folder=folder.source_name, key=message.key,
                     size=len(message.raw), reason=reason[:200])
         self.state.finish(folder.id, skipped=[(message.key, reason or "refused by the store")])
         self.reporter.skipped(1)
@@ -207,7 +207,7 @@ class StoreWriter:
         sizes = {r.source_key: r.size for r in rows}
         if matched:
             self.reporter.copied(len(matched), sum(sizes[k] for k in keys))
-        log.info("reconciled in-flight messages", folder=folder.dest_name, found=len(matched),
+        log.info("in_flight_reconciled", folder=folder.dest_name, found=len(matched),
                  lost=len(rows) - len(matched))
         return keys
 

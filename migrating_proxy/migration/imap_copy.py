@@ -200,7 +200,7 @@ class ImapCopier:
         store = lane.writer.client
         plan = plan_folders(listing, subscribed, _namespace(client), store.list_folders(),
                             _namespace(store), self.source.type, self.source.subscribed_only)
-        log.info("folder plan", folders=len(plan),
+        log.info("folder_plan", folders=len(plan),
                  mapping=[(m.source, m.dest) for m in plan if m.source != m.dest][:50])
         return plan
 
@@ -236,7 +236,7 @@ class ImapCopier:
         sizes = _inventory(client, int(selected.get(b"EXISTS", 1)))
         known = self.state.known_keys(folder.id)
         pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
-        log.info("copying folder", folder=mapping.source, dest=mapping.dest,
+        log.info("folder_copy_started", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
         current = replace(folder, uidvalidity=uidvalidity)
         groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
@@ -262,8 +262,9 @@ class ImapCopier:
             fp = _source_fingerprint(data[uid])
             if pool.get(fp):
                 carried.append(replace(pool[fp].pop(0), source_key=str(uid)))
-        log.warning("source UIDVALIDITY changed; matched earlier copies by fingerprint",
-                    folder=folder.source_name, matched=len(carried), messages=len(data))
+        # Earlier copies were matched to the new UIDs by fingerprint.
+        log.warning("source_uidvalidity_changed", folder=folder.source_name,
+                    matched=len(carried), messages=len(data))
         self.state.rekey(folder.id, uidvalidity, carried)
 
 

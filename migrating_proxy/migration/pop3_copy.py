@@ -114,7 +114,7 @@ class Pop3Copier:
         self.writer.reconcile(folder)
         known = self.state.known_keys(folder.id)
         pending = [entry for entry in listing if entry[1] not in known]
-        log.info("copying POP3 mailbox", pending=len(pending), known=len(known))
+        log.info("pop3_mailbox_copy", pending=len(pending), known=len(known))
         groups = batches(pending, lambda e: e[2], BATCH_MESSAGES, BATCH_BYTES)
         with Prefetcher(groups, self._retrieve_all, lambda g: sum(e[2] for e in g),
                         self.budget, on_abort=self._drop_source) as fetched:

@@ -17,13 +17,20 @@ from migrating_proxy.store.accounts import (
 )
 from migrating_proxy.store.db import DatabaseError, ensure_schema, make_engine
 from migrating_proxy.store.jobs import JobQueue
+from migrating_proxy.store.lifecycle import Lifecycle
+from migrating_proxy.store.states import AccountState, IllegalTransition, JobState, RowGone
 
 __all__ = [
     "Account",
+    "AccountState",
     "AccountStore",
     "AddressError",
     "DatabaseError",
     "Domain",
+    "IllegalTransition",
+    "JobState",
+    "Lifecycle",
+    "RowGone",
     "Store",
     "StoreError",
     "normalise",
@@ -36,6 +43,7 @@ class Store:
     engine: Engine
     accounts: AccountStore
     jobs: JobQueue
+    lifecycle: Lifecycle  # the transitions that move an account and its job together
 
     def close(self) -> None:
         self.engine.dispose()
@@ -45,4 +53,6 @@ def open_store(url: str) -> Store:
     """Connect, create or upgrade the schema, and return the store's facades."""
     engine = make_engine(url)
     ensure_schema(engine)
-    return Store(engine=engine, accounts=AccountStore(engine), jobs=JobQueue(engine))
+    accounts, jobs = AccountStore(engine), JobQueue(engine)
+    return Store(engine=engine, accounts=accounts, jobs=jobs,
+                 lifecycle=Lifecycle(engine, accounts, jobs))

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from migrating_proxy.store.schema import accounts, domains
+from migrating_proxy.store.states import AccountState, account_state
 
 DOMAIN_TYPES = ("default", "gmail", "exchange", "office", "domino")
 
@@ -74,7 +75,7 @@ class Account:
     address: str
     domain: str
     password_hash: str
-    migration_state: str | None
+    migration_state: AccountState | None  # None: a plain local account (see states.py)
     created_at: datetime
     last_login_at: datetime | None
     source_url: str | None = None
@@ -133,10 +134,12 @@ class AccountStore:
     # -- accounts ------------------------------------------------------------------------
     def add_account(self, address: str, password_hash: str, *,
                     migration_state: str | None = None) -> Account:
-        """Insert an account; StoreError if it exists (in any letter case)."""
+        """Insert an account (a local one unless a state is given); StoreError if it exists
+        (in any letter case). Migrating accounts are normally created by `Lifecycle`."""
         try:
             with self.engine.begin() as conn:
-                self.insert_account(conn, address, password_hash, migration_state)
+                self.insert_account(conn, address, password_hash,
+                                    account_state(migration_state))
         except IntegrityError:
             raise StoreError(f"account {normalise(address)} already exists") from None
         account = self.get_account(address)
@@ -144,20 +147,17 @@ class AccountStore:
         return account
 
     def insert_account(self, conn: Connection, address: str, password_hash: str,
-                       migration_state: str | None = None) -> int:
+                       migration_state: AccountState | None = None) -> int:
         """Insert within the caller's transaction; IntegrityError if the account exists."""
         address = normalise(address)
         stamp = now()
         result = conn.execute(insert(accounts).values(
             address=address, address_key=address.lower(),
             domain=address.rpartition("@")[2], password_hash=password_hash,
-            migration_state=migration_state, created_at=stamp, updated_at=stamp,
+            migration_state=None if migration_state is None else str(migration_state),
+            created_at=stamp, updated_at=stamp,
         ))
         return int(result.inserted_primary_key[0])  # type: ignore[index]
-
-    def set_migration_state(self, address: str, state: str,
-                            conn: Connection | None = None) -> None:
-        self._update_account(address, conn, migration_state=state)
 
     def set_hash_if_pending(self, address: str, password_hash: str) -> bool:
         """Store the first hash of a migrating account unless someone already did."""
@@ -253,7 +253,7 @@ def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
 def _account(row) -> Account:  # type: ignore[no-untyped-def]
     return Account(
         id=row.id, address=row.address, domain=row.domain, password_hash=row.password_hash,
-        migration_state=row.migration_state, created_at=row.created_at,
+        migration_state=account_state(row.migration_state), created_at=row.created_at,
         last_login_at=row.last_login_at, source_url=row.source_url,
         source_login=row.source_login, notice_inserted_at=row.notice_inserted_at,
     )

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, select
 from migrating_proxy.store.accounts import address_key
 from migrating_proxy.store.jobs import ACTIVE
 from migrating_proxy.store.schema import accounts, jobs, migrations
+from migrating_proxy.store.states import AccountState, JobState
 
 # The JSON keys of `migrating-proxy status --json`: a public contract, extend only.
 STATUS_KEYS = (
@@ -54,7 +55,7 @@ def _active_job_states(conn, account_ids: list[int]) -> dict[int, str]:  # type:
     rows = conn.execute(
         select(jobs.c.account_id, jobs.c.state, jobs.c.claimed_by).where(
             jobs.c.account_id.in_(account_ids), jobs.c.state.in_(ACTIVE)))
-    return {account_id: "pausing" if state == "paused" and claimed else state
+    return {account_id: "pausing" if state == JobState.PAUSED and claimed else state
             for account_id, state, claimed in rows}
 
 
@@ -73,8 +74,9 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
             job_state: str | None) -> dict[str, Any]:
     status: dict[str, Any] = {"address": row.address, "state": row.migration_state}
     status.update({name: getattr(row, name) or 0 for name in COUNTERS})
-    error = row.last_error if row.migration_state != "COMPLETED" else None
-    status["last_error"] = error or (job_error if row.migration_state == "ERROR" else None)
+    error = row.last_error if row.migration_state != AccountState.COMPLETED else None
+    status["last_error"] = error or (job_error if row.migration_state == AccountState.ERROR
+                                     else None)
     status["started_at"] = _iso(row.started_at)
     status["finished_at"] = _iso(row.finished_at)
     status["last_pass_at"] = _iso(row.last_pass_at)
