@@ -3,7 +3,8 @@
 Front-ends parse their protocol's login dialogue, build `Credentials` and call
 `LoginService.authenticate` in a worker thread (it blocks: database, password hashing, and for
 migrating domains a login at the old server). The answer is a `LoginResult`; the front-end turns
-it into its protocol's words and, on success, opens the session at the new store.
+it into its protocol's words and, on success, relays the session to the `Upstream` it names:
+where a session is served is decided here too, once (`LoginService.placement`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from enum import Enum
 
 import structlog
 
+from migrating_proxy.config import BackendConfig
 from migrating_proxy.onboarding import OldServerVerdict, Onboarding
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
+from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -31,23 +34,49 @@ class Outcome(Enum):
     THROTTLED = "throttled"  # too many recent failures from this peer or for this account
 
 
+RELAYED_PROTOCOLS = ("imap", "pop3")  # sessions that continue at an upstream after login
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str = field(repr=False)
-    protocol: str = "imap"
+    protocol: str = "imap"  # imap | pop3 | submission
     peer: str = ""
 
 
 @dataclass(frozen=True)
 class LoginResult:
     outcome: Outcome
-    address: str | None = None  # the account's canonical address, for the store login
+    address: str | None = None  # the account's canonical address
     reason: str = ""  # for the log only; never shown to the client, never a secret
+    # Where the session is served (OK results of IMAP and POP3 logins only).
+    upstream: Upstream | None = None
 
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the decision knows when it chooses an upstream for an accepted login."""
+
+    account: Account  # as it was read at the start of the decision
+    domain: Domain | None
+    credentials: Credentials
+    just_provisioned: bool  # the store's entry was written by this very decision
+
+
+def on_the_store(backend: BackendConfig) -> Callable[[Placement], Upstream]:
+    """Today's placement: every session is served by the new store."""
+
+    def place(placement: Placement) -> Upstream:
+        creds = placement.credentials
+        return Upstream.store(backend, creds.protocol, placement.account.address,
+                              creds.password)
+
+    return place
 
 
 class FailureThrottle:
@@ -114,17 +143,23 @@ class FailureThrottle:
 
 
 class LoginService:
-    """The decision. `onboarding` is None when no migration is configured (plain proxy)."""
+    """The decision. `onboarding` is None when no migration is configured (plain proxy).
+
+    `placement` chooses the upstream of every accepted IMAP or POP3 login (`on_the_store` by
+    default); the transparent cutover replaces it with one that names the old server for
+    accounts not switched yet."""
 
     def __init__(self, store: Store, hasher: PasswordHasher, throttle: FailureThrottle,
-                 onboarding: Onboarding | None = None,
-                 on_rehash: Callable[[str], None] | None = None) -> None:
+                 backend: BackendConfig, onboarding: Onboarding | None = None,
+                 on_rehash: Callable[[str], None] | None = None,
+                 placement: Callable[[Placement], Upstream] | None = None) -> None:
         self.store = store
         self.accounts = store.accounts
         self.hasher = hasher
         self.throttle = throttle
         self.onboarding = onboarding
         self.on_rehash = on_rehash  # provisioning re-sync after a hash upgrade
+        self.placement = placement or on_the_store(backend)
 
     def authenticate(self, creds: Credentials) -> LoginResult:
         """Blocking; call from a worker thread. Never raises for bad input."""
@@ -137,7 +172,7 @@ class LoginService:
         if self.throttle.blocked(creds.peer, key):
             return LoginResult(Outcome.THROTTLED, address, "too many recent failures")
         try:
-            result = self._decide(address, creds.password)
+            result = self._decide(address, creds)
         except Exception as exc:  # database trouble: don't guess, ask the client to retry
             log.error("login_error", address=address, error=type(exc).__name__)
             reason = f"internal error: {type(exc).__name__}"
@@ -148,7 +183,8 @@ class LoginService:
             self.throttle.record_success(key)
         return result
 
-    def _decide(self, address: str, password: str) -> LoginResult:
+    def _decide(self, address: str, creds: Credentials) -> LoginResult:
+        password = creds.password
         account = self.accounts.get_account(address)
         domain = self.accounts.get_domain(address.rpartition("@")[2])
         migrating = self.onboarding is not None and domain is not None and domain.migrating
@@ -156,7 +192,8 @@ class LoginService:
             if not migrating:
                 return LoginResult(Outcome.FAILED, address, "unknown user")
             assert domain is not None
-            return self._first_login(domain, address, password)
+            return self._first_login(domain, address, creds)
+        provisioned = account.password_hash == PENDING_HASH
         if not self._password_matches(account, password):
             if not (migrating and account.migration_state is not None):
                 return LoginResult(Outcome.FAILED, account.address, "wrong password")
@@ -164,11 +201,19 @@ class LoginService:
             refused = self._recheck_at_old_server(domain, account, password)
             if refused is not None:
                 return refused
+            provisioned = True  # the new hash was just provisioned
         self.accounts.record_login(account.address)
         if migrating and account.migration_state is not None:
             assert self.onboarding is not None and domain is not None
             self.onboarding.maybe_resync(account, domain, password)
-        return LoginResult(Outcome.OK, account.address, "local account")
+        return self._accepted(account, domain, creds, "local account", provisioned)
+
+    def _accepted(self, account: Account, domain: Domain | None, creds: Credentials,
+                  reason: str, just_provisioned: bool) -> LoginResult:
+        upstream = None
+        if creds.protocol in RELAYED_PROTOCOLS:
+            upstream = self.placement(Placement(account, domain, creds, just_provisioned))
+        return LoginResult(Outcome.OK, account.address, reason, upstream)
 
     def _password_matches(self, account: Account, password: str) -> bool:
         if account.password_hash == PENDING_HASH:
@@ -197,8 +242,9 @@ class LoginService:
         self.onboarding.accept_new_password(account, password)
         return None
 
-    def _first_login(self, domain: Domain, address: str, password: str) -> LoginResult:
+    def _first_login(self, domain: Domain, address: str, creds: Credentials) -> LoginResult:
         assert self.onboarding is not None
+        password = creds.password
         verdict = self.onboarding.ask_old_server(domain, None, address, password)
         if verdict == OldServerVerdict.REFUSED:
             return LoginResult(Outcome.FAILED, address, "old server refused the password")
@@ -210,4 +256,4 @@ class LoginService:
             # also accepted moments ago (changed meanwhile): the winner's password stands.
             return LoginResult(Outcome.FAILED, account.address, "concurrent first login")
         self.onboarding.hash_in_background(account, password)
-        return LoginResult(Outcome.OK, account.address, "first login: migration started")
+        return self._accepted(account, domain, creds, "first login: migration started", True)

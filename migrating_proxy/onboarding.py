@@ -40,6 +40,7 @@ from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import Account, Domain, Store
 from migrating_proxy.store.schema import migrations
 from migrating_proxy.store.vault import Vault, load_or_create_key
+from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,19 @@ def source_spec(domain: Domain, account: Account | None, address: str, password:
         login=login, password=password, type=domain.type, subscribed_only=domain.subscribed_only,
         ca_pem=domain.source_ca,
     )
+
+
+def old_server_upstream(domain: Domain, account: Account, password: str,
+                        protocol: str) -> Upstream | None:
+    """The user's old server as the upstream of a `protocol` session (imap | pop3), with the
+    user's own login and password and the domain's TLS settings; None when the old server
+    does not offer that protocol."""
+    url = account.source_url or domain.source_url
+    endpoint = parse_endpoint(url, allowed=("imap", "pop3"))
+    if endpoint.protocol != protocol:
+        return None
+    login = account.source_login or source_login_name(domain.source_user, account.address)
+    return Upstream.old_server(endpoint, account.address, login, password, domain.verify_tls)
 
 
 def source_host(domain: Domain, account: Account | None = None) -> str:

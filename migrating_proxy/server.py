@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import structlog
 from twisted.python.threadpool import ThreadPool
@@ -15,10 +16,11 @@ from migrating_proxy.frontends.session import FrontendContext, ProxySession, Ses
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
-from migrating_proxy.login import FailureThrottle, LoginService
+from migrating_proxy.login import FailureThrottle, LoginService, Placement
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
+from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -37,17 +39,20 @@ def session_classes() -> dict[str, type[ProxySession]]:
     return classes
 
 
-def build_login_service(config: Config, store: Store) -> LoginService:
+def build_login_service(config: Config, store: Store,
+                        placement: Callable[[Placement], Upstream] | None = None) -> LoginService:
     limits = config.limits
     throttle = FailureThrottle(
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
     )
     onboarding = Onboarding.from_config(config, store, config.provision.hash_processes)
-    return LoginService(store, onboarding.hasher, throttle, onboarding,
-                        on_rehash=onboarding.provisioner.update)
+    return LoginService(store, onboarding.hasher, throttle, config.backend, onboarding,
+                        on_rehash=onboarding.provisioner.update, placement=placement)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. `placement`: where accepted logins are served (see
+    login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
     store = open_store(config.database_url)
@@ -56,7 +61,8 @@ def serve(config: Config) -> int:
     threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
     threadpool.start()
     ctx = FrontendContext(
-        reactor=reactor, config=config, login_service=build_login_service(config, store),
+        reactor=reactor, config=config,
+        login_service=build_login_service(config, store, placement),
         threadpool=threadpool, tls_options=server_options(config.tls),
     )
     ports = listen_all(ctx)

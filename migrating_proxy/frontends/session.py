@@ -3,8 +3,9 @@
 A `ProxySession` owns the client connection. Subclasses (one per protocol) parse commands from
 `self.buffer` in `process_buffer` and call `begin_login` with the credentials they collected.
 This class then runs the shared login decision in a worker thread, applies the fixed failure
-delay, logs one event per login, connects to the store, and splices the two connections.
-Subclasses only word the answers (`answer_*` hooks).
+delay, logs one event per login, logs in at the upstream the decision named (the store, or the
+old server during a cutover), and splices the two connections. Subclasses only word the
+answers (`answer_*` hooks).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from migrating_proxy.endpoints import Endpoint
 from migrating_proxy.frontends.backend import (
     BackendRefused,
     BackendSession,
-    StoreConnection,
-    StoreLogin,
-    open_store,
+    UpstreamConnection,
+    open_upstream,
 )
 from migrating_proxy.frontends.relay import splice, unsplice_and_close
 from migrating_proxy.frontends.sasl import SaslExchange
 from migrating_proxy.login import Credentials, LoginResult, LoginService, Outcome
+from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger("migrating_proxy.login")
 
@@ -65,7 +66,7 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.state = "preauth"  # preauth | authenticating | relaying | closed
         self.failures = 0
         self.backend: BackendSession | None = None
-        self.pending_store: StoreConnection | None = None
+        self.pending_upstream: UpstreamConnection | None = None
         self.sasl: SaslExchange | None = None  # an AUTHENTICATE/AUTH dialogue under way
         self.peer_host = ""
         self.peer_port = 0
@@ -118,8 +119,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.backend is not None:
             unsplice_and_close(self.backend.transport)
-        elif self.pending_store is not None:
-            self.pending_store.abandon()
+        elif self.pending_upstream is not None:
+            self.pending_upstream.abandon()
 
     def close(self) -> None:
         if self.state != "closed" and self.transport is not None:
@@ -171,7 +172,7 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         started = time.monotonic()
         # Open the store connection now: its greeting takes longer than the whole decision.
-        self.pending_store = open_store(
+        self.pending_upstream = open_upstream(
             self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
             self.ctx.config.backend.timeout,
         )
@@ -179,29 +180,37 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         decided = deferToThreadPool(
             self.ctx.reactor, self.ctx.threadpool, self.ctx.login_service.authenticate, creds
         )
-        decided.addCallback(self._decided, password, mechanism, started)
+        decided.addCallback(self._decided, mechanism, started)
         decided.addErrback(self._internal_error, mechanism, started)
 
-    def _decided(self, result: LoginResult, password: str, mechanism: str,
+    def _decided(self, result: LoginResult, mechanism: str,
                  started: float) -> defer.Deferred[None] | None:
         if self.state == "closed":
             self._log(result, mechanism, started, "client gone")
             return None
-        store, self.pending_store = self.pending_store, None
-        assert store is not None
+        connection, self.pending_upstream = self.pending_upstream, None
+        assert connection is not None
         if not result.ok:
-            store.abandon()
+            connection.abandon()
             return self._refuse(result, mechanism, started)
-        assert result.address is not None
-        master = self.ctx.config.backend.master_user or None
-        secret = self.ctx.config.backend.master_password() if master else password
-        login = StoreLogin(result.address, secret or "", master, self.peer_host, self.peer_port)
-        connected = store.log_in(login)
+        assert result.upstream is not None
+        connection = self._connection_to(result.upstream, connection)
+        connected = connection.log_in(result.upstream, self.peer_host, self.peer_port)
         connected.addCallbacks(
             self._store_ready, self._store_failed,
             callbackArgs=(result, mechanism, started), errbackArgs=(result, mechanism, started),
         )
         return None
+
+    def _connection_to(self, upstream: Upstream,
+                       opened: UpstreamConnection) -> UpstreamConnection:
+        """The connection opened ahead to the store if the decision chose it, else a new one
+        to the upstream it named (the pre-opened one is dropped)."""
+        if opened.serves(upstream):
+            return opened
+        opened.abandon()
+        return open_upstream(self.ctx.reactor, self.ctx.reactor, upstream.endpoint,
+                             self.ctx.config.backend.timeout, upstream.name, upstream.verify_tls)
 
     def _refuse(self, result: LoginResult, mechanism: str, started: float) -> None:
         self.failures += 1
@@ -246,7 +255,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
     def _store_failed(self, failure: Failure, result: LoginResult, mechanism: str,
                       started: float) -> None:
         refused = failure.check(BackendRefused)
-        reason = f"store {'refused' if refused else 'unavailable'}: {failure.getErrorMessage()}"
+        name = result.upstream.name if result.upstream else "store"
+        reason = f"{name} {'refused' if refused else 'unavailable'}: {failure.getErrorMessage()}"
         self._log(LoginResult(Outcome.UNAVAILABLE, result.address, reason), mechanism, started)
         if self.state == "closed":
             return
@@ -257,9 +267,9 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         unsplice_and_close(self.transport)  # type: ignore[arg-type]
 
     def _internal_error(self, failure: Failure, mechanism: str, started: float) -> None:
-        if self.pending_store is not None:
-            self.pending_store.abandon()
-            self.pending_store = None
+        if self.pending_upstream is not None:
+            self.pending_upstream.abandon()
+            self.pending_upstream = None
         result = LoginResult(Outcome.UNAVAILABLE, None, f"internal error: {failure.type.__name__}")
         self._refuse(result, mechanism, started)
 

@@ -32,6 +32,9 @@ def _extra_chain(pem: bytes) -> list[bytes]:
     return blocks[1:]
 
 
-def client_options(host: str) -> ssl.IOpenSSLClientConnectionCreator:
-    """Verified TLS towards the store (system trust store)."""
-    return ssl.optionsForClientTLS(host)
+def client_options(host: str, verify: bool = True) -> ssl.IOpenSSLClientConnectionCreator:
+    """TLS towards an upstream: verified against the system trust store, or (an old server
+    whose domain was added with --no-verify-tls) encrypted but unverified."""
+    if verify:
+        return ssl.optionsForClientTLS(host)
+    return ssl.CertificateOptions()  # type: ignore[return-value]

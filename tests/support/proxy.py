@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.dovecot import DovecotInstance, free_port
+from tests.support.dovecot import REPO_ROOT, DovecotInstance, free_port
 from tests.support.tls import TLSFiles
 
 # Everything the suite's proxies logged, for the "no secret in any log" test.
@@ -68,6 +68,8 @@ class Proxy:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    # The module `python -m` runs for `serve`: the product, or a test harness around it.
+    serve_module: str = "migrating_proxy"
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -155,9 +157,11 @@ class Proxy:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), "serve"],
+            [sys.executable, "-m", self.serve_module, "--config", str(self.config_path), "serve"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                 "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
+                                                             os.environ.get("PYTHONPATH"))))},
         )
         log.close()
         # "started" is logged once every listener is bound; a dead process won't log it.
