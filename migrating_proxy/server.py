@@ -12,6 +12,7 @@ from twisted.python.threadpool import ThreadPool
 
 from migrating_proxy.config import Config
 from migrating_proxy.frontends.imap import IMAPSession
+from migrating_proxy.frontends.registry import CloseRequestWatcher
 from migrating_proxy.frontends.session import FrontendContext, ProxySession, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
@@ -66,10 +67,13 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
         threadpool=threadpool, tls_options=server_options(config.tls),
     )
     ports = listen_all(ctx)
+    watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
+    watcher.start()
     workers = start_workers(config)
 
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
+        watcher.stop()
         for port in ports:
             port.stopListening()
         stop_workers(workers)

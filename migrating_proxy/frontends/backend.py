@@ -6,7 +6,7 @@ mail protocol, in two steps so the slow part overlaps the login decision: `open_
 connects and waits for the greeting while the password is still being checked (the store's
 greeting costs more than the proxy's whole decision); `UpstreamConnection.log_in` then
 authenticates and fires with a `BackendSession`. After that the protocol only forwards bytes to
-whatever `relay_to` names.
+`forward`.
 
 How it logs in: with SASL PLAIN when acting through a master user (the only way to name the
 user as authorization identity) and at the store; at an old server with the user's own
@@ -20,6 +20,7 @@ STARTTLS/STLS first. Failures are `BackendRefused` (the server said no) or `Back
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
@@ -79,7 +80,7 @@ class BackendProtocol(protocol.Protocol):
         self.capabilities = ""
         self.tls_started = endpoint.tls != "starttls"  # "none" and "implicit" need nothing
         self.buffer = b""
-        self.relay_to: ITransport | None = None
+        self.forward: Callable[[bytes], None] | None = None  # the relay, once logged in
         self.on_lost: list = []  # callables run when the upstream side closes
         self.lost = False
 
@@ -102,8 +103,8 @@ class BackendProtocol(protocol.Protocol):
         return self.ready
 
     def dataReceived(self, data: bytes) -> None:
-        if self.relay_to is not None:
-            self.relay_to.write(data)
+        if self.forward is not None:
+            self.forward(data)
             return
         self.buffer += data
         while not self.waiting.called and b"\n" in self.buffer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from migrating_proxy.frontends.relay import ResponseBoundary
 from migrating_proxy.frontends.sasl import (
     MECHANISMS,
     SaslCancelled,
@@ -115,6 +116,12 @@ class IMAPSession(ProxySession):
 
     def say_bye(self, message: str) -> None:
         self.write_line(f"* BYE {message}")
+
+    def response_boundary(self) -> ResponseBoundary:
+        return ResponseBoundary()
+
+    def goodbye(self, reason: str) -> bytes:
+        return f"* BYE {reason}\r\n".encode("ascii", "replace")
 
     def answer_login_ok(self, capabilities: str) -> None:
         code = f"[CAPABILITY {capabilities}] " if capabilities else ""

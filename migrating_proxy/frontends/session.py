@@ -11,7 +11,7 @@ answers (`answer_*` hooks).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -29,10 +29,11 @@ from migrating_proxy.frontends.backend import (
     UpstreamConnection,
     open_upstream,
 )
-from migrating_proxy.frontends.relay import splice, unsplice_and_close
+from migrating_proxy.frontends.registry import SessionRegistry
+from migrating_proxy.frontends.relay import Relay, ResponseBoundary, unsplice_and_close
 from migrating_proxy.frontends.sasl import SaslExchange
 from migrating_proxy.login import Credentials, LoginResult, LoginService, Outcome
-from migrating_proxy.upstream import Upstream
+from migrating_proxy.upstream import ServedBy, Upstream
 
 log = structlog.get_logger("migrating_proxy.login")
 
@@ -50,6 +51,7 @@ class FrontendContext:
     login_service: LoginService
     threadpool: ThreadPool
     tls_options: Any  # twisted CertificateOptions, or None when TLS is not configured
+    registry: SessionRegistry = field(default_factory=SessionRegistry)
 
     def store_endpoint(self, protocol_name: str) -> Endpoint:
         return getattr(self.config.backend, protocol_name)
@@ -66,6 +68,9 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
         self.state = "preauth"  # preauth | authenticating | relaying | closed
         self.failures = 0
         self.backend: BackendSession | None = None
+        self.relay: Relay | None = None
+        self.account: str | None = None  # once relayed: the account, the registry's key
+        self.served_by: ServedBy | None = None
         self.pending_upstream: UpstreamConnection | None = None
         self.sasl: SaslExchange | None = None  # an AUTHENTICATE/AUTH dialogue under way
         self.peer_host = ""
@@ -80,7 +85,7 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == "relaying":
-            self.backend.transport.write(data)  # type: ignore[union-attr]
+            self.relay.from_client(data)  # type: ignore[union-attr]
             return
         self.resetTimeout()
         self.buffer += data
@@ -117,6 +122,8 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.state = "closed"
         self.setTimeout(None)
+        if self.account is not None:
+            self.ctx.registry.discard(self.account, self)
         if self.backend is not None:
             unsplice_and_close(self.backend.transport)
         elif self.pending_upstream is not None:
@@ -238,19 +245,33 @@ class ProxySession(protocol.Protocol, TimeoutMixin):
             backend.transport.loseConnection()
             self._log(result, mechanism, started, "client gone")
             return
-        self.setTimeout(None)  # idle handling is the store's business from now on
+        self.setTimeout(None)  # idle handling is the upstream's business from now on
         self.backend = backend
         backend.protocol.on_lost.append(self._store_lost)
         self.answer_login_ok(backend.capabilities)
         self.state = "relaying"
         self._log(result, mechanism, started)
-        splice(self.transport, backend.transport)  # type: ignore[arg-type]
-        backend.protocol.relay_to = self.transport
-        if backend.pending:
-            self.transport.write(backend.pending)  # type: ignore[union-attr]
-        if self.buffer:
-            pipelined, self.buffer = bytes(self.buffer), bytearray()
-            backend.transport.write(pipelined)
+        assert result.upstream is not None
+        self.account, self.served_by = result.upstream.address, result.upstream.served_by
+        self.ctx.registry.add(self.account, self)
+        self.relay = Relay(self.transport, backend.transport,  # type: ignore[arg-type]
+                           self.ctx.reactor, self.response_boundary())
+        backend.protocol.forward = self.relay.from_upstream
+        pipelined, self.buffer = bytes(self.buffer), bytearray()
+        self.relay.start(backend.pending, pipelined)
+
+    def response_boundary(self) -> ResponseBoundary | None:
+        """A follower of the upstream's responses, for protocols that can say goodbye."""
+        return None
+
+    def close_on_request(self, reason: str) -> None:
+        """The account's sessions are being closed everywhere (see frontends/registry.py)."""
+        if self.relay is not None:
+            self.relay.close(self.goodbye(reason))
+
+    def goodbye(self, reason: str) -> bytes | None:
+        """What to tell the client when its relayed session is closed on request."""
+        return None
 
     def _store_failed(self, failure: Failure, result: LoginResult, mechanism: str,
                       started: float) -> None:

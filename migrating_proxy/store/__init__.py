@@ -18,6 +18,7 @@ from migrating_proxy.store.accounts import (
 from migrating_proxy.store.db import DatabaseError, ensure_schema, make_engine
 from migrating_proxy.store.jobs import JobQueue
 from migrating_proxy.store.lifecycle import Lifecycle
+from migrating_proxy.store.sessions import SessionControl
 from migrating_proxy.store.states import AccountState, IllegalTransition, JobState, RowGone
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "JobState",
     "Lifecycle",
     "RowGone",
+    "SessionControl",
     "Store",
     "StoreError",
     "normalise",
@@ -44,6 +46,7 @@ class Store:
     accounts: AccountStore
     jobs: JobQueue
     lifecycle: Lifecycle  # the transitions that move an account and its job together
+    sessions: SessionControl  # close an account's live sessions on every `serve` process
 
     def close(self) -> None:
         self.engine.dispose()
@@ -55,4 +58,4 @@ def open_store(url: str) -> Store:
     ensure_schema(engine)
     accounts, jobs = AccountStore(engine), JobQueue(engine)
     return Store(engine=engine, accounts=accounts, jobs=jobs,
-                 lifecycle=Lifecycle(engine, accounts, jobs))
+                 lifecycle=Lifecycle(engine, accounts, jobs), sessions=SessionControl(engine))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 
-from migrating_proxy.store.schema import SCHEMA_VERSION, metadata, schema_info
+from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
 
 
 class DatabaseError(Exception):
@@ -19,8 +19,16 @@ def _add_domain_source_ca(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE domains ADD COLUMN source_ca TEXT")
 
 
+def _add_close_requests(conn: Connection) -> None:
+    """Version 3: close_requests (store/sessions.py)."""
+    close_requests.create(conn, checkfirst=True)
+
+
 # version -> step that brings a database from version-1 to version.
-UPGRADES: dict[int, Callable[[Connection], None]] = {2: _add_domain_source_ca}
+UPGRADES: dict[int, Callable[[Connection], None]] = {
+    2: _add_domain_source_ca,
+    3: _add_close_requests,
+}
 
 
 def make_engine(url: str) -> Engine:

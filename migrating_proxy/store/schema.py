@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -131,4 +131,15 @@ pop3_uidls = Table(
     Column("uidl", String(70), nullable=False),
     Column("size", Integer, nullable=False),
     UniqueConstraint("account_id", "uidl"),
+)
+
+# Requests to close an account's live sessions on every proxy process sharing this database
+# (store/sessions.py): written by whoever needs it (the cutover's switch), polled by `serve`.
+close_requests = Table(
+    "close_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address_key", String(320), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
 )
