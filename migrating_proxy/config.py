@@ -82,6 +82,9 @@ class LimitsConfig:
     max_line: int = 8192  # bytes in one command line before login
     max_literal: int = 8192  # bytes in one literal before login (usernames, passwords, SASL)
     idle_timeout: float = 60.0  # seconds of silence before login is finished
+    # Seconds from connect to a finished login, however busy the client keeps the line
+    # (Dovecot's limit too); 0: none. Submission counts until AUTH succeeds.
+    login_timeout: float = 180.0
     auth_failure_delay: float = 2.0  # fixed delay before every failed-login answer
     max_failures_per_connection: int = 3
     throttle_window: float = 300.0  # seconds over which failures are counted

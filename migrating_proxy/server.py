@@ -8,12 +8,14 @@ import sys
 from collections.abc import Callable
 
 import structlog
+from twisted.internet.protocol import Protocol
 from twisted.python.threadpool import ThreadPool
 
 from migrating_proxy.config import Config
 from migrating_proxy.frontends.imap import IMAPSession
+from migrating_proxy.frontends.pop3 import POP3Session
 from migrating_proxy.frontends.registry import CloseRequestWatcher
-from migrating_proxy.frontends.session import FrontendContext, ProxySession, SessionFactory
+from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
@@ -26,18 +28,11 @@ from migrating_proxy.upstream import Upstream
 log = structlog.get_logger(__name__)
 
 
-def session_classes() -> dict[str, type[ProxySession]]:
-    """Listener name -> session class (config `listen.<name>`); POP3 joins when importable."""
-    classes: dict[str, type[ProxySession]] = {
-        "imap": IMAPSession, "imaps": IMAPSession,
-        "smtp": SMTPSession, "submission": SubmissionSession,
-    }
-    try:
-        from migrating_proxy.frontends.pop3 import POP3Session
-    except ImportError:
-        return classes
-    classes.update(pop3=POP3Session, pop3s=POP3Session)
-    return classes
+# Listener name (config `listen.<name>`) -> what makes its sessions: (context, implicit TLS).
+SESSIONS: dict[str, Callable[[FrontendContext, bool], Protocol]] = {
+    "imap": IMAPSession, "imaps": IMAPSession, "pop3": POP3Session, "pop3s": POP3Session,
+    "smtp": SMTPSession, "submission": SubmissionSession,
+}
 
 
 def build_login_service(config: Config, store: Store,
@@ -114,7 +109,7 @@ def listen_all(ctx: FrontendContext) -> list:
     reactor, listen, ports = ctx.reactor, ctx.config.listen, []
     if listen.smtp or listen.submission:
         ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
-    for name, session_class in session_classes().items():
+    for name, session_class in SESSIONS.items():
         address = getattr(listen, name)
         if address is None:
             continue

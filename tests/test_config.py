@@ -318,3 +318,13 @@ def test_store_urls_with_starttls_are_refused_rather_than_used_in_clear(tmp_path
                     '[provision]\nkind = "none"\n')
     with pytest.raises(ConfigError, match=r"backend\.imap: use imap:// or imaps://"):
         load(str(path))
+
+
+def test_login_timeout_defaults_to_dovecots_three_minutes(tmp_path: Path) -> None:
+    assert config.Config().limits.login_timeout == 180.0
+    path = tmp_path / "c.toml"
+    path.write_text('[limits]\nlogin_timeout = 30\n[provision]\nkind = "none"\n')
+    assert load(str(path)).limits.login_timeout == 30.0
+    path.write_text('[limits]\nlogin_timeout = -1\n[provision]\nkind = "none"\n')
+    with pytest.raises(ConfigError, match=r"limits\.login_timeout: must not be negative"):
+        load(str(path))

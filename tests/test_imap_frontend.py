@@ -300,7 +300,8 @@ def test_line_over_the_limit_closes(proxy: Proxy) -> None:
     assert raw.closed()
 
 
-@pytest.mark.parametrize("marker", [b"{100000}", b"{99999999999999999999}"])
+@pytest.mark.parametrize("marker", [b"{100000}", b"{99999999999999999999}",
+                                    b"{" + b"9" * 5000 + b"}"])  # past Python's 4300 digits
 def test_synchronising_literal_over_the_limit_is_refused(proxy: Proxy, marker: bytes) -> None:
     raw = Raw(proxy.imap_port)
     raw.send(b"a LOGIN " + marker + b"\r\n")
@@ -309,10 +310,12 @@ def test_synchronising_literal_over_the_limit_is_refused(proxy: Proxy, marker: b
     assert raw.line().startswith(b"b OK")
 
 
-def test_non_synchronising_literal_over_the_limit_closes(proxy: Proxy) -> None:
+@pytest.mark.parametrize("marker", [b"{100000+}", b"{" + b"8" * 4400 + b"+}"])
+def test_non_synchronising_literal_over_the_limit_closes(proxy: Proxy, marker: bytes) -> None:
     raw = Raw(proxy.imap_port)
-    raw.send(b"a LOGIN {100000+}\r\n" + b"y" * 100)
+    raw.send(b"a LOGIN " + marker + b"\r\n" + b"y" * 100)
     assert raw.line() == b"a BAD Literal too large.\r\n"
+    assert raw.line() == b"* BYE Literal too large.\r\n"
     assert raw.closed()
 
 
@@ -339,6 +342,27 @@ def check_garbage(proxy: Proxy) -> None:
     assert lines[-1].startswith(b"* BYE Too many invalid commands")
     assert all(b" BAD " in line or line.startswith(b"* BYE") for line in lines)
     assert "login" not in proxy.log_text().replace('"event": "listening"', "")
+
+
+def test_a_client_that_never_logs_in_is_closed_however_busy(
+        tmp_path: Path, new_store: DovecotInstance) -> None:
+    """limits.login_timeout: the idle timeout alone restarts with every byte, so a client that
+    keeps talking could stay before login forever (slowloris)."""
+    limits = {"idle_timeout": 5.0, "login_timeout": 1.0}
+    with Proxy(tmp_path / "p", new_store, overrides={"limits": limits}) as proxy:
+        raw = Raw(proxy.imap_port)
+        lines: list[bytes] = []
+        for n in range(40):  # at most 8 s of a busy client
+            try:
+                raw.send(f"n{n} NOOP\r\n".encode())
+            except OSError:
+                break
+            time.sleep(0.2)
+        raw.sock.settimeout(10)
+        while line := raw.line():
+            lines.append(line)
+        assert lines[-1] == b"* BYE Login timed out.\r\n", lines[-3:]
+        assert len(lines) < 39  # closed long before the client stopped
 
 
 def test_silent_client_is_disconnected(tmp_path: Path, new_store: DovecotInstance) -> None:

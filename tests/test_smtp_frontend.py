@@ -424,7 +424,7 @@ def test_smuggling_a_second_message_is_impossible(
 def test_data_reader_gives_the_same_verdict_however_the_bytes_are_split(
         data: bytes, problem: str | None, content: bytes) -> None:
     """The end of data, the content and the refusal do not depend on TCP segment borders."""
-    from migrating_proxy.frontends.smtp import DataReader
+    from migrating_proxy.dialogue.smtp import DataReader
 
     for size in (1, 2, 3, 7, 1000, len(data)):
         reader, rest = DataReader(MAX_SIZE), None
@@ -447,7 +447,7 @@ def test_data_sent_to_the_hop_reads_back_as_the_message(content: bytes) -> None:
     """The next hop's DATA (dot-stuffed here, not by smtplib) gives back exactly the message:
     read by our own DataReader, as a hop would read it."""
     from migrating_proxy.delivery import dot_stuff
-    from migrating_proxy.frontends.smtp import DataReader
+    from migrating_proxy.dialogue.smtp import DataReader
 
     wire = dot_stuff(content)
     assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
@@ -487,6 +487,16 @@ def test_one_session_follows_an_account_created_during_it(
     assert len(in_store(module_store, CAROL, tags[2])) == 1
     assert not in_store(module_store, CAROL, tags[3])
     assert len(in_store(module_store, hank, tags[4])) == 1
+
+
+def test_a_size_of_thousands_of_digits_is_refused_as_too_big(port: int) -> None:
+    raw = RawSMTP(port)
+    raw.command(b"EHLO client.test")
+    huge = b"9" * 5000  # Python refuses to convert more than 4300 digits
+    assert raw.command(b"MAIL FROM:<" + SENDER.encode() + b"> SIZE=" + huge) \
+        == b"552 5.3.4 Message size exceeds fixed limit\r\n"
+    assert raw.command(b"NOOP") == b"250 2.0.0 Ok\r\n"  # the session goes on
+    raw.close()
 
 
 def test_overlong_command_line_is_refused_and_closed(port: int) -> None:

@@ -1,9 +1,12 @@
-"""SASL before login, shared by the IMAP and POP3 front-ends: PLAIN (RFC 4616) and LOGIN.
+"""SASL before login, shared by IMAP, POP3 and submission: PLAIN (RFC 4616) and LOGIN.
 
-Only the mechanism logic lives here; each front-end words the challenges (`+ ...` in both IMAP
-and POP3) and the errors. Every result is turned into text for the login decision by
-`login_text`, which never lets raw bytes through: undecodable input becomes a username that can
-never match an account, so it is refused like any other failed login (same delay, same log).
+`SaslAuthentication` is the one step handler: start it with the mechanism (and the initial
+response, if the command carried one), feed it each client response, and it says what comes
+next: a `Challenge` to send, the `Attempt` to decide, or `Aborted` with the reason. Each
+dialogue only words these (`+ ...` in IMAP and POP3, `334 ...` in SMTP; its own error lines).
+Every result is turned into text for the login decision by `login_text`, which never lets raw
+bytes through: undecodable input becomes a username that can never match an account, so it is
+refused like any other failed login (same delay, same log).
 """
 
 from __future__ import annotations
@@ -93,3 +96,49 @@ class SaslExchange:
             self.username = decoded
             return PASSWORD_PROMPT
         return SaslCredentials(b"", self.username, decoded)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    text: str  # base64; "" for the empty challenge
+
+
+@dataclass(frozen=True)
+class Attempt:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Aborted:
+    message: str  # safe to show the client
+    cancelled: bool = False  # the client sent `*` (else: a malformed response)
+
+
+SaslStep = Challenge | Attempt | Aborted
+
+
+class SaslAuthentication:
+    """One AUTHENTICATE / AUTH exchange, whatever the protocol around it."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.exchange = SaslExchange(mechanism)
+        self.mechanism = mechanism
+
+    def start(self, initial_response: bytes | None) -> SaslStep:
+        """The first step: the initial response's (SASL-IR, RFC 4959/5034/4954) or the
+        first challenge."""
+        if initial_response is not None:
+            return self.respond(initial_response)
+        return Challenge(self.exchange.first_challenge())
+
+    def respond(self, response: bytes) -> SaslStep:
+        try:
+            step = self.exchange.step(response)
+        except SaslCancelled:
+            return Aborted("cancelled", cancelled=True)
+        except SaslError as exc:
+            return Aborted(str(exc))
+        if isinstance(step, SaslCredentials):
+            return Attempt(*step.as_text())
+        return Challenge(step)
