@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
 from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import Config, ConfigError
+from migrating_proxy.console import CommandError, print_rows
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
@@ -27,10 +27,6 @@ from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, St
 from migrating_proxy.store.accounts import DOMAIN_TYPES
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import VaultKeyError
-
-
-class CommandError(Exception):
-    """A refused request, worded for the admin."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +154,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if processes < 1:
             raise CommandError("--processes must be at least 1")
         return run_pool(config, processes)
-    # Imported here: the admin handlers use this module's CommandError and printing.
+    # Imported only for the admin commands: `serve` and `worker` need none of it.
     from migrating_proxy.admin import cli as admin_cli
 
     handler: Callable[[argparse.Namespace, Config, Store], int] = {
@@ -191,7 +187,7 @@ def domain_command(args: argparse.Namespace, config: Config, store: Store) -> in
         accounts.remove_domain(args.name)
     elif args.action == "list":
         rows = [domain.__dict__ for domain in accounts.list_domains()]
-        _print_rows(rows, args.json, ["name", "migrating", "source_url", "relay_url", "type"])
+        print_rows(rows, args.json, ["name", "migrating", "source_url", "relay_url", "type"])
     return 0
 
 
@@ -236,7 +232,7 @@ def account_command(args: argparse.Namespace, config: Config, store: Store) -> i
              "last_login_at": a.last_login_at.isoformat() if a.last_login_at else None}
             for a in accounts.list_accounts()
         ]
-        _print_rows(rows, args.json, ["address", "migration_state", "created_at", "last_login_at"])
+        print_rows(rows, args.json, ["address", "migration_state", "created_at", "last_login_at"])
     return 0
 
 
@@ -270,7 +266,7 @@ def status_command(args: argparse.Namespace, config: Config, store: Store) -> in
         raise CommandError(f"unknown domain {args.domain}")
     rows = status_rows(store, args.addresses, args.domain)
     if args.json:
-        _print_rows(rows, True, [])
+        print_rows(rows, True, [])
     elif args.watch and sys.stdout.isatty():
         watch(lambda: status_rows(store, args.addresses, args.domain), print_status)
     else:
@@ -290,7 +286,7 @@ def status_rows(store: Store, addresses: list[str], domain: str | None) -> list[
 def print_status(rows: list[dict[str, Any]]) -> None:
     table = [{**row, "progress": _progress(row), "last_pass": row["last_pass_at"]}
              for row in rows]
-    _print_rows(table, False, ["address", "state", "progress", "last_error", "last_pass"])
+    print_rows(table, False, ["address", "state", "progress", "last_error", "last_pass"])
 
 
 def _progress(row: dict[str, Any]) -> str:
@@ -299,29 +295,3 @@ def _progress(row: dict[str, Any]) -> str:
     folders = f"{row['folders_done']}/{row['folders_total']} folders"
     percent = f" ({100 * done // total}%)" if total else ""
     return f"{done}/{total} messages{percent}, {folders}, {row['bytes_copied']} bytes"
-
-
-# -- output -------------------------------------------------------------------------------
-def print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    """Data on stdout: a JSON list, or a table of `columns`."""
-    _print_rows(rows, as_json, columns)
-
-
-def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    if as_json:
-        json.dump(rows, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-        return
-    table = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(col), *(len(r[i]) for r in table)]) for i, col in enumerate(columns)]
-    for line in [columns, *table]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-              .rstrip())
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)

@@ -1,5 +1,8 @@
 """Migrating users: proving a password at the old server, creating the account, queuing copies.
 
+(Where an account's mail comes from and goes to, as connection specs for the copy engine and as
+a session upstream, is specs.py.)
+
 Used by the login decision (login.py) for users of domains whose migration switch is on, and by
 the copy workers to finish what a login started. Everything here is blocking; callers run it in
 threads or worker processes.
@@ -26,21 +29,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from migrating_proxy.config import Config
-from migrating_proxy.endpoints import parse_endpoint
 from migrating_proxy.migration.connections import (
     SourceAuthError,
-    SourceSpec,
     SourceUnavailable,
-    StoreSpec,
     check_source_login,
 )
 from migrating_proxy.notice import insert_notice, load_template, message_id, render
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
+from migrating_proxy.specs import source_host, source_spec, store_spec
 from migrating_proxy.store import Account, Domain, Store
 from migrating_proxy.store.schema import migrations
 from migrating_proxy.store.vault import Vault, load_or_create_key
-from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -49,54 +49,6 @@ class OldServerVerdict:
     ACCEPTED = "accepted"
     REFUSED = "refused"
     UNREACHABLE = "unreachable"
-
-
-def source_login_name(template: str, address: str) -> str:
-    """The old server's user name: %u whole address, %n local part, %d domain."""
-    local, _, domain = address.rpartition("@")
-    return template.replace("%u", address).replace("%n", local).replace("%d", domain)
-
-
-def source_spec(domain: Domain, account: Account | None, address: str, password: str
-                ) -> SourceSpec:
-    url = (account.source_url if account and account.source_url else None) or domain.source_url
-    endpoint = parse_endpoint(url, allowed=("imap", "pop3"))
-    login = (account.source_login if account and account.source_login else None) \
-        or source_login_name(domain.source_user, address)
-    return SourceSpec(
-        protocol=endpoint.protocol,  # type: ignore[arg-type]
-        host=endpoint.host, port=endpoint.port, tls=endpoint.tls, verify_tls=domain.verify_tls,
-        login=login, password=password, type=domain.type, subscribed_only=domain.subscribed_only,
-        ca_pem=domain.source_ca,
-    )
-
-
-def old_server_upstream(domain: Domain, account: Account, password: str,
-                        protocol: str) -> Upstream | None:
-    """The user's old server as the upstream of a `protocol` session (imap | pop3), with the
-    user's own login and password and the domain's TLS settings; None when the old server
-    does not offer that protocol."""
-    url = account.source_url or domain.source_url
-    endpoint = parse_endpoint(url, allowed=("imap", "pop3"))
-    if endpoint.protocol != protocol:
-        return None
-    login = account.source_login or source_login_name(domain.source_user, account.address)
-    return Upstream.old_server(endpoint, account.address, login, password, domain.verify_tls)
-
-
-def source_host(domain: Domain, account: Account | None = None) -> str:
-    """The old server a user's mail comes from: the per-user source, else the domain's."""
-    url = (account.source_url if account and account.source_url else None) or domain.source_url
-    return parse_endpoint(url).host
-
-
-def store_spec(config: Config, address: str, user_password: str | None = None) -> StoreSpec:
-    endpoint = config.backend.imap
-    return StoreSpec(
-        host=endpoint.host, port=endpoint.port, tls=endpoint.tls, address=address,
-        master_user=config.backend.master_user or None,
-        master_password=config.backend.master_password(), user_password=user_password,
-    )
 
 
 @dataclass

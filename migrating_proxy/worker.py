@@ -25,7 +25,8 @@ import structlog
 from migrating_proxy import logs
 from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyResult, run_copy
-from migrating_proxy.onboarding import Onboarding, source_spec, store_spec
+from migrating_proxy.onboarding import Onboarding
+from migrating_proxy.specs import source_spec, store_spec
 from migrating_proxy.store import Account, AccountState, JobState, RowGone, Store, open_store
 from migrating_proxy.store.jobs import Job
 

@@ -23,8 +23,8 @@ from migrating_proxy.admin.imports import (
 )
 from migrating_proxy.admin.operations import Operations, Outcome, select_accounts
 from migrating_proxy.admin.progress import ProgressDisplay
-from migrating_proxy.cli import CommandError, print_rows
 from migrating_proxy.config import Config
+from migrating_proxy.console import CommandError, print_rows
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store
 

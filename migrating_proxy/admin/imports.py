@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from migrating_proxy.endpoints import Endpoint, EndpointError, parse_endpoint
-from migrating_proxy.onboarding import source_login_name
 from migrating_proxy.passwords import PENDING_HASH
 from migrating_proxy.provision import Provisioner
+from migrating_proxy.specs import source_login_name
 from migrating_proxy.store import AddressError, Domain, Store, normalise
 from migrating_proxy.store.accounts import DOMAIN_TYPES, address_key
 from migrating_proxy.store.vault import Vault

@@ -20,7 +20,7 @@ from migrating_proxy.migration.connections import (
     SourceUnavailable,
     check_source_login,
 )
-from migrating_proxy.onboarding import source_host, source_spec
+from migrating_proxy.specs import source_host, source_spec
 from migrating_proxy.store import Account, AccountState, Domain, JobState, Store, StoreError
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import Vault, load_or_create_key

@@ -16,35 +16,12 @@ processes updating at once can never leave an older state behind. Dovecot first:
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from migrating_proxy.config import ProvisionConfig
+from migrating_proxy.provision.base import AccountSource, NoProvisioner, Provisioner
+from migrating_proxy.provision.passwd_dir import PasswdDirProvisioner
+from migrating_proxy.provision.passwd_file import PasswdFileProvisioner
 
-
-class AccountSource(Protocol):
-    """What provisioners read (AccountStore): passlib hashes, PENDING_HASH for locked."""
-
-    def password_hash_of(self, address: str) -> str | None: ...
-
-    def all_password_hashes(self) -> list[tuple[str, str]]: ...
-
-
-class Provisioner(Protocol):
-    def update(self, address: str) -> None:
-        """The store's entry for address now matches the database (or is gone with it)."""
-
-    def sync(self) -> None:
-        """The store's user database lists exactly the accounts in the database."""
-
-
-class NoProvisioner:
-    """The store reads the account database itself; nothing to write."""
-
-    def update(self, address: str) -> None:
-        return None
-
-    def sync(self) -> None:
-        return None
+__all__ = ["AccountSource", "NoProvisioner", "Provisioner", "make_provisioner"]
 
 
 def make_provisioner(config: ProvisionConfig, accounts: AccountSource) -> Provisioner:
@@ -52,9 +29,5 @@ def make_provisioner(config: ProvisionConfig, accounts: AccountSource) -> Provis
         return NoProvisioner()
     assert config.path is not None  # enforced when the configuration is read
     if config.kind == "passwd-dir":
-        from migrating_proxy.provision.passwd_dir import PasswdDirProvisioner
-
         return PasswdDirProvisioner(config.path, accounts)
-    from migrating_proxy.provision.passwd_file import PasswdFileProvisioner
-
     return PasswdFileProvisioner(config.path, accounts)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from migrating_proxy.passwords import dovecot_form
-from migrating_proxy.provision import AccountSource
+from migrating_proxy.provision.base import AccountSource
 from migrating_proxy.provision.passwd_file import replace_file
 
 

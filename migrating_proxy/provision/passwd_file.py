@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from migrating_proxy.passwords import dovecot_form
-from migrating_proxy.provision import AccountSource
+from migrating_proxy.provision.base import AccountSource
 
 
 class PasswdFileProvisioner:

@@ -17,8 +17,8 @@ import sys
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
 from migrating_proxy.login import Placement
-from migrating_proxy.onboarding import old_server_upstream
 from migrating_proxy.server import serve
+from migrating_proxy.specs import old_server_upstream
 from migrating_proxy.upstream import Upstream
 
 
