@@ -73,10 +73,20 @@ def on_the_store(backend: BackendConfig) -> Callable[[Placement], Upstream]:
 
     def place(placement: Placement) -> Upstream:
         creds = placement.credentials
+        grace = JUST_PROVISIONED_GRACE if placement.just_provisioned else 0.0
         return Upstream.store(backend, creds.protocol, placement.account.address,
-                              creds.password)
+                              creds.password, retry_refusals_for=grace)
 
     return place
+
+
+# A first login must never fail because the store has not read the account it was just given:
+# Dovecot re-reads a changed passwd-file at most once a second (provision.kind = "passwd-file"
+# with a burst of first logins), and without a master user the store knows the password only
+# once the background hash is provisioned. So the store login of an account provisioned by the
+# same decision is tried again when refused, for this long (a refusal takes Dovecot its
+# auth_failure_delay, 2 s by default, so this allows a second try even then).
+JUST_PROVISIONED_GRACE = 5.0
 
 
 class FailureThrottle:

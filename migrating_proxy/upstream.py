@@ -35,6 +35,9 @@ class Upstream:
     password: str = field(repr=False)  # the master password, or the user's own
     master_user: str | None = None  # log in as this master user on `login`'s behalf
     verify_tls: bool = True  # check the server's certificate (when the endpoint uses TLS)
+    # Seconds during which a refused login is tried again: the account was provisioned moments
+    # ago and the store may not have read its user database yet. 0: a refusal is final.
+    retry_refusals_for: float = 0.0
 
     @property
     def name(self) -> str:
@@ -42,13 +45,13 @@ class Upstream:
         return "store" if self.served_by == "store" else "old server"
 
     @classmethod
-    def store(cls, backend: BackendConfig, protocol: str, address: str,
-              user_password: str) -> Upstream:
+    def store(cls, backend: BackendConfig, protocol: str, address: str, user_password: str,
+              retry_refusals_for: float = 0.0) -> Upstream:
         """The new store for `protocol` (imap | pop3); the master password is read now."""
         master = backend.master_user or None
         secret = backend.master_password() if master else user_password
         return cls("store", getattr(backend, protocol), address, address, secret or "",
-                   master_user=master)
+                   master_user=master, retry_refusals_for=retry_refusals_for)
 
     @classmethod
     def old_server(cls, endpoint: Endpoint, address: str, login: str, password: str,

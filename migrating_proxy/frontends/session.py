@@ -43,6 +43,8 @@ from migrating_proxy.upstream import ServedBy, Upstream
 
 log = structlog.get_logger("migrating_proxy.login")
 
+REFUSAL_RETRY_INTERVAL = 0.2  # seconds between store logins of a just-provisioned account
+
 
 @dataclass
 class FrontendContext:
@@ -119,6 +121,7 @@ class ProxySession(protocol.Protocol):
         self.relay: Splice | None = None
         self.account: str | None = None  # once relayed: the account, the registry's key
         self.served_by: ServedBy | None = None
+        self.refusals_retried_until = 0.0  # see Upstream.retry_refusals_for
 
     # -- connection lifecycle ------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -186,9 +189,20 @@ class ProxySession(protocol.Protocol):
             self.login.after_delay(result).addCallback(self._refused, mechanism, started)
             return
         assert result.upstream is not None
-        connection = self._connection_to(result.upstream, connection)
-        connected = connection.log_in(result.upstream, self.client.peer_host,
-                                      self.client.peer_port)
+        self.refusals_retried_until = time.monotonic() + result.upstream.retry_refusals_for
+        self._log_in_upstream(self._connection_to(result.upstream, connection), result,
+                              mechanism, started)
+
+    def _log_in_upstream(self, connection: UpstreamConnection | None, result: LoginResult,
+                         mechanism: str, started: float) -> None:
+        upstream = result.upstream
+        assert upstream is not None
+        if self.closed:
+            self.login.log(result, mechanism, started, "client gone")
+            return
+        if connection is None:  # trying again
+            connection = self._connection_to(upstream, None)
+        connected = connection.log_in(upstream, self.client.peer_host, self.client.peer_port)
         connected.addCallbacks(
             self._upstream_ready, self._upstream_failed,
             callbackArgs=(result, mechanism, started), errbackArgs=(result, mechanism, started),
@@ -203,12 +217,13 @@ class ProxySession(protocol.Protocol):
                                   f"internal error: {failure.type.__name__}"), mechanism, started)
 
     def _connection_to(self, upstream: Upstream,
-                       opened: UpstreamConnection) -> UpstreamConnection:
+                       opened: UpstreamConnection | None) -> UpstreamConnection:
         """The connection opened ahead to the store if the decision chose it, else a new one
         to the upstream it named (the pre-opened one is dropped)."""
-        if opened.serves(upstream):
+        if opened is not None and opened.serves(upstream):
             return opened
-        opened.abandon()
+        if opened is not None:
+            opened.abandon()
         return open_upstream(self.ctx.reactor, self.ctx.reactor, upstream.endpoint,
                              self.ctx.config.backend.timeout, upstream.name, upstream.verify_tls)
 
@@ -233,6 +248,13 @@ class ProxySession(protocol.Protocol):
     def _upstream_failed(self, failure: Failure, result: LoginResult, mechanism: str,
                          started: float) -> None:
         refused = failure.check(BackendRefused)
+        if refused and not self.closed and time.monotonic() < self.refusals_retried_until:
+            # Provisioned moments ago: the store may not have read it yet (see login.py).
+            log.debug("upstream_login_retried", address=result.address,
+                      reason=failure.getErrorMessage())
+            self.ctx.reactor.callLater(REFUSAL_RETRY_INTERVAL, self._log_in_upstream, None,
+                                       result, mechanism, started)
+            return
         name = result.upstream.name if result.upstream else "store"
         reason = f"{name} {'refused' if refused else 'unavailable'}: {failure.getErrorMessage()}"
         self.login.log(LoginResult(Outcome.UNAVAILABLE, result.address, reason), mechanism,

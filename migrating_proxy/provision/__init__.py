@@ -10,7 +10,9 @@ processes updating at once can never leave an older state behind. Dovecot first:
   account at once. The right kind for migrations, where accounts appear all day long.
 - `passwd-file`: one file for every account, rewritten whole. Simple, but Dovecot re-reads a
   changed file at most once a second, so an account added right after another login can be
-  unknown to the store for up to a second; fine for accounts an admin creates by hand.
+  unknown to the store for up to a second (a first login then waits: the proxy tries the store
+  login of a just-provisioned account again, see login.JUST_PROVISIONED_GRACE); fine for
+  accounts an admin creates by hand.
 - `none`: the store reads the account database itself (Dovecot's SQL passdb).
 """
 

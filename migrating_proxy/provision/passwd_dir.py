@@ -4,8 +4,8 @@ Dovecot reads them through `passwd-file` with a path of variables
 (`args = scheme=SHA512-CRYPT DIR/%Ld/%Ln`, see deploy/dovecot/). Per account, because Dovecot
 re-reads a changed passwd-file at most once a second: with one file for everyone, an account
 created right after another login would stay unknown to the store for up to a second, and the
-store login of a user's very first session would fail. A file Dovecot has never seen is read at
-once. It also keeps each change O(1) however many accounts there are.
+store login of a user's very first session would have to wait and try again. A file Dovecot has
+never seen is read at once. It also keeps each change O(1) however many accounts there are.
 
 Names are lower-cased as Dovecot's %L modifier does; addresses were validated by the store
 (no "/", no "." or ".." local part), so a name can never leave the directory.

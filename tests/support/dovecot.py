@@ -394,13 +394,22 @@ service lmtp {{
 """
 
 
-def render_snippet(masters_file: Path, users_file: Path, lmtp_port: int) -> str:
-    """The checked-in snippet with its well-known paths and port replaced for one instance."""
+def render_snippet(masters_file: Path, users_file: Path, lmtp_port: int,
+                   single_file: bool = False) -> str:
+    """The checked-in snippet with its well-known paths and port replaced for one instance.
+
+    `single_file`: the passdb reads one passwd-file for everybody (`provision.kind =
+    "passwd-file"`, as the snippet's comment explains) instead of one file per account."""
     text = SNIPPET.read_text()
     for literal in (SNIPPET_MASTERS_PATH, SNIPPET_USERS_PATH):
         if f" {literal}" not in text:
             raise ValueError(f"{SNIPPET} no longer uses {literal}; update tests/support/dovecot.py")
     text = text.replace(SNIPPET_MASTERS_PATH, str(masters_file))
+    if single_file:
+        per_account = f"{SNIPPET_USERS_PATH}/%Ld/%Ln"
+        if per_account not in text:
+            raise ValueError(f"{SNIPPET} no longer uses {per_account}")
+        text = text.replace(per_account, str(users_file))
     text = text.replace(SNIPPET_USERS_PATH, str(users_file))
     text, count = _SNIPPET_LMTP_PORT.subn(rf"\g<1>{lmtp_port}", text)
     if count != 1:
@@ -487,18 +496,21 @@ def new_store(
     master_user: str = "proxy-master",
     master_password: str | None = None,
     tls: TLSFiles | None = None,
+    single_file: bool = False,
 ) -> DovecotInstance:
     """Configure (not start) the new store from deploy/dovecot/migrating-proxy.conf.
 
     `provisioned_users` is the directory where the proxy's provisioning (`passwd-dir`) writes one
-    `user:{SCHEME}hash` file per account; it is created if missing. `master_password` defaults
-    to a random one.
+    `user:{SCHEME}hash` file per account; it is created if missing. With `single_file` it is
+    the one passwd-file `passwd-file` provisioning writes (its directory is created).
+    `master_password` defaults to a random one.
     """
     ident = _Identity.for_current_user()
     _prepare_root(root, ident)
     provisioned_users.parent.mkdir(parents=True, exist_ok=True)
     _check_reachable(provisioned_users.parent)
-    _prepare_provisioned_dir(provisioned_users, ident)
+    _prepare_provisioned_dir(provisioned_users.parent if single_file else provisioned_users,
+                             ident)
     password = master_password or secrets.token_urlsafe(16)
     masters = root / "masters"
     # {PLAIN} overrides the snippet's default scheme, as a {SCHEME} prefix always does.
@@ -508,7 +520,7 @@ def new_store(
     conf_d = root / "conf.d"
     conf_d.mkdir(exist_ok=True)
     snippet = conf_d / "migrating-proxy.conf"
-    snippet.write_text(render_snippet(masters, provisioned_users, inst.lmtp_port))
+    snippet.write_text(render_snippet(masters, provisioned_users, inst.lmtp_port, single_file))
     inst.config_path.write_text(_base_config(inst, ident) + f"\n!include {snippet}\n")
     return inst
 
