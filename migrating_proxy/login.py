@@ -160,8 +160,9 @@ class LoginService:
     accounts not switched yet."""
 
     def __init__(self, store: Store, hasher: PasswordHasher, throttle: FailureThrottle,
-                 backend: BackendConfig, onboarding: Onboarding | None = None,
-                 on_rehash: Callable[[str], None] | None = None,
+                 onboarding: Onboarding | None = None,
+                 on_rehash: Callable[[str], None] | None = None, *,
+                 backend: BackendConfig | None = None,
                  placement: Callable[[Placement], Upstream] | None = None) -> None:
         self.store = store
         self.accounts = store.accounts
@@ -169,7 +170,7 @@ class LoginService:
         self.throttle = throttle
         self.onboarding = onboarding
         self.on_rehash = on_rehash  # provisioning re-sync after a hash upgrade
-        self.placement = placement or on_the_store(backend)
+        self.placement = placement or on_the_store(backend or BackendConfig())
 
     def authenticate(self, creds: Credentials) -> LoginResult:
         """Blocking; call from a worker thread. Never raises for bad input."""

@@ -42,8 +42,9 @@ def build_login_service(config: Config, store: Store,
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
     )
     onboarding = Onboarding.from_config(config, store, config.provision.hash_processes)
-    return LoginService(store, onboarding.hasher, throttle, config.backend, onboarding,
-                        on_rehash=onboarding.provisioner.update, placement=placement)
+    return LoginService(store, onboarding.hasher, throttle, onboarding,
+                        on_rehash=onboarding.provisioner.update, backend=config.backend,
+                        placement=placement)
 
 
 def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
