@@ -59,7 +59,7 @@ def old_server_upstream(domain: Domain, account: Account, password: str,
         return None
     return Upstream.old_server(endpoint, account.address,
                                source_login(domain, account, account.address), password,
-                               domain.verify_tls)
+                               domain.verify_tls, domain.source_ca)
 
 
 def store_spec(config: Config, address: str, user_password: str | None = None) -> StoreSpec:

@@ -35,6 +35,7 @@ class Upstream:
     password: str = field(repr=False)  # the master password, or the user's own
     master_user: str | None = None  # log in as this master user on `login`'s behalf
     verify_tls: bool = True  # check the server's certificate (when the endpoint uses TLS)
+    ca_pem: str | None = field(default=None, repr=False)  # a private CA, beside the system's
     # Seconds during which a refused login is tried again: the account was provisioned moments
     # ago and the store may not have read its user database yet. 0: a refusal is final.
     retry_refusals_for: float = 0.0
@@ -55,6 +56,7 @@ class Upstream:
 
     @classmethod
     def old_server(cls, endpoint: Endpoint, address: str, login: str, password: str,
-                   verify_tls: bool = True) -> Upstream:
+                   verify_tls: bool = True, ca_pem: str | None = None) -> Upstream:
         """The old server's service `endpoint`, with the user's own credentials there."""
-        return cls("old", endpoint, address, login, password, verify_tls=verify_tls)
+        return cls("old", endpoint, address, login, password, verify_tls=verify_tls,
+                   ca_pem=ca_pem)

@@ -31,6 +31,7 @@ HOST = "127.0.0.1"
 SOURCES = {
     "plain.example": "imap", "starttls.example": "imap+starttls", "implicit.example": "imaps",
     "pop.example": "pop3", "stls.example": "pop3+starttls", "pops.example": "pop3s",
+    "ca.example": "imap+starttls",  # certificates checked, against the domain's --source-ca
 }
 USERS = {f"user@{domain}": f"{domain} pw" for domain in SOURCES}
 
@@ -63,15 +64,18 @@ def source_url(old: DovecotInstance, scheme: str) -> str:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, module_store: DovecotInstance,
-          old: DovecotInstance) -> Iterator[Proxy]:
+          old: DovecotInstance, tls_files: TLSFiles) -> Iterator[Proxy]:
     proxy = Proxy(tmp_path_factory.mktemp("upstream") / "proxy", module_store,
                   serve_module="tests.support.old_server_serve",
                   overrides={"limits": {"max_failures_per_peer": 0,
                                         "max_failures_per_account": 0}})
     for domain, scheme in SOURCES.items():
-        # The test CA is not in the system trust store: the domain says not to verify.
-        proxy.cli("domain", "add", domain, "--source", source_url(old, scheme),
-                  "--no-verify-tls", "--no-notice")
+        # The test CA is not in the system trust store: the domain says to trust it, or not to
+        # verify at all.
+        trust = ["--source-ca", str(tls_files.ca_cert)] if domain == "ca.example" \
+            else ["--no-verify-tls"]
+        proxy.cli("domain", "add", domain, "--source", source_url(old, scheme), *trust,
+                  "--no-notice")
     with proxy:
         yield proxy
 
@@ -172,3 +176,15 @@ def test_imap_login_command_without_auth_plain_uses_literals_for_8bit() -> None:
     assert transport.value() == "p\u00e4ss\u00fc".encode() + b"\r\n"
     client.dataReceived(b"P2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
     assert ready.called and ready.result.capabilities == "IMAP4rev1 IDLE"
+
+
+def test_an_old_server_certificate_nobody_vouches_for_is_refused(
+        proxy: Proxy, old: DovecotInstance) -> None:
+    """Without --source-ca or --no-verify-tls the test CA is unknown: no session goes there."""
+    proxy.cli("domain", "add", "strict.example", "--source", source_url(old, "imaps"))
+    proxy.add_account("dan@strict.example", "dan-pw")  # known locally: the old server's turn
+    client = imaplib.IMAP4(HOST, proxy.imap_port)
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login("dan@strict.example", "dan-pw")
+    log = proxy.wait_for_log("old server unavailable")
+    assert "certificate verify failed" in log

@@ -23,7 +23,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITransport
 from twisted.python.failure import Failure
 
@@ -71,9 +71,10 @@ class BackendProtocol(protocol.Protocol):
     """Shared plumbing: line buffer during login, STARTTLS, then plain forwarding."""
 
     def __init__(self, greeted: defer.Deferred[BackendProtocol], endpoint: Endpoint,
-                 name: str, verify_tls: bool) -> None:
+                 name: str, verify_tls: bool, ca_pem: str | None = None) -> None:
         self.greeted = greeted
         self.endpoint, self.name, self.verify_tls = endpoint, name, verify_tls
+        self.ca_pem = ca_pem
         self.ready: defer.Deferred[BackendSession] | None = None  # set by log_in
         self.upstream: Upstream | None = None
         self.client_ip, self.client_port = "", 0
@@ -118,7 +119,7 @@ class BackendProtocol(protocol.Protocol):
         assert self.transport is not None
         self.buffer = b""  # nothing the server sent in clear text counts (CVE-2011-0411)
         self.transport.startTLS(  # type: ignore[attr-defined]
-            client_options(self.endpoint.host, self.verify_tls))
+            client_options(self.endpoint.host, self.verify_tls, self.ca_pem))
         self.tls_started = True
         self.capabilities = ""  # what it offered in clear text may change
         self.start_login()
@@ -162,8 +163,9 @@ class BackendProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
         if not self.waiting.called:
+            why = "" if reason.check(error.ConnectionDone) else f" ({reason.getErrorMessage()})"
             self.waiting.errback(BackendUnavailable(
-                f"{self.name} closed the connection during login"))
+                f"{self.name} closed the connection during login{why[:160]}"))
         for callback in self.on_lost:
             callback()
 
@@ -315,10 +317,10 @@ def _response_code_capabilities(text: str) -> str | None:
 class _ConnectFactory(protocol.ClientFactory):
     def __init__(self, protocol_class: type[BackendProtocol],
                  greeted: defer.Deferred[BackendProtocol], endpoint: Endpoint, name: str,
-                 verify_tls: bool) -> None:
+                 verify_tls: bool, ca_pem: str | None) -> None:
         self.protocol_class = protocol_class
         self.greeted = greeted
-        self.args = (endpoint, name, verify_tls)
+        self.args = (endpoint, name, verify_tls, ca_pem)
 
     def buildProtocol(self, addr: object) -> BackendProtocol:
         return self.protocol_class(self.greeted, *self.args)
@@ -333,10 +335,11 @@ class UpstreamConnection:
     """A connection opened ahead of the login decision (or after it, to another upstream)."""
 
     def __init__(self, clock: IReactorTime, timeout: float, endpoint: Endpoint, name: str,
-                 verify_tls: bool, greeted: defer.Deferred[BackendProtocol],
+                 verify_tls: bool, ca_pem: str | None, greeted: defer.Deferred[BackendProtocol],
                  connector: object) -> None:
         self.clock, self.timeout = clock, timeout
         self.endpoint, self.name, self.verify_tls = endpoint, name, verify_tls
+        self.ca_pem = ca_pem
         self.greeted = greeted
         self.connector = connector
         self.protocol: BackendProtocol | None = None
@@ -345,7 +348,8 @@ class UpstreamConnection:
 
     def serves(self, upstream: Upstream) -> bool:
         """Whether this connection goes where `upstream` says (then it can be used for it)."""
-        return (self.endpoint, self.verify_tls) == (upstream.endpoint, upstream.verify_tls)
+        return (self.endpoint, self.verify_tls, self.ca_pem) == \
+            (upstream.endpoint, upstream.verify_tls, upstream.ca_pem)
 
     def _remember(self, proto: BackendProtocol) -> BackendProtocol:
         self.protocol = proto
@@ -390,16 +394,18 @@ def _bounded(clock: IReactorTime, timeout: float, waiting: defer.Deferred,  # ty
 
 
 def open_upstream(reactor: IReactorTCP, clock: IReactorTime, endpoint: Endpoint, timeout: float,
-                  name: str = "store", verify_tls: bool = True) -> UpstreamConnection:
+                  name: str = "store", verify_tls: bool = True,
+                  ca_pem: str | None = None) -> UpstreamConnection:
     """Connect and wait for the greeting; `log_in` on the result finishes the login."""
     protocol_class = IMAPBackendLogin if endpoint.protocol == "imap" else POP3BackendLogin
     greeted: defer.Deferred[BackendProtocol] = defer.Deferred()
-    factory = _ConnectFactory(protocol_class, greeted, endpoint, name, verify_tls)
+    factory = _ConnectFactory(protocol_class, greeted, endpoint, name, verify_tls, ca_pem)
     if endpoint.tls == "implicit":
         connector = reactor.connectSSL(  # type: ignore[attr-defined]
-            endpoint.host, endpoint.port, factory, client_options(endpoint.host, verify_tls),
-            timeout=timeout,
+            endpoint.host, endpoint.port, factory,
+            client_options(endpoint.host, verify_tls, ca_pem), timeout=timeout,
         )
     else:
         connector = reactor.connectTCP(endpoint.host, endpoint.port, factory, timeout=timeout)
-    return UpstreamConnection(clock, timeout, endpoint, name, verify_tls, greeted, connector)
+    return UpstreamConnection(clock, timeout, endpoint, name, verify_tls, ca_pem, greeted,
+                              connector)

@@ -225,7 +225,8 @@ class ProxySession(protocol.Protocol):
         if opened is not None:
             opened.abandon()
         return open_upstream(self.ctx.reactor, self.ctx.reactor, upstream.endpoint,
-                             self.ctx.config.backend.timeout, upstream.name, upstream.verify_tls)
+                             self.ctx.config.backend.timeout, upstream.name, upstream.verify_tls,
+                             upstream.ca_pem)
 
     def _refused(self, result: LoginResult, mechanism: str, started: float) -> None:
         self.login.log(result, mechanism, started)

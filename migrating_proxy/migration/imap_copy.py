@@ -178,7 +178,7 @@ class ImapCopier:
             except IMAPClientError as exc:
                 if is_transient(exc):
                     raise
-                log.warning("folder not copied", folder=mapping.source, dest=mapping.dest,
+                log.warning("folder_not_copied", folder=mapping.source, dest=mapping.dest,
                             reason=str(exc)[:300])
                 self.failed_folders.append((mapping.source, str(exc)))
                 return
