@@ -26,7 +26,7 @@ from migrating_proxy.admin.progress import ProgressDisplay
 from migrating_proxy.config import Config
 from migrating_proxy.console import CommandError, print_rows
 from migrating_proxy.provision import make_provisioner
-from migrating_proxy.store import Store
+from migrating_proxy.store import AccountState, Store
 
 OUTCOME_COLUMNS = ["address", "result", "reason"]
 WAIT_COLUMNS = [*OUTCOME_COLUMNS, "state", "messages_copied", "messages_skipped",
@@ -82,7 +82,7 @@ def pass_command(args: argparse.Namespace, config: Config, store: Store) -> int:
         columns = WAIT_COLUMNS
     print_rows(rows, args.json, columns)
     failed = [row["address"] for row in rows
-              if row["result"] == "error" or row.get("state") == "ERROR"]
+              if row["result"] == "error" or row.get("state") == AccountState.ERROR]
     if failed:
         raise CommandError(f"{len(failed)} account(s) in ERROR: {', '.join(failed[:5])}"
                            f"{' ...' if len(failed) > 5 else ''} (see status)")

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from migrating_proxy.store.states import JobState
+
 BAR_WIDTH = 20
+BUSY = (JobState.RUNNING, JobState.QUEUED)  # job states of a pass that is still going
 MAX_USER_LINES = 20  # busiest first; the rest summed up in one line
 
 
@@ -63,7 +66,7 @@ class ProgressDisplay:
         self._drawn = len(lines)
 
     def render(self, rows: list[dict[str, Any]]) -> list[str]:
-        busy_first = sorted(rows, key=lambda r: (r["job_state"] not in ("running", "queued"),
+        busy_first = sorted(rows, key=lambda r: (r["job_state"] not in BUSY,
                                                  r["address"]))
         lines = [user_line(row) for row in busy_first[:MAX_USER_LINES]]
         if len(rows) > MAX_USER_LINES:
@@ -83,7 +86,7 @@ class ProgressDisplay:
         byte_rate = (copied_bytes - self._start[2]) / elapsed
         eta = duration((total - done) / message_rate) if message_rate > 0 and total > done \
             else "-"
-        settled = sum(r["job_state"] not in ("running", "queued") for r in rows)
+        settled = sum(r["job_state"] not in BUSY for r in rows)
         return (f"{bar(done, total)} total  {done}/{total} msgs  {human_bytes(copied_bytes)}  "
                 f"{human_bytes(byte_rate)}/s  {message_rate:.0f} msgs/s  ETA {eta}  "
                 f"({settled}/{len(rows)} accounts settled)")
