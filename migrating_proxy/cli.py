@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,34 +25,77 @@ from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
-from migrating_proxy.store.accounts import DOMAIN_TYPES
+from migrating_proxy.store.accounts import DOMAIN_TYPES, check_domain, utc_iso
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import VaultKeyError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="migrating-proxy", description="Transparent on-login mail migration proxy."
+        prog="migrating-proxy", description="Transparent on-login mail migration proxy.",
+        epilog=f"Without --config: ${config_module.ENV_VAR}, then "
+               + ", then ".join(str(p) for p in config_module.SEARCH_PATH)
+               + ", then built-in defaults.",
     )
     parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")
-    worker = commands.add_parser("worker", help="run copy workers only (no listeners)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {program_version()}")
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True,
+                                                  metavar="COMMAND"))
+    commands.add("serve", help="run every configured listener until SIGTERM/SIGINT")
+    worker = commands.add("worker", help="run copy workers only (no listeners)")
     worker.add_argument("--processes", type=int, metavar="N",
                         help="mailboxes copied at a time (default: migration.workers)")
-    status = commands.add_parser("status", help="migration state and progress per account")
+    status = commands.add("status", help="migration state and progress per account")
     status.add_argument("addresses", nargs="*", metavar="ADDRESS")
     status.add_argument("--domain", metavar="DOMAIN", help="only this domain's accounts")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh on a terminal")
-    _domain_commands(commands.add_parser("domain", help="manage migrating domains"))
-    _account_commands(commands.add_parser("account", help="manage local accounts"))
+    _domain_commands(commands.add_group("domain", help="manage migrating domains"))
+    _account_commands(commands.add_group("account", help="manage local accounts"))
     _admin_commands(commands)
     return parser
 
 
-def _admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    imp = commands.add_parser("import", help="import migration users from a CSV file")
+def program_version() -> str:
+    try:
+        return importlib.metadata.version("migrating-proxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "(not installed)"
+
+
+class _Subcommands:
+    """Adds subcommands that also accept `--config` after their name (`status --config F`).
+
+    The copy defaults to SUPPRESS so that a subcommand without it keeps the value given
+    before the subcommand instead of overwriting it with None.
+    """
+
+    def __init__(self, action: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        self.action = action
+
+    def add(self, name: str, help: str) -> argparse.ArgumentParser:
+        sub = self.action.add_parser(name, help=help, description=help[:1].upper() + help[1:])
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                         help="configuration file (TOML)")
+        return sub
+
+    def add_each(self, argument: str, actions: dict[str, str]) -> None:
+        """Actions that take one `argument` each; `list` takes `--json` instead."""
+        for action, text in actions.items():
+            if action == "list":
+                self.add(action, help=text).add_argument("--json", action="store_true")
+            else:
+                self.add(action, help=text).add_argument(argument)
+
+    def add_group(self, name: str, help: str) -> _Subcommands:
+        """A command with actions of its own (`domain add`, `account list`)."""
+        parser = self.add(name, help)
+        return _Subcommands(parser.add_subparsers(dest="action", required=True,
+                                                  metavar="ACTION"))
+
+
+def _admin_commands(commands: _Subcommands) -> None:
+    imp = commands.add("import", help="import migration users from a CSV file")
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("--dry-run", action="store_true", help="validate only")
     imp.add_argument("--json", action="store_true")
@@ -60,26 +104,24 @@ def _admin_commands(commands: argparse._SubParsersAction) -> None:  # type: igno
             ("resync", "queue incremental passes (mail that arrived since)", True),
             ("stop", "pause passes at the next batch boundary", False),
             ("start", "resume paused passes", False)):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add(name, help=text)
         sub.add_argument("addresses", nargs="*", metavar="ADDRESS")
         sub.add_argument("--domain", metavar="DOMAIN")
         sub.add_argument("--all", action="store_true", help="every migrating account")
         sub.add_argument("--json", action="store_true")
         if waits:
             sub.add_argument("--wait", action="store_true", help="wait until every pass ends")
-    fin = commands.add_parser("finish", help="final pass, switch the domain's migration off, "
-                                             "report")
+    fin = commands.add("finish", help="final pass, switch the domain's migration off, report")
     fin.add_argument("domain", metavar="DOMAIN")
     fin.add_argument("--yes", action="store_true", help="don't ask for confirmation")
     fin.add_argument("--json", action="store_true")
-    exp = commands.add_parser("export", help="a domain's accounts and password hashes")
+    exp = commands.add("export", help="a domain's accounts and password hashes")
     exp.add_argument("domain", metavar="DOMAIN")
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
 
 
-def _domain_commands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = sub.add_parser("add", help="add a domain and its old server")
+def _domain_commands(sub: _Subcommands) -> None:
+    add = sub.add("add", help="add a domain and its old server")
     add.add_argument("name")
     add.add_argument("--source", required=True, metavar="URL",
                      help="old server: imap:// imap+starttls:// imaps:// pop3:// pop3+starttls:// "
@@ -95,9 +137,12 @@ def _domain_commands(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--no-verify-tls", action="store_true",
                      help="accept the old server's certificate unverified (self-signed)")
     add_source_tls_options(add)
-    for action in ("enable", "disable", "remove"):
-        sub.add_parser(action).add_argument("name")
-    sub.add_parser("list").add_argument("--json", action="store_true")
+    sub.add_each("name", {
+        "enable": "switch migration on: unknown users are migrated at login",
+        "disable": "switch migration off: unknown users are refused",
+        "remove": "forget a domain that has no accounts left",
+        "list": "every domain and its old server",
+    })
 
 
 def add_source_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -118,19 +163,21 @@ def source_ca_from_args(args: argparse.Namespace) -> str | None:
         raise CommandError(str(exc)) from None
 
 
-def _account_commands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("add", "create (password from stdin or a prompt)"),
-                         ("passwd", "set a new password (stdin or prompt)"),
-                         ("remove", "delete from the proxy and the store's user file")):
-        sub.add_parser(action, help=text).add_argument("address")
-    sub.add_parser("list").add_argument("--json", action="store_true")
+def _account_commands(sub: _Subcommands) -> None:
+    sub.add_each("address", {
+        "add": "create (password from stdin or a prompt)",
+        "passwd": "set a new password (stdin or prompt)",
+        "remove": "delete from the proxy and the store's user file",
+        "list": "every account, its state and its last login",
+    })
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_module.load(args.config)
+        if (note := config_module.search_note(config)) is not None:
+            print(f"migrating-proxy: note: {note}", file=sys.stderr)
         logs.configure(config.log.format, config.log.level)
         return run(args, config)
     except (ConfigError, CommandError, StoreError, AddressError, DatabaseError,
@@ -197,12 +244,10 @@ def _domain_from_args(args: argparse.Namespace) -> Domain:
     template = args.source_user
     if "%" in template.replace("%u", "").replace("%n", "").replace("%d", ""):
         raise CommandError("--source-user may only use %u, %n and %d")
-    if "@" in args.name or not args.name.strip(". ") or " " in args.name:
-        raise CommandError(f"{args.name!r} is not a domain name")
     if args.source_ca and args.no_verify_tls:
         raise CommandError("--source-ca and --no-verify-tls contradict each other")
     return Domain(
-        name=args.name.lower(), source_url=source.url, migrating=not args.disabled,
+        name=check_domain(args.name), source_url=source.url, migrating=not args.disabled,
         relay_url=relay, type=args.type, source_user=template,
         subscribed_only=args.subscribed_only, notice=not args.no_notice,
         verify_tls=not args.no_verify_tls, source_ca=source_ca_from_args(args) or None,
@@ -228,8 +273,7 @@ def account_command(args: argparse.Namespace, config: Config, store: Store) -> i
     elif args.action == "list":
         rows = [
             {"address": a.address, "migration_state": a.migration_state,
-             "created_at": a.created_at.isoformat(),
-             "last_login_at": a.last_login_at.isoformat() if a.last_login_at else None}
+             "created_at": utc_iso(a.created_at), "last_login_at": utc_iso(a.last_login_at)}
             for a in accounts.list_accounts()
         ]
         print_rows(rows, args.json, ["address", "migration_state", "created_at", "last_login_at"])
@@ -295,3 +339,4 @@ def _progress(row: dict[str, Any]) -> str:
     folders = f"{row['folders_done']}/{row['folders_total']} folders"
     percent = f" ({100 * done // total}%)" if total else ""
     return f"{done}/{total} messages{percent}, {folders}, {row['bytes_copied']} bytes"
+

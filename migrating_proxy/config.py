@@ -19,7 +19,12 @@ from typing import Any
 from migrating_proxy.endpoints import Endpoint, EndpointError, parse_endpoint, parse_listen
 
 ENV_VAR = "MIGRATING_PROXY_CONFIG"
-DEFAULT_PATH = Path("config/migrating-proxy.toml")
+# Where the file is looked for when neither --config nor $MIGRATING_PROXY_CONFIG names one: a
+# checkout's own file (relative to the working directory, for development and the demo), then
+# the installed one (the path the systemd units use). First found wins.
+CHECKOUT_PATH = Path("config/migrating-proxy.toml")
+INSTALLED_PATH = Path("/etc/migrating-proxy/migrating-proxy.toml")
+SEARCH_PATH = (CHECKOUT_PATH, INSTALLED_PATH)
 
 
 class ConfigError(Exception):
@@ -176,14 +181,37 @@ class Config:
 
 
 def locate(explicit: str | None) -> Path | None:
-    """`--config`, then $MIGRATING_PROXY_CONFIG, then config/migrating-proxy.toml if present."""
+    """`--config`, then $MIGRATING_PROXY_CONFIG, then the first of SEARCH_PATH that exists."""
     if explicit:
         return Path(explicit)
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    if DEFAULT_PATH.is_file():
-        return DEFAULT_PATH
+    return next((path for path in SEARCH_PATH if path.is_file()), None)
+
+
+def search_note(config: Config) -> str | None:
+    """What an operator should be told about where the configuration came from, if anything.
+
+    Built-in defaults put the database in ./var of whatever directory the command runs in, so
+    an admin command run from the wrong place would otherwise quietly work on a database the
+    service never sees. A checkout's file that hides the installed one is named too.
+    """
+    if config.source is None:
+        tried = ", ".join(["--config", f"${ENV_VAR}", *(str(p) for p in SEARCH_PATH)])
+        return (f"no configuration file (looked for {tried}); using built-in defaults, "
+                f"database {database_location(config.database_url)}")
+    if config.source == CHECKOUT_PATH and INSTALLED_PATH.is_file():
+        return f"using {CHECKOUT_PATH.resolve()} (working directory), not {INSTALLED_PATH}"
     return None
+
+
+def database_location(url: str) -> str:
+    """The database as an operator finds it: a SQLite file's absolute path, else the URL."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return str(Path(url.removeprefix("sqlite:///")).resolve())
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def load(explicit: str | None = None) -> Config:

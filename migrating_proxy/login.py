@@ -266,5 +266,6 @@ class LoginService:
             # Lost a race against a first login with another password that the old server
             # also accepted moments ago (changed meanwhile): the winner's password stands.
             return LoginResult(Outcome.FAILED, account.address, "concurrent first login")
+        self.accounts.record_login(account.address)
         self.onboarding.hash_in_background(account, password)
         return self._accepted(account, domain, creds, "first login: migration started", True)

@@ -8,6 +8,7 @@ between APPEND and the database update is repaired by a search, not a second cop
 from __future__ import annotations
 
 import email.utils
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def render(template: str, *, address: str, domain: str, old_server: str,
     headers += [
         f"From: Postmaster <postmaster@{domain}>",
         f"To: <{address}>",
-        f"Date: {email.utils.formatdate(localtime=False)}",
+        # +0000, not formatdate()'s -0000, which RFC 5322 reserves for "zone unknown".
+        f"Date: {email.utils.format_datetime(datetime.now(UTC))}",
         f"Message-ID: {message_id(account_id, domain)}",
         "MIME-Version: 1.0",
         "Content-Type: text/plain; charset=utf-8",

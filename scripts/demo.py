@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,27 +147,44 @@ def start_proxy(stack: Stack) -> None:
 # --- telling and checking -------------------------------------------------------------------
 
 
+def commands(stack: Stack) -> dict[str, list[str]]:
+    """What the instructions tell a visitor to run, by purpose; `--once` runs each of them."""
+    imap, pop3 = stack.ports["imap"], stack.ports["pop3"]
+    alice, alice_pw = next(iter(OLD_USERS.items()))
+    return {
+        "local_imap": ["curl", "-s", "--user", f"{LOCAL_USER}:{LOCAL_PASSWORD}",
+                       f"imap://127.0.0.1:{imap}/INBOX", "-X", "EXAMINE INBOX"],
+        "local_pop3": ["curl", "-s", "--user", f"{LOCAL_USER}:{LOCAL_PASSWORD}",
+                       f"pop3://127.0.0.1:{pop3}/"],
+        "first_login": ["curl", "-s", "--user", f"{alice}:{alice_pw}",
+                        f"imap://127.0.0.1:{imap}/", "-X", 'LIST "" "*"'],
+        "status": [str(REPO / ".venv" / "bin" / "migrating-proxy"), "--config",
+                   str(stack.config_path), "status"],
+    }
+
+
 def instructions(stack: Stack) -> str:
     imap, pop3 = stack.ports["imap"], stack.ports["pop3"]
     old = ", ".join(f"{a} / {p}" for a, p in OLD_USERS.items())
+    run = {name: shlex.join(command) for name, command in commands(stack).items()}
     return f"""
 ================ migrating-proxy demo ================
 Proxy:  IMAP 127.0.0.1:{imap}   POP3 127.0.0.1:{pop3}   (plain text, no TLS in the demo)
+        or point any mail client at these ports.
 
-Log in today as the local account:  {LOCAL_USER} / {LOCAL_PASSWORD}
-  curl -s --user '{LOCAL_USER}:{LOCAL_PASSWORD}' 'imap://127.0.0.1:{imap}/INBOX' -X 'EXAMINE INBOX'
-  curl -s --user '{LOCAL_USER}:{LOCAL_PASSWORD}' 'pop3://127.0.0.1:{pop3}/'
-  openssl is not needed here (no TLS); by hand:
-    nc 127.0.0.1 {imap}     then:  a LOGIN {LOCAL_USER} {LOCAL_PASSWORD}
+Log in as the local account:  {LOCAL_USER} / {LOCAL_PASSWORD}
+  {run["local_imap"]}
+  {run["local_pop3"]}
 
 Users still on the old server (IMAP 127.0.0.1:{stack.old.imap_port if stack.old else '?'}):
   {old}
-  The domain old.example is registered with the proxy: logging in to the proxy as one of
-  them creates the account and moves the mailbox to the new store in the background (a
-  checkout from before on-login migration landed refuses these logins), e.g.
-  curl -s --user 'alice@old.example:alice-pw' 'imap://127.0.0.1:{imap}/' -X 'LIST "" "*"'
+  Their domain, old.example, is migrating: the first login through the proxy checks the
+  password at the old server, creates the account and copies the mailbox to the new store
+  in the background while the session goes on. Try:
+  {run["first_login"]}
+  then watch the copy:
+  {run["status"]}
 
-Admin:  .venv/bin/migrating-proxy --config {stack.config_path} account list
 Proxy log: {stack.log_path}
 =======================================================
 """
@@ -178,6 +196,16 @@ def check_login(stack: Stack) -> None:
         client.select_folder("INBOX")
         client.logout()
     say(f"checked: {LOCAL_USER} logged in through the proxy")
+
+
+def check_instructions(stack: Stack) -> None:
+    """Every command the instructions print must work as printed."""
+    for name, command in commands(stack).items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} failed ({result.returncode}): "
+                               f"{result.stderr.strip()}")
+        say(f"checked: {name} command works as printed")
 
 
 # --- tearing it down ------------------------------------------------------------------------
@@ -240,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(instructions(stack), flush=True)
         if args.once:
             check_login(stack)
+            check_instructions(stack)
         else:
             wait_for_signal()
     return 0

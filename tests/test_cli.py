@@ -108,6 +108,58 @@ def test_entry_point_is_installed_next_to_the_interpreter() -> None:
         assert command in result.stdout
 
 
+def program(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """The CLI without --config (Admin always passes one)."""
+    return subprocess.run([sys.executable, "-m", "migrating_proxy", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("command", "actions"), [
+    ("domain", ["add", "enable", "disable", "remove", "list"]),
+    ("account", ["add", "passwd", "remove", "list"]),
+])
+def test_help_of_a_command_lists_every_action(command: str, actions: list[str]) -> None:
+    result = program(command, "--help")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines()
+              if line.startswith("    ") and len(line.split()) > 1]
+    assert listed == actions, result.stdout
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    result = program("--version")
+    expected = f"migrating-proxy {version('migrating-proxy')}\n"
+    assert (result.returncode, result.stdout) == (0, expected)
+
+
+def test_config_is_accepted_after_the_command_too(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    config = str(admin.config_path)
+    for args in (["domain", "list", "--json", "--config", config],
+                 ["domain", "--config", config, "list", "--json"],
+                 ["status", "--config", config, "--json"]):
+        result = program(*args, cwd=admin.config_path.parent.parent)
+        assert result.returncode == 0, (args, result.stderr)
+        assert result.stderr == "", args
+    listed = json.loads(program("domain", "list", "--json", "--config", config).stdout)
+    assert [row["name"] for row in listed] == ["old.example"]
+
+
+@pytest.mark.skipif(Path("/etc/migrating-proxy/migrating-proxy.toml").exists(),
+                    reason="this machine has an installed configuration, which would be used")
+def test_without_any_configuration_file_the_defaults_are_announced(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MIGRATING_PROXY_CONFIG"}
+    result = program("domain", "list", "--json", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
+    [note] = result.stderr.splitlines()
+    assert note.startswith("migrating-proxy: note: no configuration file"), note
+    assert "/etc/migrating-proxy/migrating-proxy.toml" in note
+    assert f"database {tmp_path / 'var' / 'migrating-proxy.db'}" in note
+
+
 def test_missing_command_is_a_usage_error(admin: Admin) -> None:
     result = admin.run()
     assert result.returncode == 2
@@ -175,6 +227,8 @@ BAD_DOMAIN_ADDS = [
     (["user@old.example", "--source", "imap://x"], "not a domain name"),
     (["old example", "--source", "imap://x"], "not a domain name"),
     (["..", "--source", "imap://x"], "not a domain name"),
+    (["-", "--source", "imap://x"], "not a domain name"),
+    (["old_mail.example", "--source", "imap://x"], "not a domain name"),
 ]
 
 
@@ -374,9 +428,21 @@ def test_unusable_new_password_keeps_the_old_one(
     assert can_log_in(module_store.imap_port, "carol@new.example", PASSWORD)
 
 
-def test_invalid_address_is_refused(admin: Admin) -> None:
-    result = admin.run("account", "add", "carol smith@new.example", input=PASSWORD + "\n")
-    assert_refused(result, "not allowed")
+INVALID_ADDRESSES = {
+    "carol smith@new.example": "not allowed",
+    "a@b@c": "exactly one @",
+    "x@-": "'-' is not a domain name",
+    ".carol@new.example": "not a valid local part",
+}
+
+
+def test_invalid_address_is_refused_and_creates_nothing(admin: Admin) -> None:
+    results = admin.run_all([["account", "add", address] for address in INVALID_ADDRESSES],
+                            input=PASSWORD + "\n")
+    for (address, reason), result in zip(INVALID_ADDRESSES.items(), results, strict=True):
+        assert_refused(result, reason, context=address)
+    assert admin.accounts() == {}
+    assert admin.user_lines() == []
 
 
 def test_unknown_account_is_refused(admin: Admin) -> None:

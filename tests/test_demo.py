@@ -28,9 +28,15 @@ def test_demo_once_brings_the_stack_up_checks_a_login_and_cleans_up(tmp_path: Pa
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "carol@new.example / carol-pw" in out
-    assert "curl -s --user 'carol@new.example:carol-pw' 'imap://127.0.0.1:" in out
+    assert "curl -s --user carol@new.example:carol-pw imap://127.0.0.1:" in out
     assert "alice@old.example / alice-pw" in out
     assert "demo: checked: carol@new.example logged in through the proxy" in out
+    # Every command the instructions print was run as printed, and nothing else is suggested:
+    # no tool that nothing installs (nc), no note meant for developers.
+    for name in ("local_imap", "local_pop3", "first_login", "status"):
+        assert f"demo: checked: {name} command works as printed" in out
+    instructions = out[out.index("=== migrating-proxy demo ==="):out.index("demo: checked")]
+    assert "nc " not in instructions and "checkout" not in instructions
     assert out.rstrip().endswith("demo: stopped")
 
     config = (tmp_path / "demo" / "migrating-proxy.toml").read_text()

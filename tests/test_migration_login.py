@@ -8,7 +8,9 @@ notice and copies the mailbox in its worker processes while the session is relay
 from __future__ import annotations
 
 import imaplib
+import json
 import poplib
+import re
 import socket
 import threading
 import time
@@ -114,12 +116,20 @@ def test_first_login_migrates_the_whole_mailbox(proxy: Proxy, new_store: Dovecot
     migrated = store_snapshot(new_store, ALICE)
     assert without_notice(migrated) == before  # folders, bytes, flags, dates
     assert notices(migrated) == 1
+    [notice] = [m[0] for m in migrated["INBOX"] if NOTICE_SUBJECT in m[0]]
+    assert re.search(rb"\r\nDate: \w{3}, \d+ \w{3} \d{4} [\d:]{8} \+0000\r\n", notice)
     assert snapshot(seeded_old.imap_port, ALICE, ALICE_PW) == before  # the source is untouched
     expected = sum(len(messages) for messages in before.values())
     assert status["messages_copied"] == expected and status["messages_skipped"] == 0
     assert status["folders_done"] == status["folders_total"] > 1
     assert status["bytes_copied"] > 200_000
     assert db_rows(proxy, "vault") == []  # the captured password is gone once complete
+    # The first login counts as a login, and times carry their zone as in `status`.
+    [account] = json.loads(proxy.cli("account", "list", "--json").stdout)
+    assert account["last_login_at"].endswith("+00:00"), account
+    assert account["created_at"].endswith("+00:00"), account
+    table = proxy.cli("account", "list").stdout.splitlines()
+    assert table[1].split()[-2:] == [account["created_at"], account["last_login_at"]]
 
     # The user's password now works at the store directly (the proxy can be retired).
     direct = IMAPClient("127.0.0.1", new_store.imap_port, ssl=False)

@@ -166,6 +166,17 @@ def test_accounts_are_listed_per_domain(store: Store) -> None:
     "alice@",
     "alice@.example.com",
     "alice@example..com",
+    "a@b@c",
+    "x@-",
+    "x@-old.example",
+    "x@old-.example",
+    "x@old_mail.example",
+    "x@old.example.",
+    "x@" + "a" * 64 + ".example",
+    ".alice@example.com",
+    "alice.@example.com",
+    "ali..ce@example.com",
+    "a" * 65 + "@example.com",
 ])
 def test_invalid_addresses_are_refused(store: Store, address: str) -> None:
     with pytest.raises(AddressError):
@@ -173,6 +184,19 @@ def test_invalid_addresses_are_refused(store: Store, address: str) -> None:
     with pytest.raises(AddressError):
         store.accounts.get_account(address)
     assert store.accounts.list_accounts() == []
+
+
+@pytest.mark.parametrize("address", [
+    "first.last+tag@mail-1.old.example",
+    "O_Brien-2@Old.Example",
+    "x@localhost",
+    "a!#$%&*=?^`{|}~@x.example",
+    "a" * 64 + "@" + "b" * 63 + ".example",
+])
+def test_valid_addresses_are_accepted_with_the_domain_lower_cased(store: Store,
+                                                                   address: str) -> None:
+    local, domain = address.rsplit("@", 1)
+    assert store.accounts.add_account(address, "$6$hash").address == f"{local}@{domain.lower()}"
 
 
 def test_removed_account_is_gone_in_any_case(store: Store) -> None:

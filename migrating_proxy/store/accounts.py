@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,24 +27,49 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def utc_iso(value: datetime | None) -> str | None:
+    """ISO 8601 with the zone (+00:00); SQLite hands back naive datetimes, which are UTC."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+# A host name label (RFC 1123): letters, digits and hyphens, no hyphen at either end.
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# The characters of an unquoted local part (RFC 5322 atext) that are also safe in a passwd-file
+# line and as a file name below provision.path ("/" and "'" are atext but excluded).
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&*+=?^_`{|}~.-]+")
+
+
+def check_domain(name: str) -> str:
+    """A domain name in lower case, or AddressError: dot-separated host name labels."""
+    domain = name.lower()
+    if len(domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label)
+                                    for label in domain.split(".")):
+        raise AddressError(f"{name!r} is not a domain name")
+    return domain
+
+
 def split_address(address: str) -> tuple[str, str]:
     """Validate and normalise: domain lower-cased, local part kept as the user typed it.
 
     Rejects anything that could confuse a protocol or a passwd-file line (controls, spaces,
-    quotes, colons) rather than trying to escape it: real mailbox addresses never need them.
+    quotes, colons, a second @) rather than trying to escape it: real mailbox addresses never
+    need them, and quoted local parts are not accepted.
     """
     address = address.strip()
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain or len(address) > 320:
         raise AddressError("not an address of the form user@domain")
+    if "@" in local:
+        raise AddressError("an address has exactly one @")
     forbidden = set(' "\\:\'()<>,;[]/') | {chr(c) for c in range(32)} | {"\x7f"}
-    if any(ch in forbidden for ch in address) or not address.isascii():
+    if any(ch in forbidden for ch in local) or not address.isascii():
         raise AddressError("address contains characters that are not allowed")
-    if domain.startswith(".") or domain.endswith(".") or ".." in domain:
-        raise AddressError("not a valid domain")
-    if local in (".", ".."):
+    if not _LOCAL_PART.fullmatch(local) or local.startswith(".") or local.endswith(".") \
+            or ".." in local or len(local) > 64:
         raise AddressError("not a valid local part")
-    return local, domain.lower()
+    return local, check_domain(domain)
 
 
 def normalise(address: str) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
 
-from migrating_proxy.store.accounts import address_key
+from migrating_proxy.store.accounts import address_key, utc_iso
 from migrating_proxy.store.jobs import ACTIVE
 from migrating_proxy.store.schema import accounts, jobs, migrations
 from migrating_proxy.store.states import AccountState, JobState
@@ -77,14 +76,8 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
     error = row.last_error if row.migration_state != AccountState.COMPLETED else None
     status["last_error"] = error or (job_error if row.migration_state == AccountState.ERROR
                                      else None)
-    status["started_at"] = _iso(row.started_at)
-    status["finished_at"] = _iso(row.finished_at)
-    status["last_pass_at"] = _iso(row.last_pass_at)
+    status["started_at"] = utc_iso(row.started_at)
+    status["finished_at"] = utc_iso(row.finished_at)
+    status["last_pass_at"] = utc_iso(row.last_pass_at)
     status["job_state"] = job_state
     return status
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
