@@ -190,10 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
-        from migrating_proxy.server import serve
+        from migrating_proxy.server import StartupError, serve
 
         logs.forward_twisted_logs()
-        return serve(config)
+        try:
+            return serve(config)
+        except StartupError as exc:
+            raise CommandError(str(exc)) from None
     if args.command == "worker":
         from migrating_proxy.worker import run_pool
 

@@ -334,6 +334,13 @@ class _Reader:
                 url = f"sqlite:///{self.base / relative}"
         if not url.startswith(("sqlite:", "postgresql:", "postgresql+")):
             raise self.fail("database.url", "must be a sqlite:/// or postgresql:// URL")
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise self.fail("database.url", f"not a valid URL ({exc})") from None
         return url
 
     def _backend(self) -> BackendConfig:

@@ -1,17 +1,35 @@
-"""`migrating-proxy serve`: wire the configured listeners to the shared services and run."""
+"""`migrating-proxy serve`: wire the configured listeners to the shared services and run.
+
+Start-up runs in an order that makes every failure one line and a prompt exit, with nothing
+left behind (an operator, or systemd's Restart=, must see a failed start, never a process that
+looks alive while listening on nothing):
+
+1. acquire what can be refused: the listening sockets, the TLS certificate, the database, the
+   store's user files, the files read later (master password, notice); each failure is a
+   `StartupError` (or the store's own one-line errors) and undoes what was acquired before it;
+2. only then build the services and hand the sockets to the reactor;
+3. once the reactor runs (its SIGTERM/SIGINT handlers are installed by then, so a stop at any
+   moment reaches the shutdown below) start the login thread pool and the copy workers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from migrating_proxy.config import Config
+from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.pop3 import POP3Session
 from migrating_proxy.frontends.registry import CloseRequestWatcher
@@ -20,12 +38,20 @@ from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService, Placement
+from migrating_proxy.notice import load_template
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
+
+LISTEN_BACKLOG = 50  # what Twisted's listenTCP uses
+IMPLICIT_TLS = ("imaps", "pop3s")
+
+
+class StartupError(Exception):
+    """`serve` cannot start; worded for the operator (the CLI prints one line, exits 1)."""
 
 
 # Listener name (config `listen.<name>`) -> what makes its sessions: (context, implicit TLS).
@@ -52,76 +78,165 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    store = open_store(config.database_url)
-    # Repair the store's user file from the database on every start.
-    make_provisioner(config.provision, store.accounts).sync()
-    threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
-    threadpool.start()
-    ctx = FrontendContext(
-        reactor=reactor, config=config,
-        login_service=build_login_service(config, store, placement),
-        threadpool=threadpool, tls_options=server_options(config.tls),
-    )
-    ports = listen_all(ctx)
+    with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
+        sockets = bind_listeners(config.listen)
+        undo.callback(close_sockets, sockets)
+        tls_options = load_server_tls(config)
+        store = open_store(config.database_url)
+        undo.callback(store.close)
+        with files_refused():
+            prepare_files(config, store)
+            login_service = build_login_service(config, store, placement)
+        undo.callback(login_service.hasher.close)
+        threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
+        ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
+                              threadpool=threadpool, tls_options=tls_options)
+        ports = adopt_listeners(ctx, sockets)
+        undo.pop_all()  # acquired: from here on, shutdown() releases everything
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
-    watcher.start()
-    workers = start_workers(config)
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def started() -> None:
+        threadpool.start()
+        watcher.start()
+        if (pool := start_workers(config)) is not None:
+            workers.append(pool)
+        log.info("started", listeners=[f"{p.getHost().host}:{p.getHost().port}" for p in ports])
 
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
         watcher.stop()
         for port in ports:
             port.stopListening()
-        stop_workers(workers)
-        threadpool.stop()
+        for pool in workers:
+            stop_workers(pool)
+        if threadpool.started:
+            threadpool.stop()
         ctx.login_service.hasher.close()
         store.close()
 
+    reactor.callWhenRunning(started)  # after the reactor's signal handlers are in place
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    log.info("started", listeners=[f"{p.getHost().host}:{p.getHost().port}" for p in ports])
     reactor.run()  # SIGTERM and SIGINT stop it
     return 0
 
 
+# -- acquiring ----------------------------------------------------------------------------
+def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:
+    """Every configured listener's socket, bound and listening, or StartupError (none open)."""
+    bound: dict[str, socket.socket] = {}
+    try:
+        for name in ListenConfig.__dataclass_fields__:
+            address = getattr(listen, name)
+            if address is not None:
+                bound[name] = _bind(name, *address)
+    except BaseException:
+        close_sockets(bound)
+        raise
+    return bound
+
+
+def _bind(name: str, host: str, port: int) -> socket.socket:
+    where = f"listen.{name}: cannot listen on {host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"{where}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As Twisted does: a restart must not wait for old connections in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"{where}: {exc.strerror}") from None
+    return sock
+
+
+def close_sockets(sockets: dict[str, socket.socket]) -> None:
+    for sock in sockets.values():
+        sock.close()
+
+
+def load_server_tls(config: Config) -> Any:
+    """Our certificate and key, loaded now so that a bad one stops the start, not a session."""
+    try:
+        return server_options(config.tls)
+    except OSError as exc:
+        raise StartupError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+    except Exception as exc:  # pyOpenSSL's errors: not PEM, key and certificate don't match
+        raise StartupError(f"tls: cannot use {config.tls.cert} and {config.tls.key}: "
+                           f"{_openssl_reason(exc)}") from None
+
+
+def _openssl_reason(exc: Exception) -> str:
+    """The last reason OpenSSL gave (its error queue holds tuples), else the exception."""
+    queue = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [entry[-1] for entry in queue if isinstance(entry, tuple) and entry]
+    return reasons[-1] if reasons else (str(exc) or type(exc).__name__)
+
+
+def prepare_files(config: Config, store: Store) -> None:
+    """Repair the store's user files; read now the files that are read later, on demand."""
+    make_provisioner(config.provision, store.accounts).sync()
+    config.backend.master_password()  # read at every store login: readable now?
+    load_template(config.migration.notice)
+
+
+@contextlib.contextmanager
+def files_refused() -> Iterator[None]:
+    """A file or directory we cannot use (permissions, a file where a directory should be)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StartupError(f"cannot use {exc.filename}: {exc.strerror}") from None
+
+
+def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket]) -> list[Any]:
+    """Hand the bound sockets to the reactor, each with its protocol's factory."""
+    if ctx.config.listen.smtp or ctx.config.listen.submission:
+        ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
+    ports = []
+    for name, sock in sockets.items():
+        implicit = name in IMPLICIT_TLS
+        factory: Any = SessionFactory(SESSIONS[name], ctx, implicit_tls=implicit)
+        if implicit:  # what reactor.listenSSL does
+            factory = TLSMemoryBIOFactory(ctx.tls_options, False, factory)
+        ports.append(ctx.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+        sock.close()  # the reactor holds its own duplicate
+        host = ports[-1].getHost()
+        log.info("listening", protocol=name, host=host.host, port=host.port)
+    return ports
+
+
+# -- the copy workers ---------------------------------------------------------------------
 def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
-    """The copy workers run in their own processes (`migrating-proxy worker`), never here."""
+    """The copy workers run in their own processes (`migrating-proxy worker`), never here.
+
+    In a process group of their own: a Ctrl-C on a terminal reaches `serve` alone, which
+    stops them in order; and should they ever have to be killed, the whole group goes.
+    """
     if config.migration.workers < 1:
         return None
     command = [sys.executable, "-m", "migrating_proxy"]
     if config.source is not None:
         command += ["--config", str(config.source)]
     command += ["worker", "--processes", str(config.migration.workers)]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)
 
 
-def stop_workers(workers: subprocess.Popen[bytes] | None) -> None:
+def stop_workers(workers: subprocess.Popen[bytes]) -> None:
     """Workers hand their jobs back at the next batch boundary; wait for that, briefly."""
-    if workers is None or workers.poll() is not None:
+    if workers.poll() is not None:
         return
     workers.send_signal(signal.SIGTERM)
     try:
         workers.wait(timeout=30)
     except subprocess.TimeoutExpired:
         log.warning("workers_killed", reason="did not stop within 30 s")
-        workers.kill()
-
-
-def listen_all(ctx: FrontendContext) -> list:
-    reactor, listen, ports = ctx.reactor, ctx.config.listen, []
-    if listen.smtp or listen.submission:
-        ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
-    for name, session_class in SESSIONS.items():
-        address = getattr(listen, name)
-        if address is None:
-            continue
-        host, port = address
-        implicit = name in ("imaps", "pop3s")
-        factory = SessionFactory(session_class, ctx, implicit_tls=implicit)
-        if implicit:
-            if ctx.tls_options is None:
-                raise ValueError(f"listen.{name} needs tls.cert and tls.key")
-            ports.append(reactor.listenSSL(port, factory, ctx.tls_options, interface=host))
-        else:
-            ports.append(reactor.listenTCP(port, factory, interface=host))
-        log.info("listening", protocol=name, host=host, port=ports[-1].getHost().port)
-    return ports
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(workers.pid, signal.SIGKILL)
+        workers.wait()

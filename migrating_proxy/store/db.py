@@ -41,7 +41,13 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:  # installed without the [postgresql] extra
+        raise DatabaseError(f"cannot use {url.split(':', 1)[0]}: the driver is not installed "
+                            f"({exc.name}; install migrating-proxy[postgresql])") from None
+    except Exception as exc:  # SQLAlchemy: unknown dialect or driver, bad arguments
+        raise DatabaseError(f"cannot use the database URL: {_one_line(exc)}") from None
 
 
 def _ensure_sqlite_directory(url: str) -> None:

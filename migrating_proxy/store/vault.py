@@ -29,11 +29,13 @@ def load_or_create_key(path: Path) -> bytes:
     """Read the key; create it (0600, exclusively) on first use by any process."""
     with contextlib.suppress(FileNotFoundError):
         return _read_key(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process is creating it right now
         return _read_key(path, wait=True)
+    except OSError as exc:
+        raise VaultKeyError(f"{path}: cannot create the vault key: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as out:
         out.write(Fernet.generate_key() + b"\n")
     return _read_key(path)
@@ -44,8 +46,10 @@ def _read_key(path: Path, wait: bool = False) -> bytes:
     while True:
         try:
             key = path.read_bytes().strip()
-        except PermissionError:
-            raise VaultKeyError(f"{path}: cannot read the vault key") from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise VaultKeyError(f"{path}: cannot read the vault key: {exc.strerror}") from None
         if key or time.monotonic() >= deadline:
             break
         time.sleep(0.05)

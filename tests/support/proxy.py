@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.dovecot import REPO_ROOT, DovecotInstance, free_port
+from tests.support.processes import descendants
 from tests.support.tls import TLSFiles
 
 # Everything the suite's proxies logged, for the "no secret in any log" test.
@@ -40,23 +41,6 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
         out.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         out.append("")
     return "\n".join(out)
-
-
-def descendants(pid: int) -> list[int]:
-    """Children, grandchildren... of pid, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 @dataclass
