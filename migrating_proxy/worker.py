@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import structlog
@@ -36,6 +37,7 @@ POLL_SECONDS = 0.5  # how soon an idle worker notices a first login's job
 HEARTBEAT_SECONDS = 10.0
 PAUSE_CHECK_SECONDS = 1.0  # how soon a running copy notices `migrating-proxy stop`
 MAX_RETRY_DELAY = 3600.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def retry_delay(attempts: int) -> float:
@@ -167,8 +169,9 @@ def worker_main(config: Config, number: int) -> None:
     """Entry point of one worker process."""
     logs.configure(config.log.format, config.log.level)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by _start_worker
     name = f"{socket.gethostname()}:{os.getpid()}:{number}"  # see JobQueue.requeue_dead_claims
     store = open_store(config.database_url)
     try:
@@ -222,34 +225,56 @@ def queue_due_resyncs(config: Config) -> None:
 
 
 def run_pool(config: Config, processes: int) -> int:
-    """Run `processes` workers until SIGTERM/SIGINT, replacing any that die; exit code."""
+    """Run `processes` workers until SIGTERM/SIGINT, replacing any that die; exit code.
+
+    A stop signal may arrive at any moment, even while children are being started: the
+    handler only sets `stopping`, no child is started once it is set, and every child that
+    exists at the end is signalled and waited for, whenever it was started.
+    """
     context = multiprocessing.get_context("spawn")  # no inherited sockets, threads or engines
     stopping = threading.Event()
     children: dict[int, multiprocessing.process.BaseProcess] = {}
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping.set()
-        for child in children.values():
-            if child.pid and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stopping.set())
     next_resync_check = time.monotonic()
     while not stopping.is_set():
         dead = [n for n in range(processes) if n not in children or not children[n].is_alive()]
         if dead:
             recover_dead_claims(config)  # a crashed worker's job goes back to the queue
         for number in dead:
+            if stopping.is_set():
+                break
             if number in children:
                 log.warning("worker_died", worker=number, exitcode=children[number].exitcode)
-            children[number] = context.Process(target=worker_main, args=(config, number),
-                                               name=f"worker-{number}")
-            children[number].start()
+            children[number] = _start_worker(context, config, number)
         if config.migration.keep_credentials and time.monotonic() >= next_resync_check:
             queue_due_resyncs(config)
             next_resync_check = time.monotonic() + min(60.0, config.migration.resync_interval)
         stopping.wait(1.0)
     for child in children.values():
+        if child.is_alive():
+            child.terminate()  # SIGTERM: the worker finishes its batch and hands its job back
+    for child in children.values():
         child.join()
+    log.info("worker_pool_stopped", exitcodes=[c.exitcode for c in children.values()])
     return 0
+
+
+def _start_worker(context: multiprocessing.context.SpawnContext, config: Config,
+                  number: int) -> multiprocessing.process.BaseProcess:
+    """Start one worker process with the stop signals blocked until it can handle them.
+
+    The child inherits the blocked mask and unblocks it once its own handlers are in place
+    (worker_main), so a stop that reaches it while Python is still starting is held back and
+    then handled like any other: no traceback from a half-started interpreter, no job lost.
+    """
+    child = context.Process(target=worker_main, args=(config, number), name=f"worker-{number}")
+    # Starting a child first starts multiprocessing's resource tracker if it is not running,
+    # and that unblocks SIGTERM and SIGINT behind our back: have it running before we block.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        child.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return child

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from imapclient import IMAPClient  # noqa: E402
 
-from tests.support import dovecot  # noqa: E402
+from tests.support import dovecot, processes  # noqa: E402
 from tests.support.mail import sample_corpus, seed_mailbox  # noqa: E402
 from tests.support.proxy import render_toml  # noqa: E402
 
@@ -238,22 +237,26 @@ def running(directory: Path, fixed_ports: bool) -> Iterator[Stack]:
         start_proxy(stack)
         yield stack
     finally:
+        # A second Ctrl-C must not cut the tear-down short and leave servers running.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         say("stopping")
         stop(stack)
+        end_leftovers()
         say("stopped")
 
 
-def wait_for_signal() -> None:
-    stopped = threading.Event()
+def end_leftovers() -> None:
+    """Whatever is still running below us: a process started just as a stop signal came in
+    (before the stack recorded it), or one its parent left behind when killed. As a
+    subreaper, the demo is where such orphans end up."""
+    if left := processes.wait_for_descendants(grace=5.0):
+        say(f"stopping {len(left)} leftover process(es)")
+        processes.kill_descendants()
 
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stopped.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    say("running; press Ctrl-C to stop")
-    while not stopped.wait(1.0):
-        pass
+def interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM like Ctrl-C: `running` tears down what is up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,14 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=REPO / "demo",
                         help="where the proxy's files go (default: ./demo)")
     args = parser.parse_args(argv)
-    # Ctrl-C during start-up still tears down what was started.
+    # From here on a stop signal at any moment tears down what was started, and nothing
+    # started can outlive the demo unnoticed.
+    signal.signal(signal.SIGTERM, interrupt)
+    with contextlib.suppress(OSError):
+        processes.become_subreaper()
     with running(args.dir.resolve(), fixed_ports=not args.once) as stack:
         print(instructions(stack), flush=True)
         if args.once:
             check_login(stack)
             check_instructions(stack)
         else:
-            wait_for_signal()
+            say("running; press Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    signal.pause()
     return 0
 
 

@@ -56,17 +56,43 @@ def command_line(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def _reap_orphans() -> None:
+def become_subreaper() -> None:
+    """Orphans among our descendants become our children (not init's), so we can find them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans() -> None:
     """Collect the exit status of orphans handed to us, so they don't linger as zombies."""
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
 
 
+def wait_for_descendants(grace: float) -> list[int]:
+    """Give our descendants up to `grace` seconds to exit; the ones still alive."""
+    deadline = time.monotonic() + grace
+    while (left := descendants(os.getpid())) and time.monotonic() < deadline:
+        reap_orphans()
+        time.sleep(0.05)
+    return left
+
+
+def kill_descendants() -> None:
+    """SIGKILL every descendant, including those orphaned by the killing itself."""
+    for _ in range(5):
+        if not (left := descendants(os.getpid())):
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+        reap_orphans()
+
+
 def _wrapper(log: Path, timeout: float, command: list[str]) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    become_subreaper()
     with log.open("ab") as out:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     print(f"pid {child.pid}", flush=True)
@@ -77,17 +103,10 @@ def _wrapper(log: Path, timeout: float, command: list[str]) -> int:
         status = None
         child.kill()
         child.wait()
-    deadline = time.monotonic() + GRACE
-    while (left := descendants(os.getpid())) and time.monotonic() < deadline:
-        _reap_orphans()
-        time.sleep(0.05)
-    left = descendants(os.getpid())
-    report = {"status": status, "left": [command_line(pid) for pid in left]}
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _reap_orphans()
-    print(json.dumps(report), flush=True)
+    left = wait_for_descendants(GRACE)
+    print(json.dumps({"status": status, "left": [command_line(pid) for pid in left]}),
+          flush=True)
+    kill_descendants()
     return 0
 
 

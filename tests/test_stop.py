@@ -1,0 +1,111 @@
+"""A stop signal at any moment of start-up stops everything: `worker`, `serve` and the demo.
+
+SIGTERM is what systemd sends to stop a unit (and what `serve` sends its worker pool); the
+worker pool used to lose one that arrived while it was starting its children, then waited
+forever for children it had never signalled. Each test sends SIGTERM at a series of moments
+from the very start to well after start-up, under a subreaper (tests/support/processes.py),
+and requires the command to exit and every process it started to be gone. The bounds are
+generous "it stopped" limits, not performance assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.dovecot import free_port
+from tests.support.processes import TreeResult, run_tree
+from tests.support.proxy import render_toml
+
+REPO = Path(__file__).resolve().parents[1]
+# A stop that took effect at some point: a clean exit, or death by SIGTERM itself when the
+# signal came before Python had even set up its handlers (systemd counts that as clean too).
+STOPPED = (0, -signal.SIGTERM)
+
+
+def write_config(directory: Path, workers: int = 2) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "migrating-proxy.toml"
+    path.write_text(render_toml({
+        "listen": {"imap": f"127.0.0.1:{free_port()}", "pop3": f"127.0.0.1:{free_port()}"},
+        "database": {"url": f"sqlite:///{directory / 'proxy.db'}"},
+        "provision": {"kind": "passwd-dir", "path": str(directory / "users"), "rounds": 5000,
+                      "hash_processes": 2},
+        "migration": {"workers": workers},
+        "log": {"format": "json"},
+    }))
+    return path
+
+
+def terminate_after(delay: float):  # type: ignore[no-untyped-def]
+    def send(pid: int) -> None:
+        time.sleep(delay)
+        os.kill(pid, signal.SIGTERM)
+    return send
+
+
+def stop_at(command: list[str], log: Path, delay: float, timeout: float = 60.0) -> TreeResult:
+    return run_tree(command, log, after_start=terminate_after(delay), timeout=timeout)
+
+
+def stop_at_each(command: list[str], directory: Path, delays: list[float]
+                 ) -> list[TreeResult]:
+    """One run per delay, three at a time (each run mostly waits)."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(
+            lambda delay: stop_at(command, directory / f"run-{delay}.log", delay), delays))
+
+
+def assert_stopped_cleanly(result: TreeResult, delay: float) -> None:
+    assert result.status in STOPPED, (delay, result.status, result.output[-3000:])
+    assert result.left == [], (delay, result.left)
+    assert "Traceback" not in result.output, (delay, result.output[-3000:])
+    # Workers the pool had started stopped on their own, however early the stop came.
+    for line in result.output.splitlines():
+        if '"worker_pool_stopped"' in line:
+            assert set(json.loads(line)["exitcodes"]) <= {0}, (delay, line)
+
+
+# Moments from "not yet running Python" through "children starting" to "settled".
+DELAYS = [0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0]
+
+
+def test_worker_pool_stops_at_any_moment(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    command = [sys.executable, "-m", "migrating_proxy", "--config", str(config),
+               "worker", "--processes", "2"]
+    results = stop_at_each(command, tmp_path, DELAYS)
+    for delay, result in zip(DELAYS, results, strict=True):
+        assert_stopped_cleanly(result, delay)
+    # Settled pools stop in order: every child reported its stop.
+    assert result.output.count('"event": "worker_stopped"') == 2, result.output
+
+
+def test_serve_stops_at_any_moment(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    command = [sys.executable, "-m", "migrating_proxy", "--config", str(config), "serve"]
+    results = stop_at_each(command, tmp_path, DELAYS)
+    for delay, result in zip(DELAYS, results, strict=True):
+        assert_stopped_cleanly(result, delay)
+    assert '"event": "started"' in result.output and '"event": "stopping"' in result.output
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0, 5.0])
+def test_demo_stops_at_any_moment(tmp_path: Path, delay: float) -> None:
+    """The demo brings up two Dovecot instances and the proxy (which starts workers)."""
+    before = {name for name in os.listdir("/tmp") if name.startswith("mp-demo-")}
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--dir",
+               str(tmp_path / "demo")]
+    result = stop_at(command, tmp_path / "demo.log", delay, timeout=90)
+    assert result.status in (*STOPPED, 130), (delay, result.status, result.output[-3000:])
+    assert result.left == [], (delay, result.left)
+    assert "Traceback" not in result.output, result.output[-3000:]
+    after = {name for name in os.listdir("/tmp") if name.startswith("mp-demo-")}
+    assert after - before == set()  # the Dovecot instances' directories are gone too
