@@ -12,6 +12,7 @@ import getpass
 import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from migrating_proxy import config as config_module
@@ -23,11 +24,34 @@ from migrating_proxy.config import Config, ConfigError
 from migrating_proxy.console import CommandError, print_rows
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
+from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES, check_domain, utc_iso
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import VaultKeyError
+
+
+class InputFile:
+    """A file named on the command line, read when the arguments are parsed: before a
+    command run by root switches to the service's user (privileges.py), who may not be
+    allowed to read it. A failure to read is reported by the command, as one line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._error: OSError | None = None
+        try:
+            self._data = Path(path).read_bytes()
+        except OSError as exc:
+            self._error, self._data = exc, b""
+
+    def read(self) -> bytes:
+        if self._error is not None:
+            raise self._error
+        return self._data
+
+    def __str__(self) -> str:
+        return self.path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +120,7 @@ class _Subcommands:
 
 def _admin_commands(commands: _Subcommands) -> None:
     imp = commands.add("import", help="import migration users from a CSV file")
-    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("file", metavar="FILE", type=InputFile)
     imp.add_argument("--dry-run", action="store_true", help="validate only")
     imp.add_argument("--json", action="store_true")
     for name, text, waits in (
@@ -178,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(args.config)
         if (note := config_module.search_note(config)) is not None:
             print(f"migrating-proxy: note: {note}", file=sys.stderr)
+        if args.command != "serve":  # serve binds ports first; the units start it as the user
+            become_service_user(config)
         logs.configure(config.log.format, config.log.level)
         return run(args, config)
     except (ConfigError, CommandError, StoreError, AddressError, DatabaseError,

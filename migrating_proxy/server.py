@@ -20,8 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog

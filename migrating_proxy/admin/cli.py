@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from migrating_proxy.admin import audit
@@ -36,7 +35,7 @@ WAIT_COLUMNS = [*OUTCOME_COLUMNS, "state", "messages_copied", "messages_skipped"
 # -- import -------------------------------------------------------------------------------
 def import_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     try:
-        text = decode(Path(args.file).read_bytes())
+        text = decode(args.file.read())  # cli.InputFile
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
     except ValueError as exc:
@@ -52,7 +51,7 @@ def import_command(args: argparse.Namespace, config: Config, store: Store) -> in
         operations = Operations.open(config, store)
         created, _ = apply_import(store, operations.vault,
                                   make_provisioner(config.provision, store.accounts), plan.rows)
-    summary = {"file": args.file, "dry_run": args.dry_run, "created": created,
+    summary = {"file": str(args.file), "dry_run": args.dry_run, "created": created,
                "updated": len(plan.rows) - created}
     audit("import", **summary, accounts=[row.address for row in plan.rows])
     _print_summary(summary, args.json)
