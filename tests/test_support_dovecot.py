@@ -158,13 +158,20 @@ def test_tls_imaps_and_starttls(tls_old_server: DovecotInstance, tls_files: TLSF
 
 
 def test_new_store_config_comes_from_snippet(new_store: DovecotInstance) -> None:
-    included = (new_store.root / "conf.d" / "migrating-proxy.conf").read_text()
-    assert dovecot.SNIPPET_USERS_PATH not in included
-    assert str(new_store.users_file) in included
-    assert f"port = {new_store.lmtp_port}" in included
-    assert included.replace(str(new_store.users_file), dovecot.SNIPPET_USERS_PATH).replace(
-        str(new_store.root / "masters"), dovecot.SNIPPET_MASTERS_PATH
-    ).replace(f"port = {new_store.lmtp_port}", "port = 24") == dovecot.SNIPPET.read_text()
+    """The snippet, with only paths, ports and the mail owner replaced; nothing of the
+    store's users, mail or listeners comes from the fixture's own settings."""
+    included = (new_store.root / "conf.d" / "migrating-proxy.conf").read_text().splitlines()
+    original = dovecot.SNIPPET.read_text().splitlines()
+    assert len(included) == len(original)
+    replaced = (dovecot.SNIPPET_MASTERS_PATH, dovecot.SNIPPET_USERS_PATH,
+                dovecot.SNIPPET_MAIL_ROOT, dovecot.SNIPPET_MAIL_OWNER, "port = ")
+    for before, after in zip(original, included, strict=True):
+        if before != after:
+            assert any(literal in before for literal in replaced), (before, after)
+    assert f"port = {new_store.imap_port}" in included[original.index("    port = 10143")]
+    base = new_store.config_path.read_text()
+    for setting in ("passdb", "userdb", "mail_location", "inet_listener"):
+        assert setting not in base, setting
 
 
 def test_stop_waits_for_master() -> None:
