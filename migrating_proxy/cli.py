@@ -26,6 +26,7 @@ from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
+from migrating_proxy.startup import StartupError, check_worker_start
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES, check_domain, utc_iso
 from migrating_proxy.store.status import migration_status
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(config.log.format, config.log.level)
         return run(args, config)
     except (ConfigError, CommandError, StoreError, AddressError, DatabaseError,
-            EndpointError, VaultKeyError) as exc:
+            EndpointError, VaultKeyError, StartupError) as exc:
         print(f"migrating-proxy: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -216,19 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
-        from migrating_proxy.server import StartupError, serve
+        from migrating_proxy.server import serve
 
         logs.forward_twisted_logs()
-        try:
-            return serve(config)
-        except StartupError as exc:
-            raise CommandError(str(exc)) from None
+        return serve(config)
     if args.command == "worker":
         from migrating_proxy.worker import run_pool
 
         processes = config.migration.workers if args.processes is None else args.processes
         if processes < 1:
             raise CommandError("--processes must be at least 1")
+        check_worker_start(config)  # else each child would fail the same way, again and again
         return run_pool(config, processes)
     # Imported only for the admin commands: `serve` and `worker` need none of it.
     from migrating_proxy.admin import cli as admin_cli

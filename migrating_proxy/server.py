@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -37,9 +37,9 @@ from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService, Placement
-from migrating_proxy.notice import load_template
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.provision import make_provisioner
+from migrating_proxy.startup import StartupError, check_files, files_refused
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.upstream import Upstream
 
@@ -47,10 +47,6 @@ log = structlog.get_logger(__name__)
 
 LISTEN_BACKLOG = 50  # what Twisted's listenTCP uses
 IMPLICIT_TLS = ("imaps", "pop3s")
-
-
-class StartupError(Exception):
-    """`serve` cannot start; worded for the operator (the CLI prints one line, exits 1)."""
 
 
 # Listener name (config `listen.<name>`) -> what makes its sessions: (context, implicit TLS).
@@ -181,17 +177,7 @@ def _openssl_reason(exc: Exception) -> str:
 def prepare_files(config: Config, store: Store) -> None:
     """Repair the store's user files; read now the files that are read later, on demand."""
     make_provisioner(config.provision, store.accounts).sync()
-    config.backend.master_password()  # read at every store login: readable now?
-    load_template(config.migration.notice)
-
-
-@contextlib.contextmanager
-def files_refused() -> Iterator[None]:
-    """A file or directory we cannot use (permissions, a file where a directory should be)."""
-    try:
-        yield
-    except OSError as exc:
-        raise StartupError(f"cannot use {exc.filename}: {exc.strerror}") from None
+    check_files(config)
 
 
 def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket]) -> list[Any]:

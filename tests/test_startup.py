@@ -1,4 +1,4 @@
-"""`serve` that cannot start: one line, exit 1, promptly, and no process left behind.
+"""`serve` and `worker` that cannot start: one line, exit 1, promptly, no process left behind.
 
 Each case is a configuration that `config.load` accepts but the machine refuses when `serve`
 acquires it: a port already taken, an address that is not ours, a certificate that is not one
@@ -50,6 +50,7 @@ class Case:
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     as_nobody: bool = False  # run as an unprivileged user, as the systemd unit does
     prepare: Callable[[Path], None] | None = None
+    command: str = "serve"  # or "worker"
 
 
 def base_sections(directory: Path) -> dict[str, dict[str, Any]]:
@@ -73,9 +74,9 @@ def write_config(directory: Path, case: Case) -> Path:
     return path
 
 
-def serve_command(config: Path, as_nobody: bool) -> list[str]:
-    command = [sys.executable, "-m", "migrating_proxy", "--config", str(config), "serve"]
-    if as_nobody and IS_ROOT:
+def cli_command(config: Path, case: Case) -> list[str]:
+    command = [sys.executable, "-m", "migrating_proxy", "--config", str(config), case.command]
+    if case.as_nobody and IS_ROOT:
         command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
                    *command]
     return command
@@ -98,7 +99,7 @@ def run_cases(home: Path, cases: list[Case]) -> None:
         if case.prepare is not None:
             case.prepare(directory)
         config = write_config(directory, case)
-        return run_tree(serve_command(config, case.as_nobody), directory / "serve.log",
+        return run_tree(cli_command(config, case), directory / f"{case.command}.log",
                         timeout=60)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -193,6 +194,17 @@ def _database_cases() -> list[Case]:
         Case("store-url-malformed", "backend.imap",
              {"backend": {"imap": "imap://127.0.0.1:port"}}),
     ]
+
+
+def test_worker_checks_what_its_children_would_fail_on(home: Path) -> None:
+    """Else the pool would start children that die at once, and restart them for ever."""
+    cases = [Case(f"worker-{case.name}", case.reason, case.sections, case.as_nobody,
+                  case.prepare, command="worker")
+             for case in [*_file_cases(), *_database_cases()]
+             if case.name not in ("users-under-a-file", "store-url-malformed")]
+    if not IS_ROOT:
+        cases = [case for case in cases if not case.as_nobody]
+    run_cases(home, cases)
 
 
 def test_tls_files_it_cannot_use(home: Path) -> None:
