@@ -27,6 +27,9 @@ from tests.support.processes import run_tree
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
+    # The whole deployment (a venv, pip, Dovecot, a migration) runs in the module's fixture:
+    # about a minute alone, several on a machine busy with other test runs.
+    pytest.mark.timeout(900),
     pytest.mark.skipif(os.geteuid() != 0, reason="installs users and mounts: needs root"),
     pytest.mark.skipif(not (REPO / ".venv" / "wheelhouse" / ".stamp").exists(),
                        reason="no wheelhouse: run scripts/bootstrap"),

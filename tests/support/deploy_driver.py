@@ -78,12 +78,43 @@ def unit_settings(path: Path) -> dict[str, str]:
     return settings
 
 
+# ProtectSystem=strict, ReadWritePaths=, PrivateTmp=yes and ProtectHome=yes, the way systemd
+# makes them: in a mount namespace of the service's own, every mount read-only but the paths it
+# may write, a private /tmp, empty /root and /home. Run as root, then exec's the rest.
+SANDBOX = r"""
+set -eu
+mount --make-rprivate /
+findmnt -rn -o TARGET | while read -r target; do
+    case "$target" in /proc*|/sys*|/dev*) continue ;; esac
+    mount -o remount,bind,ro "$target"
+done
+for path in $READ_WRITE_PATHS; do
+    mount --bind "$path" "$path"
+    mount -o remount,bind,rw "$path"
+done
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+for path in /root /home; do mount -t tmpfs -o mode=0 tmpfs "$path"; done
+exec "$@"
+"""
+
+
+def sandbox(unit: dict[str, str]) -> list[str]:
+    """The command prefix that reproduces the unit's file-system sandbox (see SANDBOX)."""
+    expected = {"ProtectSystem": "strict", "PrivateTmp": "yes", "ProtectHome": "yes"}
+    for key, value in expected.items():
+        assert unit.get(key) == value, f"{key}={unit.get(key)}: the driver reproduces {value}"
+    return ["env", f"READ_WRITE_PATHS={unit.get('ReadWritePaths', '')}", "unshare", "--mount",
+            "--propagation", "private", "--", "sh", "-c", SANDBOX, "sandbox"]
+
+
 def unit_command(path: Path) -> list[str]:
-    """ExecStart as written, run as the unit's User=/Group= with its umask and capabilities.
+    """ExecStart as written, run as the unit's User=/Group= with its umask, capabilities and
+    file-system sandbox.
 
     systemd sets the user's supplementary groups, the umask, the capability bounding set and
-    the ambient capabilities, and no_new_privs; setpriv does the same here. The sandboxing
-    directives (ProtectSystem= and the like) are not reproduced.
+    the ambient capabilities, and no_new_privs; setpriv does the same here. ProtectSystem=,
+    ReadWritePaths=, PrivateTmp= and ProtectHome= are reproduced with a mount namespace; the
+    other hardening directives (system call filter, address families, ...) are not.
     """
     unit = unit_settings(path)
     caps = [c.strip().lower().removeprefix("cap_") for c in
@@ -99,7 +130,7 @@ def unit_command(path: Path) -> list[str]:
     if unit.get("NoNewPrivileges") == "yes":
         setpriv.append("--no-new-privs")
     umask = unit.get("UMask", "0022")
-    return ["sh", "-c", f'umask {umask} && exec "$@"', "sh", *setpriv, "--",
+    return [*sandbox(unit), "sh", "-c", f'umask {umask} && exec "$@"', "sh", *setpriv, "--",
             *shlex.split(unit["ExecStart"])]
 
 
