@@ -73,21 +73,8 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
-        sockets = bind_listeners(config.listen)
-        undo.callback(close_sockets, sockets)
-        tls_options = load_server_tls(config)
-        store = open_store(config.database_url)
-        undo.callback(store.close)
-        with files_refused():
-            prepare_files(config, store)
-            login_service = build_login_service(config, store, placement)
-        undo.callback(login_service.hasher.close)
-        threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
-        ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
-                              threadpool=threadpool, tls_options=tls_options)
-        ports = adopt_listeners(ctx, sockets)
-        undo.pop_all()  # acquired: from here on, shutdown() releases everything
+    ctx, ports, store = acquire(config, reactor, placement)
+    threadpool = ctx.threadpool
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     workers: list[subprocess.Popen[bytes]] = []
 
@@ -117,6 +104,27 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
 
 
 # -- acquiring ----------------------------------------------------------------------------
+def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstream] | None
+            ) -> tuple[FrontendContext, list[Any], Store]:
+    """Everything serve needs that can be refused, or StartupError with nothing left held."""
+    with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
+        sockets = bind_listeners(config.listen)
+        undo.callback(close_sockets, sockets)
+        tls_options = load_server_tls(config)
+        store = open_store(config.database_url)
+        undo.callback(store.close)
+        with files_refused():
+            prepare_files(config, store)
+            login_service = build_login_service(config, store, placement)
+        undo.callback(login_service.hasher.close)
+        threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")  # started later
+        ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
+                              threadpool=threadpool, tls_options=tls_options)
+        ports = adopt_listeners(ctx, sockets)
+        undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
+    return ctx, ports, store
+
+
 def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:
     """Every configured listener's socket, bound and listening, or StartupError (none open)."""
     bound: dict[str, socket.socket] = {}
