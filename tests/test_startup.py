@@ -29,6 +29,10 @@ from tests.support.processes import TreeResult, run_tree
 from tests.support.proxy import render_toml
 from tests.support.tls import make_test_ca
 
+# Each test starts the CLI several times; on a machine busy with other test runs that can
+# take minutes. A bound on "it finished", not on speed.
+pytestmark = pytest.mark.timeout(600)
+
 IS_ROOT = os.geteuid() == 0
 
 
