@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -115,3 +116,17 @@ def test_admin_commands_as_printed_use_the_installed_configuration(
     assert any(path.endswith("migrating-proxy.db") for path in state)
     mail = {path: user for path, user in owners.items() if path.startswith("/var/vmail/")}
     assert mail and set(mail.values()) == {"vmail"}, mail
+
+
+def test_the_packages_the_readme_installs_are_those_the_deployment_ran_on() -> None:
+    """The apt-get line is not run (no network in the namespace); scripts/bootstrap installs
+    the same packages, and they must be the Debian ones this machine has."""
+    text = (REPO / "README.md").read_text()
+    deploying = text[text.index("## Deploying"):]
+    line = next(line for line in deploying.splitlines() if line.startswith("apt-get install"))
+    packages = line.split()[2:]
+    assert {"dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "python3-venv"} <= set(packages)
+    for package in packages:
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+                                capture_output=True, text=True)
+        assert status.stdout == "install ok installed", (package, status)
