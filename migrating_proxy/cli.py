@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(args.config)
         if (note := config_module.search_note(config)) is not None:
             print(f"migrating-proxy: note: {note}", file=sys.stderr)
-        if args.command != "serve":  # serve binds ports first; the units start it as the user
+        if args.command != "serve":  # serve does it itself, once its ports are bound
             become_service_user(config)
         logs.configure(config.log.format, config.log.level)
         return run(args, config)

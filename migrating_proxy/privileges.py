@@ -5,7 +5,8 @@ owns its state directory; administrators run the admin commands as root. Files t
 create as root (SQLite's -wal and -shm files, a new domain's directory of provisioned users, the
 vault key) would then be unwritable, or unreadable, by the service, which breaks it on its next
 write. So a command run by root first becomes the owner of the state directory, when that
-owner is not root. Files named on the command line are read before (see cli.InputFile).
+owner is not root. Files named on the command line are read before (see cli.InputFile);
+`serve` switches once it has bound its ports and read its TLS key (server.acquire).
 """
 
 from __future__ import annotations

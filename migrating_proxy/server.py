@@ -4,8 +4,9 @@ Start-up runs in an order that makes every failure one line and a prompt exit, w
 left behind (an operator, or systemd's Restart=, must see a failed start, never a process that
 looks alive while listening on nothing):
 
-1. acquire what can be refused: the listening sockets, the TLS certificate, the database, the
-   store's user files, the files read later (master password, notice); each failure is a
+1. acquire what can be refused: the listening sockets, the TLS certificate (then, if started
+   by root, become the state directory's owner, see privileges.py), the database, the store's
+   user files, the files read later (master password, notice); each failure is a
    `StartupError` (or the store's own one-line errors) and undoes what was acquired before it;
 2. only then build the services and hand the sockets to the reactor;
 3. once the reactor runs (its SIGTERM/SIGINT handlers are installed by then, so a stop at any
@@ -38,6 +39,7 @@ from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
 from migrating_proxy.login import FailureThrottle, LoginService, Placement
 from migrating_proxy.onboarding import Onboarding
+from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.startup import StartupError, check_files, files_refused
 from migrating_proxy.store import Store, open_store
@@ -111,6 +113,9 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         sockets = bind_listeners(config.listen)
         undo.callback(close_sockets, sockets)
         tls_options = load_server_tls(config)
+        # Started by root (by hand: the units start it as its user), the ports below 1024 and a
+        # key only root may read are ours now; the rest runs as the state directory's owner.
+        become_service_user(config)
         store = open_store(config.database_url)
         undo.callback(store.close)
         with files_refused():

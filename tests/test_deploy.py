@@ -108,6 +108,9 @@ def test_admin_commands_as_printed_use_the_installed_configuration(
         result = step(deployment, name)
         assert result["status"] == 0 and "note:" not in result["stderr"], result
     assert "alice@old.example" in step(deployment, "status --domain")["stdout"]
+    # serve started by hand as root binds its ports, then runs as the service's user.
+    assert step(deployment, "serve by hand runs as")["users"] == ["migrating-proxy"] * 2
+    assert step(deployment, "stop serve by hand")["status"] == 0
     # Run by root, they left nothing the service (migrating-proxy) could not write.
     owners = step(deployment, "owners")["owners"]
     state = {path: user for path, user in owners.items()

@@ -267,6 +267,17 @@ class Driver:
             self.wait_for_banner("proxy", port, banner)
         self.run("status --domain", ["migrating-proxy", "status", "--domain", "old.example"])
 
+    def serve_by_hand(self) -> None:
+        """`migrating-proxy serve` started by root, as an operator might try it."""
+        serve = self.start("serve by hand", ["migrating-proxy", "serve"])
+        self.wait_for_log("serve by hand", '"event": "started"')
+        with IMAPClient("127.0.0.1", 143, ssl=False, timeout=30) as client:
+            client.login(ALICE, ALICE_PW)  # a later login: written to the database
+            client.select_folder("INBOX")
+        uids = Path(f"/proc/{serve.pid}/status").read_text().split("Uid:")[1].split()[:2]
+        self.note("serve by hand runs as", users=[_user(int(uid)) for uid in uids])
+        self.stop("serve by hand", serve)
+
     def ownership(self) -> None:
         owners = {}
         for root in ("/var/lib/migrating-proxy", "/var/vmail"):
@@ -336,9 +347,10 @@ class Driver:
             self.wait_for_log("migrating-proxy-worker.service", '"event": "worker_started"')
             self.admin()
             self.migrate()
-            self.ownership()
             self.stop("migrating-proxy-worker.service", worker)
             self.stop("migrating-proxy.service", serve)
+            self.serve_by_hand()
+            self.ownership()
             self.report["completed"] = True
         except Exception:
             self.report["error"] = traceback.format_exc()
