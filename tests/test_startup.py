@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from tests.support.dovecot import free_port
 from tests.support.processes import TreeResult, run_tree
 from tests.support.proxy import render_toml
 from tests.support.tls import make_test_ca
@@ -58,8 +57,10 @@ class Case:
 
 
 def base_sections(directory: Path) -> dict[str, dict[str, Any]]:
+    # Port 0: the kernel picks free ports as serve binds them, so no other test on this
+    # machine can take them in between (as it could with a port probed beforehand).
     return {
-        "listen": {"imap": f"127.0.0.1:{free_port()}", "pop3": f"127.0.0.1:{free_port()}"},
+        "listen": {"imap": "127.0.0.1:0", "pop3": "127.0.0.1:0"},
         "database": {"url": f"sqlite:///{directory / 'proxy.db'}"},
         "provision": {"kind": "passwd-dir", "path": str(directory / "users"), "rounds": 5000,
                       "hash_processes": 2},

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dovecot import free_port
 from tests.support.processes import TreeResult, run_tree
 from tests.support.proxy import render_toml
 
@@ -38,7 +37,7 @@ def write_config(directory: Path, workers: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "migrating-proxy.toml"
     path.write_text(render_toml({
-        "listen": {"imap": f"127.0.0.1:{free_port()}", "pop3": f"127.0.0.1:{free_port()}"},
+        "listen": {"imap": "127.0.0.1:0", "pop3": "127.0.0.1:0"},
         "database": {"url": f"sqlite:///{directory / 'proxy.db'}"},
         "provision": {"kind": "passwd-dir", "path": str(directory / "users"), "rounds": 5000,
                       "hash_processes": 2},
