@@ -25,6 +25,8 @@ ENV_VAR = "MIGRATING_PROXY_CONFIG"
 CHECKOUT_PATH = Path("config/migrating-proxy.toml")
 INSTALLED_PATH = Path("/etc/migrating-proxy/migrating-proxy.toml")
 SEARCH_PATH = (CHECKOUT_PATH, INSTALLED_PATH)
+DEFAULT_STORE_IMAP = "imap://127.0.0.1:10143"
+DEFAULT_STORE_POP3 = "pop3://127.0.0.1:10110"
 
 
 class ConfigError(Exception):
@@ -55,8 +57,10 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    imap: Endpoint = field(default_factory=lambda: parse_endpoint("imap://127.0.0.1:143"))
-    pop3: Endpoint = field(default_factory=lambda: parse_endpoint("pop3://127.0.0.1:110"))
+    # Where deploy/dovecot/migrating-proxy.conf moves Dovecot, so that the proxy can take the
+    # standard ports on the same machine.
+    imap: Endpoint = field(default_factory=lambda: parse_endpoint(DEFAULT_STORE_IMAP))
+    pop3: Endpoint = field(default_factory=lambda: parse_endpoint(DEFAULT_STORE_POP3))
     master_user: str = ""
     master_password_file: Path | None = None
     timeout: float = 10.0  # connect + greeting + login at the store, seconds
@@ -345,7 +349,7 @@ class _Reader:
 
     def _backend(self) -> BackendConfig:
         values = {}
-        for key, default in (("imap", "imap://127.0.0.1:143"), ("pop3", "pop3://127.0.0.1:110")):
+        for key, default in (("imap", DEFAULT_STORE_IMAP), ("pop3", DEFAULT_STORE_POP3)):
             try:
                 endpoint = parse_endpoint(self.get("backend", key, str, default))
             except EndpointError as exc:

@@ -48,7 +48,9 @@ def test_defaults_when_there_is_no_file() -> None:
     assert loaded.listen.imap == ("127.0.0.1", 1143)
     assert loaded.listen.pop3 == ("127.0.0.1", 1110)
     assert loaded.listen.imaps is None and loaded.listen.pop3s is None
-    assert loaded.backend.imap == parse_endpoint("imap://127.0.0.1:143")
+    # Dovecot where the shipped snippet puts it, behind the proxy on the same machine.
+    assert loaded.backend.imap == parse_endpoint("imap://127.0.0.1:10143")
+    assert loaded.backend.pop3 == parse_endpoint("pop3://127.0.0.1:10110")
     assert loaded.provision.scheme == "sha512_crypt"
     assert loaded.limits.max_failures_per_connection == 3
     assert loaded.log.format == "auto"
