@@ -84,6 +84,47 @@ def test_explicit_option_beats_the_environment(
     assert loaded.source == explicit
 
 
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An installed configuration, where /etc/migrating-proxy/migrating-proxy.toml would be
+    (tests/test_deploy.py uses the real path, in a mount namespace of its own)."""
+    path = write(tmp_path / "etc" / "migrating-proxy.toml", minimal('[log]\nlevel = "info"\n'))
+    monkeypatch.setattr(config, "INSTALLED_PATH", path)
+    monkeypatch.setattr(config, "SEARCH_PATH", (config.CHECKOUT_PATH, path))
+    return path
+
+
+def test_the_installed_file_is_used_from_any_directory(installed: Path) -> None:
+    loaded = load(None)
+    assert loaded.source == installed
+    assert config.search_note(loaded) is None  # nothing to warn about
+
+
+def test_a_checkout_file_in_the_working_directory_beats_the_installed_one_and_says_so(
+        tmp_path: Path, installed: Path) -> None:
+    write(tmp_path / "config" / "migrating-proxy.toml", minimal('[log]\nlevel = "error"\n'))
+    loaded = load(None)
+    assert loaded.log.level == "error"
+    note = config.search_note(loaded)
+    assert note is not None and str(tmp_path / "config" / "migrating-proxy.toml") in note
+    assert f"not {installed}" in note
+
+
+def test_the_environment_beats_the_installed_file(
+        tmp_path: Path, installed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = write(tmp_path / "env" / "mp.toml", minimal('[log]\nlevel = "warning"\n'))
+    monkeypatch.setenv(config.ENV_VAR, str(env_file))
+    assert load(None).source == env_file
+
+
+def test_built_in_defaults_are_announced_with_their_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "SEARCH_PATH", (config.CHECKOUT_PATH, tmp_path / "no.toml"))
+    note = config.search_note(load(None))
+    assert note is not None and "built-in defaults" in note
+    assert f"database {tmp_path / 'var' / 'migrating-proxy.db'}" in note
+
+
 def test_missing_explicit_file_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"/nowhere\.toml: file not found$"):
         load(str(tmp_path / "nowhere.toml"))
