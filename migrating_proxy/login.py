@@ -209,7 +209,7 @@ class LoginService:
             if not (migrating and account.migration_state is not None):
                 return LoginResult(Outcome.FAILED, account.address, "wrong password")
             assert domain is not None
-            refused = self._recheck_at_old_server(domain, account, password)
+            refused = self._recheck_at_old_server(domain, account, password, creds.protocol)
             if refused is not None:
                 return refused
             provisioned = True  # the new hash was just provisioned
@@ -242,11 +242,12 @@ class LoginService:
                 self.on_rehash(account.address)
         return verification.ok
 
-    def _recheck_at_old_server(self, domain: Domain, account: Account,
-                               password: str) -> LoginResult | None:
+    def _recheck_at_old_server(self, domain: Domain, account: Account, password: str,
+                               protocol: str) -> LoginResult | None:
         """The user may have changed the password at the old server: accept only if it does."""
         assert self.onboarding is not None
-        verdict = self.onboarding.ask_old_server(domain, account, account.address, password)
+        verdict = self.onboarding.ask_old_server(domain, account, account.address, password,
+                                                 protocol)
         if verdict != OldServerVerdict.ACCEPTED:
             return LoginResult(Outcome.FAILED, account.address, f"wrong password (old server "
                                f"{verdict})")
@@ -256,7 +257,8 @@ class LoginService:
     def _first_login(self, domain: Domain, address: str, creds: Credentials) -> LoginResult:
         assert self.onboarding is not None
         password = creds.password
-        verdict = self.onboarding.ask_old_server(domain, None, address, password)
+        verdict = self.onboarding.ask_old_server(domain, None, address, password,
+                                                 creds.protocol)
         if verdict == OldServerVerdict.REFUSED:
             return LoginResult(Outcome.FAILED, address, "old server refused the password")
         if verdict == OldServerVerdict.UNREACHABLE:

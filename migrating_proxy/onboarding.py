@@ -75,8 +75,9 @@ class Onboarding:
 
     # -- the old server ------------------------------------------------------------------
     def ask_old_server(self, domain: Domain, account: Account | None, address: str,
-                       password: str) -> str:
-        spec = source_spec(domain, account, address, password)
+                       password: str, protocol: str | None = None) -> str:
+        """Whether the old server takes the password, asked at its service for `protocol`."""
+        spec = source_spec(domain, account, address, password, protocol)
         try:
             check_source_login(spec, self.config.migration.source_timeout)
         except SourceAuthError:

@@ -1,0 +1,77 @@
+"""Where an account is served, and the switch from the old server to the store.
+
+An account of a passthrough domain is served by the old server (`served_by = "old"`) until its
+copy is complete; then a worker switches it, once (see migrating_proxy/switch.py):
+
+    served_by=old ──hold(until)──▶ held ──switch()──▶ served_by=store, switched_at, COMPLETED
+                     ▲              │
+                     └──release()───┘   (the final pass did not fit in the hold: try later)
+
+While held (hold_until in the future) new logins of the account wait instead of going to the
+old server. The flip is one UPDATE guarded by the hold still being in force, so a worker that
+overran its hold (or died and came back) can never switch an account whose logins were already
+sent to the old server again: either every row changes or none does, whatever process dies.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Engine, select, update
+
+from migrating_proxy.store.accounts import SERVED_BY_OLD, SERVED_BY_STORE, address_key, now
+from migrating_proxy.store.schema import accounts
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive (they are stored in UTC)."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class CutoverStore:
+    """The switch's transitions; each one is a single guarded UPDATE."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def hold(self, account_id: int, until: datetime) -> bool:
+        """Start holding new logins of an account still served by the old server."""
+        return self._update(account_id, accounts.c.served_by == SERVED_BY_OLD,
+                            hold_until=until)
+
+    def release(self, account_id: int) -> None:
+        """The switch did not happen: logins go to the old server again at once."""
+        self._update(account_id, accounts.c.served_by == SERVED_BY_OLD, hold_until=None)
+
+    def switch(self, account_id: int, *, conn: Connection | None = None,
+               held: bool = True) -> bool:
+        """Flip the account to the store (COMPLETED, switched_at now). With `held`, only while
+        its hold is still in force: False means the hold ran out (or it was switched already).
+        Without, unconditionally (`finish` retiring the old server)."""
+        guards = [accounts.c.served_by == SERVED_BY_OLD]
+        stamp = now()
+        if held:
+            guards.append(accounts.c.hold_until > stamp)
+        return self._update(account_id, *guards, conn=conn, served_by=SERVED_BY_STORE,
+                            switched_at=stamp, hold_until=None, migration_state="COMPLETED")
+
+    def held_until(self, address: str) -> datetime | None:
+        """When the switch under way releases the account's logins; None if not held.
+
+        The front-end waits on this before deciding where a login goes (until then: the one
+        place a held login is told to wait).
+        """
+        with self.engine.connect() as conn:
+            until = aware(conn.execute(select(accounts.c.hold_until).where(
+                accounts.c.address_key == address_key(address),
+                accounts.c.served_by == SERVED_BY_OLD)).scalar())
+        return until if until is not None and until > now() else None
+
+    def _update(self, account_id: int, *guards: object, conn: Connection | None = None,
+                **values: object) -> bool:
+        if conn is None:
+            with self.engine.begin() as own:
+                return self._update(account_id, *guards, conn=own, **values)
+        result = conn.execute(update(accounts).where(accounts.c.id == account_id, *guards)
+                              .values(**values, updated_at=now()))
+        return bool(result.rowcount)
