@@ -4,12 +4,15 @@ served, and the switch's guarded transitions."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
+from migrating_proxy.endpoints import parse_endpoint
+from migrating_proxy.routing import route
 from migrating_proxy.store import Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import arrange_sources, now
 from migrating_proxy.store.copystate import CopyState, copy_folders
@@ -185,3 +188,43 @@ def test_folder_modseq_is_kept_with_the_sync_mark(passthrough: Store) -> None:
     assert state.folder("INBOX", "INBOX").synced_modseq == 42
     with passthrough.engine.connect() as conn:
         assert conn.execute(select(accounts.c.served_by)).scalar() == "old"
+
+
+# --- mail flow follows (routing.py) --------------------------------------------------------
+
+DELIVERY = parse_endpoint("lmtp://127.0.0.1:24")
+
+
+def test_mail_for_an_account_the_old_server_serves_goes_to_its_relay(store: Store) -> None:
+    store.accounts.add_domain(Domain("old.example", "imap://192.0.2.1:143",
+                                     relay_url="smtp://192.0.2.1:25"))
+    account = store.accounts.add_account("alice@old.example", "", migration_state="PENDING")
+    relayed = route(store.accounts, DELIVERY, "alice@old.example")
+    assert relayed.next_hop == parse_endpoint("smtp://192.0.2.1:25") and not relayed.local
+    store.accounts.set_domain_migrating("old.example", False)  # its mailbox is still there
+    assert route(store.accounts, DELIVERY, "alice@old.example").next_hop == relayed.next_hop
+    assert store.cutover.switch(account.id, held=False)
+    delivered = route(store.accounts, DELIVERY, "alice@old.example")
+    assert delivered.next_hop == DELIVERY and delivered.local
+
+
+def test_mail_during_a_switch_waits_for_its_outcome(store: Store) -> None:
+    store.accounts.add_domain(Domain("old.example", "imap://192.0.2.1:143",
+                                     relay_url="smtp://192.0.2.1:25"))
+    account = store.accounts.add_account("alice@old.example", "", migration_state="PENDING")
+    assert store.cutover.hold(account.id, now() + timedelta(seconds=30))
+    flipped = threading.Timer(0.3, store.cutover.switch, [account.id])
+    flipped.start()
+    try:
+        # Asked while the account was still the old server's: answered once it switched.
+        assert route(store.accounts, DELIVERY, "alice@old.example").next_hop == DELIVERY
+    finally:
+        flipped.join()
+    other = store.accounts.add_account("bob@old.example", "", migration_state="PENDING")
+    assert store.cutover.hold(other.id, now() + timedelta(seconds=30))
+    released = threading.Timer(0.3, store.cutover.release, [other.id])
+    released.start()
+    try:
+        assert route(store.accounts, DELIVERY, "bob@old.example").next_hop != DELIVERY
+    finally:
+        released.join()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import poplib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from tests.support.dovecot import DovecotInstance
 from tests.support.mail import (
     SeedMessage,
     Snapshot,
-    can_log_in,
+    add_old_user,
+    imap_login,
     make_message,
     sample_corpus,
     seed_mailbox,
@@ -44,35 +44,17 @@ NO_CONDSTORE = (
 )
 
 
-def _instance(prefix: str, build) -> Iterator[DovecotInstance]:  # type: ignore[no-untyped-def]
-    root = dovecot.instance_root(prefix)
-    try:
-        with build(root) as instance:
-            yield instance
-    finally:
-        dovecot.remove_root(root)
-
-
-@pytest.fixture(scope="module")
-def old() -> Iterator[DovecotInstance]:
-    yield from _instance("mp-mold-", lambda root: dovecot.old_server(root, {}))
-
-
 @pytest.fixture(scope="module")
 def old_without_condstore() -> Iterator[DovecotInstance]:
-    def build(root: Path) -> DovecotInstance:
+    root = dovecot.instance_root("mp-mnoc-")
+    try:
         instance = dovecot.old_server(root, {})
         with instance.config_path.open("a") as config:
             config.write(f"protocol imap {{\n  imap_capability = {NO_CONDSTORE}\n}}\n")
-        return instance
-
-    yield from _instance("mp-mnoc-", build)
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[DovecotInstance]:
-    yield from _instance("mp-mnew-", lambda root: dovecot.new_store(
-        root, root / "provisioned" / "dovecot-users"))
+        with instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
 
 
 class Mailbox:
@@ -83,12 +65,8 @@ class Mailbox:
         self.old, self.store = old, store
         self.address = f"user{next(_users)}@old.example"
         self.password = "pw-" + self.address
-        old.add_user(self.address, self.password)
+        add_old_user(old, self.address, self.password)
         store.provision(self.address, "{PLAIN}unused")
-        deadline = time.monotonic() + 5  # Dovecot re-reads its passwd-file once a second
-        while not can_log_in(old.imap_port, self.address, self.password):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         self.engine: Engine = open_store(f"sqlite:///{db}").engine
         self.account_id = AccountStore(self.engine).add_account(self.address, "x").id
         port = old.imap_port if protocol == "imap" else old.pop3_port
@@ -107,15 +85,10 @@ class Mailbox:
         return result
 
     def at_old(self) -> IMAPClient:
-        client = IMAPClient(self.old.host, port=self.old.imap_port, ssl=False, timeout=30)
-        client.login(self.address, self.password)
-        return client
+        return imap_login(self.old, self.address, self.password)
 
     def at_store(self) -> IMAPClient:
-        client = IMAPClient(self.store.host, port=self.store.imap_port, ssl=False, timeout=30)
-        client.plain_login(self.store.master_user, self.store.master_password,
-                           authorization_identity=self.address)
-        return client
+        return imap_login(self.store, self.address)
 
     def snapshots(self) -> tuple[Snapshot, Snapshot]:
         with self.at_old() as old, self.at_store() as store:
@@ -166,12 +139,12 @@ def _change_everything(client: IMAPClient) -> None:
     client.delete_folder("Old Stuff")
 
 
-@pytest.mark.parametrize("server", ["old", "old_without_condstore"])
+@pytest.mark.parametrize("server", ["module_old", "old_without_condstore"])
 def test_one_mirror_pass_makes_the_store_equal_to_the_old_server(
-        request: pytest.FixtureRequest, server: str, store: DovecotInstance,
+        request: pytest.FixtureRequest, server: str, module_store: DovecotInstance,
         tmp_path: Path) -> None:
     old = request.getfixturevalue(server)
-    box = Mailbox(old, store, tmp_path / "state.db")
+    box = Mailbox(old, module_store, tmp_path / "state.db")
     box.seed(_corpus())
     first = box.mirror()
     assert first.changes == first.progress.messages_copied > 20
@@ -201,10 +174,10 @@ def test_one_mirror_pass_makes_the_store_equal_to_the_old_server(
 
 
 def test_a_folder_recreated_at_the_old_server_is_mirrored_exactly(
-        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+        module_old: DovecotInstance, module_store: DovecotInstance, tmp_path: Path) -> None:
     """Deleted and created again under the same name (a new UIDVALIDITY): messages that are
     still there are matched by fingerprint, the others expunged at the store."""
-    box = Mailbox(old, store, tmp_path / "state.db")
+    box = Mailbox(module_old, module_store, tmp_path / "state.db")
     kept, dropped = _message("kept"), _message("dropped")
     box.seed({"Folder": [kept, dropped]})
     box.mirror()
@@ -216,11 +189,11 @@ def test_a_folder_recreated_at_the_old_server_is_mirrored_exactly(
 
 
 def test_pop3_mirror_pass_follows_deletions_and_new_mail(
-        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
-    box = Mailbox(old, store, tmp_path / "state.db", protocol="pop3")
+        module_old: DovecotInstance, module_store: DovecotInstance, tmp_path: Path) -> None:
+    box = Mailbox(module_old, module_store, tmp_path / "state.db", protocol="pop3")
     box.seed({"INBOX": [_message(f"pop {i}") for i in range(5)]})
     assert box.mirror().changes == 5
-    pop = poplib.POP3(old.host, old.pop3_port, timeout=30)
+    pop = poplib.POP3(module_old.host, module_old.pop3_port, timeout=30)
     pop.user(box.address)
     pop.pass_(box.password)
     pop.dele(2)

@@ -3,9 +3,12 @@
 An account of a passthrough domain is served by the old server (`served_by = "old"`) until its
 copy is complete; then a worker switches it, once (see migrating_proxy/switch.py):
 
-    served_by=old ──hold(until)──▶ held ──switch()──▶ served_by=store, switched_at, COMPLETED
+    served_by=old ──hold(until)──▶ held ──switch()──▶ served_by=store, switched_at
                      ▲              │
                      └──release()───┘   (the final pass did not fit in the hold: try later)
+
+`served_by` is a dimension of its own beside the account's state (store/states.py): the switch
+happens inside a pass, while the account is PENDING, and the pass completes it afterwards.
 
 While held (hold_until in the future) new logins of the account wait instead of going to the
 old server. The flip is one UPDATE guarded by the hold still being in force, so a worker that
@@ -45,15 +48,19 @@ class CutoverStore:
 
     def switch(self, account_id: int, *, conn: Connection | None = None,
                held: bool = True) -> bool:
-        """Flip the account to the store (COMPLETED, switched_at now). With `held`, only while
-        its hold is still in force: False means the hold ran out (or it was switched already).
-        Without, unconditionally (`finish` retiring the old server)."""
+        """Flip the account to the store (switched_at now). With `held` (the switch after a
+        final pass), only while its hold is still in force: False means the hold ran out (or
+        it was switched already). Without, unconditionally (`finish` retiring the old server).
+
+        The account's state is the lifecycle's: its pass is still running (PENDING) and
+        completes after what the switch owes (store/lifecycle.py, `pass_completed`).
+        """
         guards = [accounts.c.served_by == SERVED_BY_OLD]
         stamp = now()
         if held:
             guards.append(accounts.c.hold_until > stamp)
         return self._update(account_id, *guards, conn=conn, served_by=SERVED_BY_STORE,
-                            switched_at=stamp, hold_until=None, migration_state="COMPLETED")
+                            switched_at=stamp, hold_until=None)
 
     def held_until(self, address: str) -> datetime | None:
         """When the switch under way releases the account's logins; None if not held.

@@ -1,0 +1,141 @@
+"""The switch's decisions (switch.py) with scripted passes and clock, on a real account store:
+when it catches up, when it holds, when it flips and when it lets go. The same switch against
+real servers and processes is in test_cutover.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migrating_proxy.migration.progress import CopyProgress, CopyResult
+from migrating_proxy.store import Domain, Store, open_store
+from migrating_proxy.switch import CONVERGED_SECONDS, MAX_CATCH_UP_PASSES, Switch
+
+HOLD = 10.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Passes:
+    """Scripted mirror passes: each takes `seconds` on the clock and reports `changes`."""
+
+    def __init__(self, clock: Clock, script: list[tuple[float, int, str]]) -> None:
+        self.clock, self.script = clock, list(script)
+        self.deadlines: list[float | None] = []
+        self.held_during: list[bool] = []
+        self.store: Store | None = None
+
+    def __call__(self, deadline: float | None) -> CopyResult:
+        seconds, changes, state = self.script.pop(0)
+        self.deadlines.append(deadline)
+        assert self.store is not None
+        self.held_during.append(self.store.cutover.held_until("alice@old.example") is not None)
+        self.clock.now += seconds
+        return CopyResult(state, CopyProgress(), changes=changes,  # type: ignore[arg-type]
+                          error="boom" if state == "error" else None)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    store.accounts.add_domain(Domain("old.example", "imap://192.0.2.1:143"))
+    store.accounts.add_account("alice@old.example", "", migration_state="PENDING")
+    return store
+
+
+def _switch(store: Store, script: list[tuple[float, int, str]]
+            ) -> tuple[Switch, Passes, list[str]]:
+    clock = Clock()
+    passes = Passes(clock, script)
+    passes.store = store
+    closed: list[str] = []
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None
+    return (Switch(store.cutover, account.id, account.address, passes, HOLD,
+                   close_sessions=closed.append, clock=clock), passes, closed)
+
+
+def _copy(changes: int = 500) -> CopyResult:
+    return CopyResult("completed", CopyProgress(), changes=changes)
+
+
+def _served_by(store: Store) -> str:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None
+    return account.served_by
+
+
+def test_catches_up_while_passes_are_long_and_find_changes_then_holds(store: Store) -> None:
+    switch, passes, closed = _switch(store, [
+        (CONVERGED_SECONDS + 5, 40, "completed"),  # long, found changes: again
+        (CONVERGED_SECONDS + 1, 3, "completed"),  # still long with changes: again
+        (0.5, 2, "completed"),  # short: fits in the hold, so the next one is the final pass
+        (0.3, 1, "completed"),  # the final pass
+    ])
+    outcome = switch.run(_copy(), copy_seconds=60)
+    assert outcome.state == "switched" and outcome.passes == 4
+    assert passes.held_during == [False, False, False, True]  # only the final pass is held
+    assert passes.deadlines[:3] == [None, None, None] and passes.deadlines[3] is not None
+    assert closed == ["alice@old.example"]
+    assert outcome.hold_seconds == pytest.approx(0.3)
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None and account.served_by == "store"
+    assert account.migration_state == "COMPLETED" and account.switched_at is not None
+    assert store.cutover.held_until("alice@old.example") is None
+
+
+def test_a_quick_copy_goes_straight_to_the_final_pass(store: Store) -> None:
+    switch, passes, _ = _switch(store, [(0.2, 0, "completed")])
+    assert switch.run(_copy(changes=12), copy_seconds=1.0).state == "switched"
+    assert passes.held_during == [True]
+
+
+def test_a_user_who_never_stops_changing_mail_gets_switched_anyway(store: Store) -> None:
+    long_busy = [(CONVERGED_SECONDS + 1, 5, "completed")] * MAX_CATCH_UP_PASSES
+    switch, passes, _ = _switch(store, [*long_busy, (0.4, 5, "completed")])
+    assert switch.run(_copy(), copy_seconds=30).state == "switched"
+    assert len(passes.deadlines) == MAX_CATCH_UP_PASSES + 1
+
+
+def test_a_final_pass_that_overruns_the_hold_releases_it(store: Store) -> None:
+    switch, _, closed = _switch(store, [(HOLD + 1, 3, "stopped")])
+    outcome = switch.run(_copy(changes=0), copy_seconds=1)
+    assert outcome.state == "released" and closed == ["alice@old.example"]
+    assert _served_by(store) == "old"
+    assert store.cutover.held_until("alice@old.example") is None  # logins go to the old server
+
+
+def test_a_final_pass_completed_too_late_does_not_switch(store: Store) -> None:
+    # Completed, but past the deadline: logins that waited may already have timed out there.
+    switch, _, _ = _switch(store, [(HOLD, 0, "completed")])
+    assert switch.run(_copy(changes=0), copy_seconds=1).state == "released"
+    assert _served_by(store) == "old"
+
+
+def test_a_failed_final_pass_releases_the_hold_and_reports_the_error(store: Store) -> None:
+    switch, _, _ = _switch(store, [(0.1, 0, "error")])
+    outcome = switch.run(_copy(changes=0), copy_seconds=1)
+    assert outcome.state == "error" and outcome.result.error == "boom"
+    assert _served_by(store) == "old" and store.cutover.held_until("alice@old.example") is None
+
+
+def test_a_catch_up_pass_stopped_by_an_admin_ends_the_attempt_unheld(store: Store) -> None:
+    switch, passes, closed = _switch(store, [(CONVERGED_SECONDS + 1, 0, "stopped")])
+    outcome = switch.run(_copy(), copy_seconds=30)
+    assert outcome.state == "stopped" and closed == [] and passes.held_during == [False]
+    assert _served_by(store) == "old"
+
+
+def test_an_account_switched_meanwhile_is_left_alone(store: Store) -> None:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None and store.cutover.switch(account.id, held=False)
+    switch, passes, closed = _switch(store, [])
+    assert switch.run(_copy(changes=0), copy_seconds=1).state == "gone"
+    assert passes.deadlines == [] and closed == []
