@@ -6,61 +6,41 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from migrating_proxy.endpoints import parse_endpoint
 from migrating_proxy.routing import route
 from migrating_proxy.store import Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import arrange_sources, now
 from migrating_proxy.store.copystate import CopyState, copy_folders
-from migrating_proxy.store.db import make_engine
 from migrating_proxy.store.schema import SCHEMA_VERSION, accounts, schema_info
-
-DATA = Path(__file__).parent / "data"
-
+from tests.support.schemas import create_old_schema
 
 # --- upgrading a database made before the cutover ------------------------------------------
 
 
-def _old_database(url: str, version: int) -> None:
-    """Tables exactly as an earlier schema version created them (tests/data), with a domain,
-    an account that was migrated, a local account and a copied folder in them."""
-    dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            for statement in (DATA / f"schema-v{version}-{dialect}.sql").read_text().split(";"):
-                if "CREATE" in statement:
-                    conn.execute(text(statement))
-            stamp = "2025-01-01 00:00:00+00"
-            conn.execute(text(f"INSERT INTO schema_info (id, version) VALUES (1, {version})"))
-            conn.execute(text(
-                "INSERT INTO domains (name, migrating, source_url, type, source_user, "
-                "subscribed_only, notice, verify_tls, created_at, updated_at) VALUES "
-                f"('old.example', true, 'imap://192.0.2.1:143', 'default', '%u', false, true, "
-                f"true, '{stamp}', '{stamp}')"))
-            for address, state in (("alice@old.example", "'COMPLETED'"),
-                                   ("local@old.example", "NULL")):
-                conn.execute(text(
-                    "INSERT INTO accounts (address, address_key, domain, password_hash, "
-                    "created_at, updated_at, migration_state) VALUES "
-                    f"('{address}', '{address}', 'old.example', '$6$x', '{stamp}', '{stamp}', "
-                    f"{state})"))
-            conn.execute(text(
-                "INSERT INTO copy_folders (account_id, source_name, dest_name, uidvalidity, "
-                f"synced_uidnext, updated_at) VALUES (1, 'INBOX', 'INBOX', 7, 12, '{stamp}')"))
-    finally:
-        engine.dispose()
+STAMP = "2025-01-01 00:00:00+00"
+ROWS = [
+    "INSERT INTO domains (name, migrating, source_url, type, source_user, subscribed_only, "
+    "notice, verify_tls, created_at, updated_at) VALUES ('old.example', true, "
+    f"'imap://192.0.2.1:143', 'default', '%u', false, true, true, '{STAMP}', '{STAMP}')",
+    *(f"INSERT INTO accounts (address, address_key, domain, password_hash, created_at, "
+      f"updated_at, migration_state) VALUES ('{address}', '{address}', 'old.example', '$6$x', "
+      f"'{STAMP}', '{STAMP}', {state})"
+      for address, state in (("alice@old.example", "'COMPLETED'"), ("local@old.example", "NULL"))),
+    "INSERT INTO copy_folders (account_id, source_name, dest_name, uidvalidity, synced_uidnext, "
+    f"updated_at) VALUES (1, 'INBOX', 'INBOX', 7, 12, '{STAMP}')",
+]
 
 
 # 2: the schema just before the cutover's (version 3); 1: the first one.
 @pytest.mark.parametrize("version", [2, 1])
 def test_database_from_before_the_cutover_upgrades_in_place_keeping_today_s_behaviour(
         store_url: str, version: int) -> None:
-    _old_database(store_url, version)
+    # A domain, an account that was migrated, a local account and a copied folder.
+    create_old_schema(store_url, version, *ROWS)
     store = open_store(store_url)
     try:
         with store.engine.connect() as conn:

@@ -204,7 +204,7 @@ def test_utf8_passwords_migrate_by_imap_login_authenticate_plain_and_pop3(
     ute, zoe, pia = UTF8_USERS
     proxy = migrating_proxy(tmp_path / "p", new_store, old_server)
     proxy.cli("domain", "add", "pop.example", "--source",
-              f"pop3://127.0.0.1:{old_server.pop3_port}")
+              f"pop3://127.0.0.1:{old_server.pop3_port}", "--cutover", "immediate")
     wrong = "Grüße-falsch-€"
     with proxy:  # a wrong one is refused as wrong, not "old server unreachable"
         assert b"[AUTHENTICATIONFAILED]" in imap_login_with_literal(proxy.imap_port, ute, wrong)
@@ -440,7 +440,8 @@ def test_an_old_server_with_a_private_ca_is_trusted_with_source_ca(
             seed_mailbox("127.0.0.1", old.imap_port, ALICE, ALICE_PW, sample_corpus())
             source = f"imaps://127.0.0.1:{old.imaps_port}"
             proxy.cli("domain", "remove", "old.example")
-            proxy.cli("domain", "add", "old.example", "--source", source)
+            proxy.cli("domain", "add", "old.example", "--source", source, "--cutover",
+                      "immediate")
             with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
                 imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
             assert_nothing_created(proxy, new_store, ALICE)
@@ -450,7 +451,7 @@ def test_an_old_server_with_a_private_ca_is_trusted_with_source_ca(
             ca_file.write_bytes(tls_files.ca_cert.read_bytes())
             proxy.cli("domain", "remove", "old.example")
             proxy.cli("domain", "add", "old.example", "--source", source, "--source-ca",
-                      str(ca_file))
+                      str(ca_file), "--cutover", "immediate")
             ca_file.unlink()
             client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
             assert client.login(ALICE, ALICE_PW)[0] == "OK"

@@ -79,8 +79,7 @@ class Mailbox:
         seed_mailbox(self.old.host, self.old.imap_port, self.address, self.password, spec)
 
     def mirror(self) -> CopyResult:
-        result = run_copy(self.engine, self.account_id, self.source, self.target, mirror=True,
-                          parallel_folders=1)  # TEMP until oldservers lands
+        result = run_copy(self.engine, self.account_id, self.source, self.target, mirror=True)
         assert result.state == "completed", result.error
         return result
 
