@@ -216,6 +216,22 @@ def test_bad_source_ca_is_refused_in_one_line_and_creates_nothing(
     assert admin.domains() == {}
 
 
+def test_domain_set_source_ca_replaces_or_clears_it(
+        admin: Admin, tls_files: TLSFiles, tmp_path: Path) -> None:
+    ca = tmp_path / "old-ca.pem"
+    ca.write_text(tls_files.ca_cert.read_text())
+    admin.ok("domain", "add", "old.example", "--source", "imaps://x")
+    admin.ok("domain", "set", "old.example", "--source-ca", str(ca))
+    assert admin.domains()["old.example"]["source_ca"] == tls_files.ca_cert.read_text()
+    assert_refused(admin.run("domain", "set", "old.example", "--source-ca", str(ca),
+                             "--no-verify-tls"), "--no-verify-tls")
+    assert_refused(admin.run("domain", "set", "old.example", "--source-ca",
+                             str(tmp_path / "gone.pem")), "No such file")
+    assert admin.domains()["old.example"]["source_ca"] == tls_files.ca_cert.read_text()
+    admin.ok("domain", "set", "old.example", "--source-ca", "")
+    assert admin.domains()["old.example"]["source_ca"] is None
+
+
 def test_unknown_domain_type_is_a_usage_error(admin: Admin) -> None:
     result = admin.run("domain", "add", "old.example", "--source", "imap://x", "--type", "lotus")
     assert result.returncode == 2
