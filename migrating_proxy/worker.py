@@ -128,7 +128,9 @@ class CopyWorker:
             # (an ordinary pass: the store is the user's mailbox now).
             late = passes.make(mirror=False)(None)
             self.onboarding.owed_after_switch(switched)
-            self._settle(job, switched, late)
+            if late.state == "error":  # switched all the same; `resync` or `finish` collects it
+                log.warning("switch_late_pass_failed", error=late.error)
+            self._settle(job, switched, late if late.state == "stopped" else outcome.result)
         elif outcome.state == "released" and not passes.interrupted():
             delay = retry_delay(job.attempts)
             reason = (f"switch postponed: the final pass did not fit in the "
