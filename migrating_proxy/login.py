@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import structlog
@@ -21,7 +21,9 @@ import structlog
 from migrating_proxy.config import BackendConfig
 from migrating_proxy.onboarding import OldServerVerdict, Onboarding
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
+from migrating_proxy.specs import old_server_upstream
 from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
+from migrating_proxy.store.accounts import now
 from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
@@ -76,6 +78,46 @@ def on_the_store(backend: BackendConfig) -> Callable[[Placement], Upstream]:
         grace = JUST_PROVISIONED_GRACE if placement.just_provisioned else 0.0
         return Upstream.store(backend, creds.protocol, placement.account.address,
                               creds.password, retry_refusals_for=grace)
+
+    return place
+
+
+HOLD_POLL = 0.05  # seconds between looks at an account whose switch holds its logins
+
+
+def by_cutover(backend: BackendConfig, store: Store, process: str,
+               sleep: Callable[[float], None] = time.sleep) -> Callable[[Placement], Upstream]:
+    """The transparent cutover's placement (issue 9).
+
+    An account the old server still serves (passthrough, not switched yet) has its session
+    relayed to the old server's service for the client's protocol, with the user's own
+    credentials and the domain's TLS settings, under a lease that lets a switch know when such
+    sessions are gone (store/cutover.py). A login that arrives while the account's switch holds
+    it waits for the outcome (at most `migration.switch_hold`) and goes where that says: held,
+    not refused. A protocol the old server does not offer, and every other account, is served
+    by the store (`on_the_store`).
+    """
+    on_store = on_the_store(backend)
+
+    def place(placement: Placement) -> Upstream:
+        account, creds = placement.account, placement.credentials
+        while account.served_by_old_server and placement.domain is not None:
+            held = store.cutover.held_until(account.address)
+            if held is not None:
+                sleep(min(HOLD_POLL, max(0.0, (held - now()).total_seconds())))
+            else:
+                upstream = old_server_upstream(placement.domain, account, creds.password,
+                                               creds.protocol)
+                if upstream is None:  # a protocol the old server does not offer
+                    break
+                lease = store.cutover.lease(account.id, process)
+                if lease is not None:
+                    return replace(upstream, lease=lease)
+            current = store.accounts.get_account_by_id(account.id)
+            if current is None:  # removed meanwhile: the store refuses the login
+                break
+            account = current
+        return on_store(replace(placement, account=account))
 
     return place
 

@@ -13,13 +13,14 @@ from twisted.python.threadpool import ThreadPool
 
 from migrating_proxy.config import Config
 from migrating_proxy.frontends.imap import IMAPSession
+from migrating_proxy.frontends.leases import LeaseKeeper, this_process
 from migrating_proxy.frontends.pop3 import POP3Session
 from migrating_proxy.frontends.registry import CloseRequestWatcher
 from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
-from migrating_proxy.login import FailureThrottle, LoginService, Placement
+from migrating_proxy.login import FailureThrottle, LoginService, Placement, by_cutover
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
@@ -37,6 +38,8 @@ SESSIONS: dict[str, Callable[[FrontendContext, bool], Protocol]] = {
 
 def build_login_service(config: Config, store: Store,
                         placement: Callable[[Placement], Upstream] | None = None) -> LoginService:
+    """The login decision; by default sessions are placed by the transparent cutover: at the
+    old server for accounts not switched yet, else at the store."""
     limits = config.limits
     throttle = FailureThrottle(
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
@@ -44,7 +47,7 @@ def build_login_service(config: Config, store: Store,
     onboarding = Onboarding.from_config(config, store, config.provision.hash_processes)
     return LoginService(store, onboarding.hasher, throttle, onboarding,
                         on_rehash=onboarding.provisioner.update, backend=config.backend,
-                        placement=placement)
+                        placement=placement or by_cutover(config.backend, store, this_process()))
 
 
 def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
@@ -57,19 +60,22 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     make_provisioner(config.provision, store.accounts).sync()
     threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
     threadpool.start()
+    leases = LeaseKeeper(reactor, threadpool, store.cutover)
     ctx = FrontendContext(
         reactor=reactor, config=config,
         login_service=build_login_service(config, store, placement),
-        threadpool=threadpool, tls_options=server_options(config.tls),
+        threadpool=threadpool, tls_options=server_options(config.tls), leases=leases,
     )
     ports = listen_all(ctx)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     watcher.start()
+    leases.start()
     workers = start_workers(config)
 
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
         watcher.stop()
+        leases.stop()
         for port in ports:
             port.stopListening()
         stop_workers(workers)

@@ -7,7 +7,8 @@ no client ever sees a half-copied store:
 1. catch up: after the copy, repeat mirror passes while they keep finding changes and the last
    one took longer than CONVERGED_SECONDS (a pass that short fits in the hold);
 2. hold (`migration.switch_hold`): new logins of the account wait (store/cutover.py);
-3. close every session of the account relayed to the old server, on every proxy process;
+3. close every session of the account relayed to the old server, on every proxy process, and
+   wait until they are gone (their connections to the old server closed);
 4. the final pass: one pluggable step (the IMAP mirror pass today; a dsync `backup -R` or a
    POP3 UIDL collection can take or wrap its place), stopped if it runs past the hold;
 5. flip, in one guarded transaction: served by the store, switched_at, COMPLETED. If the final
@@ -37,6 +38,7 @@ import structlog
 
 from migrating_proxy import failpoints
 from migrating_proxy.migration.progress import CopyResult
+from migrating_proxy.store import Store
 from migrating_proxy.store.accounts import now
 from migrating_proxy.store.cutover import CutoverStore
 
@@ -52,15 +54,31 @@ FLIP_MARGIN = 0.2
 MirrorPass = Callable[[float | None], CopyResult]
 
 
-def close_old_server_sessions(address: str) -> None:
-    """Ask every proxy process to close the account's sessions relayed to the old server.
+# What an IMAP client reads (`* BYE ...`) when its old-server session is closed at the switch.
+MOVED_BYE = "Your mailbox has moved to the new mail server; please log in again."
+SESSIONS_POLL = 0.05  # seconds between looks at whether the old-server sessions are gone
 
-    THE call site for the front-ends' close request (issue 15: a registry of live sessions per
-    process and a store method every `serve` process watches). Until it lands, no session is
-    relayed to the old server (the front-ends serve every session from the store), so there
-    is nothing to close yet.
-    """
-    log.info("switch_sessions_closed", address=address, sessions="none relayed yet")
+
+@dataclass
+class OldServerSessions:
+    """Ending an account's sessions relayed to its old server, on every `serve` process, and
+    knowing when they are gone: the front-ends' close request (store/sessions.py), then their
+    leases (store/cutover.py), each given back once its connection to the old server closed."""
+
+    store: Store
+    clock: Callable[[], float] = field(default=time.monotonic)
+    sleep: Callable[[float], None] = field(default=time.sleep)
+
+    def close(self, account_id: int, address: str, deadline: float) -> bool:
+        """Close them; True once none is left, False if some still are at the deadline."""
+        if not self.store.cutover.old_server_sessions(account_id):
+            return True
+        self.store.sessions.request_close(address, MOVED_BYE)
+        while self.clock() < deadline:
+            self.sleep(SESSIONS_POLL)
+            if not self.store.cutover.old_server_sessions(account_id):
+                return True
+        return False
 
 
 @dataclass
@@ -78,8 +96,9 @@ class Switch:
     address: str
     mirror_pass: MirrorPass  # the catch-up passes
     hold: float  # migration.switch_hold, seconds
+    # (account id, address, deadline) -> whether every old-server session was gone in time
+    close_sessions: Callable[[int, str, float], bool]
     final_pass: MirrorPass | None = None  # default: mirror_pass
-    close_sessions: Callable[[str], None] = close_old_server_sessions
     clock: Callable[[], float] = field(default=time.monotonic)
 
     def run(self, copy: CopyResult, copy_seconds: float) -> SwitchOutcome:
@@ -101,7 +120,11 @@ class Switch:
         if not self.cutover.hold(self.account_id, now() + timedelta(seconds=self.hold)):
             return SwitchOutcome("gone", last, passes=passes)  # switched by someone else
         failpoints.reach("switch.held")
-        self.close_sessions(self.address)
+        if not self.close_sessions(self.account_id, self.address, deadline):
+            self.cutover.release(self.account_id)
+            log.warning("switch_released", hold_seconds=round(self.clock() - started, 3),
+                        reason="sessions at the old server did not close in time")
+            return SwitchOutcome("released", last, self.clock() - started, passes)
         result = (self.final_pass or self.mirror_pass)(deadline)
         failpoints.reach("switch.final_pass_done")
         fits = result.state == "completed" and self.clock() < deadline

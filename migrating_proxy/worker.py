@@ -38,7 +38,7 @@ from migrating_proxy.store import (
     open_store,
 )
 from migrating_proxy.store.jobs import Job
-from migrating_proxy.switch import MirrorPass, Switch
+from migrating_proxy.switch import MirrorPass, OldServerSessions, Switch
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +120,8 @@ class CopyWorker:
                 copy_seconds: float) -> None:
         """The copy is complete: switch the account to the store (switch.py)."""
         switch = Switch(self.store.cutover, account.id, account.address,
-                        passes.make(mirror=True), self.config.migration.switch_hold)
+                        passes.make(mirror=True), self.config.migration.switch_hold,
+                        OldServerSessions(self.store).close)
         outcome = switch.run(copy, copy_seconds)
         if outcome.state in ("switched", "gone"):
             switched = self.store.accounts.get_account_by_id(account.id) or account

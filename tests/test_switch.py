@@ -4,13 +4,23 @@ real servers and processes is in test_cutover.py."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from migrating_proxy.migration.progress import CopyProgress, CopyResult
 from migrating_proxy.store import Domain, Store, open_store
-from migrating_proxy.switch import CONVERGED_SECONDS, MAX_CATCH_UP_PASSES, Switch
+from migrating_proxy.store.accounts import now
+from migrating_proxy.store.cutover import LEASE_STALE
+from migrating_proxy.store.schema import old_sessions
+from migrating_proxy.switch import (
+    CONVERGED_SECONDS,
+    MAX_CATCH_UP_PASSES,
+    OldServerSessions,
+    Switch,
+)
 
 HOLD = 10.0
 
@@ -50,16 +60,21 @@ def store(tmp_path: Path) -> Store:
     return store
 
 
-def _switch(store: Store, script: list[tuple[float, int, str]]
+def _switch(store: Store, script: list[tuple[float, int, str]], sessions_close: bool = True
             ) -> tuple[Switch, Passes, list[str]]:
     clock = Clock()
     passes = Passes(clock, script)
     passes.store = store
     closed: list[str] = []
+
+    def close_sessions(_account_id: int, address: str, _deadline: float) -> bool:
+        closed.append(address)
+        return sessions_close
+
     account = store.accounts.get_account("alice@old.example")
     assert account is not None
-    return (Switch(store.cutover, account.id, account.address, passes, HOLD,
-                   close_sessions=closed.append, clock=clock), passes, closed)
+    return (Switch(store.cutover, account.id, account.address, passes, HOLD, close_sessions,
+                   clock=clock), passes, closed)
 
 
 def _copy(changes: int = 500) -> CopyResult:
@@ -119,6 +134,14 @@ def test_a_final_pass_completed_too_late_does_not_switch(store: Store) -> None:
     assert _served_by(store) == "old"
 
 
+def test_sessions_that_do_not_close_in_time_release_the_hold_before_any_final_pass(
+        store: Store) -> None:
+    switch, passes, closed = _switch(store, [], sessions_close=False)
+    assert switch.run(_copy(changes=0), copy_seconds=1).state == "released"
+    assert closed == ["alice@old.example"] and passes.deadlines == []
+    assert _served_by(store) == "old" and store.cutover.held_until("alice@old.example") is None
+
+
 def test_a_failed_final_pass_releases_the_hold_and_reports_the_error(store: Store) -> None:
     switch, _, _ = _switch(store, [(0.1, 0, "error")])
     outcome = switch.run(_copy(changes=0), copy_seconds=1)
@@ -139,3 +162,59 @@ def test_an_account_switched_meanwhile_is_left_alone(store: Store) -> None:
     switch, passes, closed = _switch(store, [])
     assert switch.run(_copy(changes=0), copy_seconds=1).state == "gone"
     assert passes.deadlines == [] and closed == []
+
+
+# --- closing the old-server sessions (OldServerSessions, with leases) ------------------------
+
+
+def test_closing_waits_for_every_lease_to_be_given_back(store: Store) -> None:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None
+    first = store.cutover.lease(account.id, "host-a:1")
+    second = store.cutover.lease(account.id, "host-b:2")
+    assert first is not None and second is not None
+    waited: list[float] = []
+    clock = Clock()
+
+    def sleep(seconds: float) -> None:  # the sessions go one by one while the switch waits
+        waited.append(seconds)
+        clock.now += seconds
+        if len(waited) == 3:
+            store.cutover.release_leases([first])
+        if len(waited) == 5:
+            store.cutover.release_leases([second])
+
+    sessions = OldServerSessions(store, clock=clock, sleep=sleep)
+    assert sessions.close(account.id, account.address, deadline=clock.now + 5)
+    assert len(waited) == 5
+    [request] = store.sessions.requests_since(now() - timedelta(minutes=1))
+    assert request.address_key == "alice@old.example" and "moved" in request.reason
+
+
+def test_closing_gives_up_at_the_deadline(store: Store) -> None:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None and store.cutover.lease(account.id, "host-a:1") is not None
+    clock = Clock()
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    sessions = OldServerSessions(store, clock=clock, sleep=sleep)
+    assert not sessions.close(account.id, account.address, deadline=clock.now + 1)
+
+
+def test_no_lease_while_held_or_switched_and_stale_leases_do_not_count(store: Store) -> None:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None
+    lease = store.cutover.lease(account.id, "host-a:1")
+    assert lease is not None and store.cutover.old_server_sessions(account.id) == 1
+    assert store.cutover.hold(account.id, now() + timedelta(seconds=10))
+    assert store.cutover.lease(account.id, "host-a:1") is None  # held: decide again later
+    with store.engine.begin() as conn:  # its process stopped refreshing it long ago
+        conn.execute(update(old_sessions).values(seen_at=now() - LEASE_STALE))
+    assert store.cutover.old_server_sessions(account.id) == 0
+    store.cutover.refresh_leases([lease])  # ...unless it is alive after all
+    assert store.cutover.old_server_sessions(account.id) == 1
+    assert store.cutover.switch(account.id)
+    store.cutover.release(account.id)
+    assert store.cutover.lease(account.id, "host-a:1") is None  # on the store now

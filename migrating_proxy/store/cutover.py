@@ -18,12 +18,17 @@ sent to the old server again: either every row changes or none does, whatever pr
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from migrating_proxy.store.accounts import SERVED_BY_OLD, SERVED_BY_STORE, address_key, now
-from migrating_proxy.store.schema import accounts
+from migrating_proxy.store.schema import accounts, old_sessions
+
+LEASE_REFRESH = timedelta(seconds=1)  # how often a serve process refreshes its leases
+LEASE_STALE = timedelta(seconds=10)  # a lease not refreshed for this long no longer counts
+LEASE_FORGOTTEN = timedelta(hours=1)  # stale leases are deleted after this
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -63,16 +68,46 @@ class CutoverStore:
                             switched_at=stamp, hold_until=None)
 
     def held_until(self, address: str) -> datetime | None:
-        """When the switch under way releases the account's logins; None if not held.
-
-        The front-end waits on this before deciding where a login goes (until then: the one
-        place a held login is told to wait).
-        """
+        """Until when a switch under way holds the account's logins; None if not held."""
         with self.engine.connect() as conn:
             until = aware(conn.execute(select(accounts.c.hold_until).where(
                 accounts.c.address_key == address_key(address),
                 accounts.c.served_by == SERVED_BY_OLD)).scalar())
-        return until if until is not None and until > now() else None
+        return until if _in_force(until) else None
+
+    # -- sessions relayed to the old server ----------------------------------------------
+    def lease(self, account_id: int, process: str) -> int | None:
+        """A lease for a session about to be relayed to the account's old server, or None
+        when the account is held or no longer served there (decide again)."""
+        stamp = now()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(accounts.c.served_by, accounts.c.hold_until)
+                               .where(accounts.c.id == account_id).with_for_update()).first()
+            if row is None or row.served_by != SERVED_BY_OLD or _in_force(row.hold_until):
+                return None
+            conn.execute(delete(old_sessions).where(
+                old_sessions.c.seen_at < stamp - LEASE_FORGOTTEN))
+            result = conn.execute(insert(old_sessions).values(
+                account_id=account_id, process=process, seen_at=stamp))
+            return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def release_leases(self, lease_ids: Collection[int]) -> None:
+        """Their sessions' connections to the old server are gone."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(old_sessions).where(old_sessions.c.id.in_(list(lease_ids))))
+
+    def refresh_leases(self, lease_ids: Collection[int]) -> None:
+        """Their sessions still live (every LEASE_REFRESH, by the process relaying them)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(old_sessions).where(old_sessions.c.id.in_(list(lease_ids)))
+                         .values(seen_at=now()))
+
+    def old_server_sessions(self, account_id: int) -> int:
+        """How many sessions of the account live processes relay to its old server."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(old_sessions).where(
+                old_sessions.c.account_id == account_id,
+                old_sessions.c.seen_at > now() - LEASE_STALE)).scalar_one())
 
     def _update(self, account_id: int, *guards: object, conn: Connection | None = None,
                 **values: object) -> bool:
@@ -82,3 +117,8 @@ class CutoverStore:
         result = conn.execute(update(accounts).where(accounts.c.id == account_id, *guards)
                               .values(**values, updated_at=now()))
         return bool(result.rowcount)
+
+
+def _in_force(hold_until: datetime | None) -> bool:
+    until = aware(hold_until)
+    return until is not None and until > now()

@@ -41,9 +41,10 @@ def _v4_transparent_cutover(conn: Connection) -> None:
     Domains that exist keep today's behaviour (`immediate`) and every existing account is
     served by the store, as it was; only domains added from now on default to passthrough.
     The copy's per-folder HIGHESTMODSEQ starts unknown (the next pass sweeps FLAGS once).
+    old_sessions (sessions relayed to old servers) is a new table.
     """
     from migrating_proxy.store.copystate import copy_folders
-    from migrating_proxy.store.schema import accounts, domains
+    from migrating_proxy.store.schema import accounts, domains, old_sessions
 
     add_column(conn, domains.c.pop3_source_url)
     add_column(conn, domains.c.cutover, "'immediate'")
@@ -51,6 +52,7 @@ def _v4_transparent_cutover(conn: Connection) -> None:
     add_column(conn, accounts.c.switched_at)
     add_column(conn, accounts.c.hold_until)
     add_column(conn, copy_folders.c.synced_modseq)
+    old_sessions.create(conn, checkfirst=True)
 
 
 # version -> step that brings a database from version-1 to version.

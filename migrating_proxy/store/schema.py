@@ -155,3 +155,16 @@ close_requests = Table(
     Column("reason", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
 )
+
+# Sessions relayed to an account's old server right now (passthrough), one row each, kept by the
+# `serve` process relaying it: a switch waits until its account has none left before the final
+# pass, so nothing changes the old mailbox behind that pass. See store/cutover.py.
+old_sessions = Table(
+    "old_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("process", String(255), nullable=False),  # host:pid of the serve process
+    Column("seen_at", DateTime(timezone=True), nullable=False),  # refreshed while it lives
+)

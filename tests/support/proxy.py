@@ -69,7 +69,6 @@ class Proxy:
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     # The module `python -m` runs for `serve`: the product, or a test harness around it.
-    serve_module: str = "migrating_proxy"
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -157,7 +156,7 @@ class Proxy:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.serve_module, "--config", str(self.config_path), "serve"],
+            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), "serve"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
