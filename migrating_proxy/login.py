@@ -101,9 +101,12 @@ def by_cutover(backend: BackendConfig, store: Store, process: str,
 
     def place(placement: Placement) -> Upstream:
         account, creds = placement.account, placement.credentials
+        held_since: float | None = None
+        upstream: Upstream | None = None
         while account.served_by_old_server and placement.domain is not None:
             held = store.cutover.held_until(account.address)
             if held is not None:
+                held_since = held_since or time.monotonic()
                 sleep(min(HOLD_POLL, max(0.0, (held - now()).total_seconds())))
             else:
                 upstream = old_server_upstream(placement.domain, account, creds.password,
@@ -112,12 +115,18 @@ def by_cutover(backend: BackendConfig, store: Store, process: str,
                     break
                 lease = store.cutover.lease(account.id, process)
                 if lease is not None:
-                    return replace(upstream, lease=lease)
+                    upstream = replace(upstream, lease=lease)
+                    break
+                upstream = None
             current = store.accounts.get_account_by_id(account.id)
             if current is None:  # removed meanwhile: the store refuses the login
                 break
             account = current
-        return on_store(replace(placement, account=account))
+        upstream = upstream or on_store(replace(placement, account=account))
+        if held_since is not None:
+            log.info("login_held", address=account.address, served_by=upstream.served_by,
+                     waited_ms=round((time.monotonic() - held_since) * 1000, 1))
+        return upstream
 
     return place
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.upstream import Upstream
+from migrating_proxy.worker import pid_alive
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,8 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     store = open_store(config.database_url)
     # Repair the store's user file from the database on every start.
     make_provisioner(config.provision, store.accounts).sync()
+    # Old-server sessions of a predecessor killed on this machine died with it.
+    store.cutover.drop_dead_leases(socket.gethostname(), pid_alive)
     threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")
     threadpool.start()
     leases = LeaseKeeper(reactor, threadpool, store.cutover)

@@ -218,3 +218,14 @@ def test_no_lease_while_held_or_switched_and_stale_leases_do_not_count(store: St
     assert store.cutover.switch(account.id)
     store.cutover.release(account.id)
     assert store.cutover.lease(account.id, "host-a:1") is None  # on the store now
+
+
+def test_leases_of_a_dead_process_on_this_host_are_dropped_at_start(store: Store) -> None:
+    account = store.accounts.get_account("alice@old.example")
+    assert account is not None
+    dead = store.cutover.lease(account.id, "here:111")
+    alive = store.cutover.lease(account.id, "here:222")
+    elsewhere = store.cutover.lease(account.id, "there:111")
+    assert None not in (dead, alive, elsewhere)
+    assert store.cutover.drop_dead_leases("here", lambda pid: pid == 222) == 1
+    assert store.cutover.old_server_sessions(account.id) == 2  # another host's: its own

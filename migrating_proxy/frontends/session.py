@@ -288,9 +288,11 @@ class ProxySession(protocol.Protocol):
                             self.ctx.reactor, self.response_boundary())
         self.backend.protocol.forward = self.relay.from_upstream
         self.relay.start(self.backend.pending, pipelined)
-        # Closed everywhere while this login was still being decided or connected?
+        # An old-server session whose account's sessions were closed everywhere while its
+        # login was still being decided or connected (a switch under way) goes too. A store
+        # session here may be a login that a switch held: it is where the account now lives.
         closed = self.ctx.registry.closed_since(self.account, self.login_started)
-        if closed is not None:
+        if closed is not None and self.served_by == "old":
             self.close_on_request(closed)
 
     def _take_lease(self, lease: int) -> None:

@@ -18,7 +18,7 @@ sent to the old server again: either every row changes or none does, whatever pr
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
@@ -102,6 +102,18 @@ class CutoverStore:
             conn.execute(update(old_sessions).where(old_sessions.c.id.in_(list(lease_ids)))
                          .values(seen_at=now()))
 
+    def drop_dead_leases(self, host: str, alive: Callable[[int], bool]) -> int:
+        """Forget the leases of this host's processes that are gone (a `serve` killed and
+        started again): their sessions died with them, and a switch need not wait for them
+        to go stale. Process names are `host:pid`."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(old_sessions.c.id, old_sessions.c.process).where(
+                old_sessions.c.process.like(f"{host}:%"))).all()
+            dead = [row.id for row in rows if not alive(_pid(row.process))]
+            if dead:
+                conn.execute(delete(old_sessions).where(old_sessions.c.id.in_(dead)))
+        return len(dead)
+
     def old_server_sessions(self, account_id: int) -> int:
         """How many sessions of the account live processes relay to its old server."""
         with self.engine.connect() as conn:
@@ -122,3 +134,10 @@ class CutoverStore:
 def _in_force(hold_until: datetime | None) -> bool:
     until = aware(hold_until)
     return until is not None and until > now()
+
+
+def _pid(process: str) -> int:
+    try:
+        return int(process.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0

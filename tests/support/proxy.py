@@ -153,19 +153,22 @@ class Proxy:
                                      f"{self.log_text()[-3000:]}")
             time.sleep(0.2)
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Run `serve` (with `env` added to its environment) until its listeners are bound."""
+        started = self.log_text().count('"event": "started"')  # a restart logs it again
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), "serve"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
-                                                             os.environ.get("PYTHONPATH"))))},
+                                                             os.environ.get("PYTHONPATH")))),
+                 **(env or {})},
         )
         log.close()
         # "started" is logged once every listener is bound; a dead process won't log it.
         deadline = time.monotonic() + 20
-        while '"event": "started"' not in self.log_text():
+        while self.log_text().count('"event": "started"') <= started:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"proxy did not start:\n{self.log_text()[-3000:]}")
