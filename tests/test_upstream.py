@@ -182,7 +182,9 @@ def test_an_old_server_certificate_nobody_vouches_for_is_refused(
         proxy: Proxy, old: DovecotInstance) -> None:
     """Without --source-ca or --no-verify-tls the test CA is unknown: no session goes there."""
     proxy.cli("domain", "add", "strict.example", "--source", source_url(old, "imaps"))
-    proxy.add_account("dan@strict.example", "dan-pw")  # known locally: the old server's turn
+    users = proxy.directory / "strict.csv"
+    users.write_text("dan@strict.example,dan-pw\n")
+    proxy.cli("import", str(users))  # known locally, served by its old server
     client = imaplib.IMAP4(HOST, proxy.imap_port)
     with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
         client.login("dan@strict.example", "dan-pw")
