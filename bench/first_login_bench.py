@@ -54,7 +54,7 @@ def main() -> None:
                 "provision": {"rounds": 0}, "log": {"level": "info"},
                 "migration": {"workers": 0}})
             proxy.cli("domain", "add", "old.example", "--source",
-                      f"imap://127.0.0.1:{old.imap_port}")
+                      f"imap://127.0.0.1:{old.imap_port}", "--cutover", "immediate")
             with proxy:
                 for user, password in list(users.items())[:5]:  # warm both paths up
                     login_ms(old.imap_port, user, password)

@@ -13,7 +13,7 @@ import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
@@ -28,7 +28,14 @@ from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.startup import StartupError, check_worker_start
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
-from migrating_proxy.store.accounts import DOMAIN_TYPES, check_domain, utc_iso
+from migrating_proxy.store.accounts import (
+    CUTOVER_MODES,
+    DOMAIN_TYPES,
+    PASSTHROUGH,
+    arrange_sources,
+    check_domain,
+    utc_iso,
+)
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import VaultKeyError
 
@@ -75,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--domain", metavar="DOMAIN", help="only this domain's accounts")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh on a terminal")
-    _domain_commands(commands.add_group("domain", help="manage migrating domains"))
+    _domain_commands(commands.add_group("domain", help="manage migrating domains",
+                                        parser_class=OneLineUsageErrors))
     _account_commands(commands.add_group("account", help="manage local accounts"))
     _admin_commands(commands)
     return parser
@@ -112,11 +120,13 @@ class _Subcommands:
             else:
                 self.add(action, help=text).add_argument(argument)
 
-    def add_group(self, name: str, help: str) -> _Subcommands:
+    def add_group(self, name: str, help: str,
+                  parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+                  ) -> _Subcommands:
         """A command with actions of its own (`domain add`, `account list`)."""
         parser = self.add(name, help)
         return _Subcommands(parser.add_subparsers(dest="action", required=True,
-                                                  metavar="ACTION"))
+                                                  metavar="ACTION", parser_class=parser_class))
 
 
 def _admin_commands(commands: _Subcommands) -> None:
@@ -145,23 +155,23 @@ def _admin_commands(commands: _Subcommands) -> None:
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
 
 
+class OneLineUsageErrors(argparse.ArgumentParser):
+    """A usage error as one line (exit 2), without the long usage text: what an operator
+    scripting `domain add/set` with many options needs to see is which value was wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        program = self.prog.split()[0]
+        self.exit(2, f"{program}: error: {message} (see {self.prog} --help)\n")
+
+
 def _domain_commands(sub: _Subcommands) -> None:
     add = sub.add("add", help="add a domain and its old server")
     add.add_argument("name")
-    add.add_argument("--source", required=True, metavar="URL",
-                     help="old server: imap:// imap+starttls:// imaps:// pop3:// pop3+starttls:// "
-                          "pop3s://")
-    add.add_argument("--relay", metavar="URL", help="old SMTP server for not-yet-moved users")
-    add.add_argument("--type", choices=DOMAIN_TYPES, default="default")
-    add.add_argument("--source-user", default="%u", metavar="TEMPLATE",
-                     help="old server's login name: %%u address, %%n local part, %%d domain")
-    add.add_argument("--subscribed-only", action="store_true")
+    domain_options(add, adding=True)
     add.add_argument("--disabled", action="store_true", help="add with migration switched off")
-    add.add_argument("--no-notice", action="store_true",
-                     help="don't put the 'your mail is moving' notice in migrated INBOXes")
-    add.add_argument("--no-verify-tls", action="store_true",
-                     help="accept the old server's certificate unverified (self-signed)")
-    add_source_tls_options(add)
+    change = sub.add("set", help="change a domain's options (the others stay as they are)")
+    change.add_argument("name")
+    domain_options(change, adding=False)
     sub.add_each("name", {
         "enable": "switch migration on: unknown users are migrated at login",
         "disable": "switch migration off: unknown users are refused",
@@ -186,6 +196,44 @@ def source_ca_from_args(args: argparse.Namespace) -> str | None:
         return read_ca_file(args.source_ca)
     except CAFileError as exc:
         raise CommandError(str(exc)) from None
+
+
+def domain_options(parser: argparse.ArgumentParser, *, adding: bool) -> None:
+    """The options `domain add` and `domain set` share, with the same meanings.
+
+    Every default is None: `add` fills in the defaults (`domain_from_args`), `set` changes
+    only what was given (`domain_changes`).
+    """
+    parser.add_argument("--source", action="append", required=adding, metavar="URL",
+                        help="the old server's IMAP or POP3 service (at most one of each): "
+                             "imap:// imap+starttls:// imaps:// pop3:// pop3+starttls:// "
+                             "pop3s://" + ("" if adding else "; replaces every source"))
+    parser.add_argument("--relay", metavar="URL", help="old SMTP server for not-yet-moved users")
+    parser.add_argument("--type", choices=DOMAIN_TYPES, help="old server preset (default: "
+                        "default)")
+    parser.add_argument("--source-user", metavar="TEMPLATE",
+                        help="old server's login name: %%u address (default), %%n local part, "
+                             "%%d domain")
+    parser.add_argument("--cutover", choices=CUTOVER_MODES,
+                        help="passthrough (default): serve users from the old server until "
+                             "their copy is complete, then switch; immediate: serve them "
+                             "from the store at once")
+    _on_off(parser, "--subscribed-only", "--all-folders", "subscribed_only",
+            "copy only subscribed folders", "copy every folder (default)")
+    _on_off(parser, "--notice", "--no-notice", "notice",
+            "put the 'your mail is moving' notice in migrated INBOXes (default)",
+            "don't put the notice in migrated INBOXes")
+    _on_off(parser, "--verify-tls", "--no-verify-tls", "verify_tls",
+            "verify the old server's certificate (default)",
+            "accept the old server's certificate unverified (self-signed)")
+    add_source_tls_options(parser)
+
+
+def _on_off(parser: argparse.ArgumentParser, on: str, off: str, dest: str, on_help: str,
+            off_help: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(on, dest=dest, action="store_true", default=None, help=on_help)
+    group.add_argument(off, dest=dest, action="store_false", default=None, help=off_help)
 
 
 def _account_commands(sub: _Subcommands) -> None:
@@ -255,31 +303,52 @@ def run(args: argparse.Namespace, config: Config) -> int:
 def domain_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     accounts = store.accounts
     if args.action == "add":
-        accounts.add_domain(_domain_from_args(args))
+        accounts.add_domain(domain_from_args(args))
+    elif args.action == "set":
+        if accounts.get_domain(args.name) is None:
+            raise CommandError(f"unknown domain {args.name}")
+        accounts.update_domain(args.name, **domain_changes(args))
     elif args.action in ("enable", "disable"):
         accounts.set_domain_migrating(args.name, args.action == "enable")
     elif args.action == "remove":
         accounts.remove_domain(args.name)
     elif args.action == "list":
-        rows = [domain.__dict__ for domain in accounts.list_domains()]
-        print_rows(rows, args.json, ["name", "migrating", "source_url", "relay_url", "type"])
+        rows = [{**domain.__dict__, "sources": list(domain.sources)}
+                for domain in accounts.list_domains()]
+        print_rows(rows, args.json,
+                   ["name", "migrating", "source_url", "relay_url", "type", "cutover"])
     return 0
 
 
-def _domain_from_args(args: argparse.Namespace) -> Domain:
-    source = parse_endpoint(args.source, allowed=("imap", "pop3"))
-    relay = parse_endpoint(args.relay, allowed=("smtp", "lmtp")).url if args.relay else None
-    template = args.source_user
-    if "%" in template.replace("%u", "").replace("%n", "").replace("%d", ""):
-        raise CommandError("--source-user may only use %u, %n and %d")
-    if args.source_ca and args.no_verify_tls:
-        raise CommandError("--source-ca and --no-verify-tls contradict each other")
-    return Domain(
-        name=check_domain(args.name), source_url=source.url, migrating=not args.disabled,
-        relay_url=relay, type=args.type, source_user=template,
-        subscribed_only=args.subscribed_only, notice=not args.no_notice,
-        verify_tls=not args.no_verify_tls, source_ca=source_ca_from_args(args) or None,
-    )
+DOMAIN_DEFAULTS = {"type": "default", "source_user": "%u", "subscribed_only": False,
+                   "notice": True, "verify_tls": True, "cutover": PASSTHROUGH}
+
+
+def domain_from_args(args: argparse.Namespace) -> Domain:
+    return Domain(name=check_domain(args.name), migrating=not args.disabled,
+                  **DOMAIN_DEFAULTS | domain_changes(args))  # type: ignore[arg-type]
+
+
+def domain_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """Domain fields from the options given (validated); options not given are left out."""
+    changes: dict[str, Any] = {}
+    if args.source is not None:
+        urls = [parse_endpoint(url, allowed=("imap", "pop3")).url for url in args.source]
+        changes["source_url"], changes["pop3_source_url"] = arrange_sources(urls)
+    if args.relay is not None:
+        changes["relay_url"] = parse_endpoint(args.relay, allowed=("smtp", "lmtp")).url
+    if args.source_user is not None:
+        if "%" in args.source_user.replace("%u", "").replace("%n", "").replace("%d", ""):
+            raise CommandError("--source-user may only use %u, %n and %d")
+        changes["source_user"] = args.source_user
+    if args.source_ca is not None:
+        if args.source_ca and args.verify_tls is False:
+            raise CommandError("--source-ca and --no-verify-tls contradict each other")
+        changes["source_ca"] = source_ca_from_args(args) or None
+    for name in ("type", "cutover", "subscribed_only", "notice", "verify_tls"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    return changes
 
 
 # -- account ------------------------------------------------------------------------------

@@ -118,6 +118,10 @@ class MigrationConfig:
     # brings it back for the next pass). true: kept, encrypted, until `finish`, so workers run
     # an incremental pass every resync_interval on their own.
     keep_credentials: bool = False
+    # Passthrough switch: how long new logins of the account may be held while its old-server
+    # sessions are closed and the final pass runs; a final pass that does not fit is retried.
+    switch_hold: float = 10.0
+    moved_notice: Path | None = None  # template of the notice put in at the switch; None: built in
 
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -445,17 +449,20 @@ class _Reader:
         defaults = MigrationConfig()
         values: dict[str, Any] = {}
         for key in ("workers", "resync_interval", "source_timeout", "max_connections_per_host",
-                    "parallel_folders", "max_attempts"):
+                    "parallel_folders", "max_attempts", "switch_hold"):
             default = getattr(defaults, key)
             value = self.get("migration", key, type(default), default)
             if value < 0:
                 raise self.fail(f"migration.{key}", "must not be negative")
             values[key] = value
-        for key in ("notice", "vault_key_file"):
+        for key in ("notice", "vault_key_file", "moved_notice"):
             values[key] = self.path_or_none("migration", key)
         values["keep_credentials"] = self.get("migration", "keep_credentials", bool, False)
-        if values["notice"] is not None and not values["notice"].is_file():
-            raise self.fail("migration.notice", f"{values['notice']} is not a readable file")
+        for key in ("notice", "moved_notice"):
+            if values[key] is not None and not values[key].is_file():
+                raise self.fail(f"migration.{key}", f"{values[key]} is not a readable file")
+        if values["switch_hold"] < 1:
+            raise self.fail("migration.switch_hold", "must be at least 1 (seconds)")
         return MigrationConfig(**values)
 
     def _log(self) -> LogConfig:

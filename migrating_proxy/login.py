@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import structlog
@@ -21,7 +21,9 @@ import structlog
 from migrating_proxy.config import BackendConfig
 from migrating_proxy.onboarding import OldServerVerdict, Onboarding
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
+from migrating_proxy.specs import old_server_upstream
 from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
+from migrating_proxy.store.accounts import now
 from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
@@ -76,6 +78,55 @@ def on_the_store(backend: BackendConfig) -> Callable[[Placement], Upstream]:
         grace = JUST_PROVISIONED_GRACE if placement.just_provisioned else 0.0
         return Upstream.store(backend, creds.protocol, placement.account.address,
                               creds.password, retry_refusals_for=grace)
+
+    return place
+
+
+HOLD_POLL = 0.05  # seconds between looks at an account whose switch holds its logins
+
+
+def by_cutover(backend: BackendConfig, store: Store, process: str,
+               sleep: Callable[[float], None] = time.sleep) -> Callable[[Placement], Upstream]:
+    """The transparent cutover's placement (issue 9).
+
+    An account the old server still serves (passthrough, not switched yet) has its session
+    relayed to the old server's service for the client's protocol, with the user's own
+    credentials and the domain's TLS settings, under a lease that lets a switch know when such
+    sessions are gone (store/cutover.py). A login that arrives while the account's switch holds
+    it waits for the outcome (at most `migration.switch_hold`) and goes where that says: held,
+    not refused. A protocol the old server does not offer, and every other account, is served
+    by the store (`on_the_store`).
+    """
+    on_store = on_the_store(backend)
+
+    def place(placement: Placement) -> Upstream:
+        account, creds = placement.account, placement.credentials
+        held_since: float | None = None
+        upstream: Upstream | None = None
+        while account.served_by_old_server and placement.domain is not None:
+            held = store.cutover.held_until(account.address)
+            if held is not None:
+                held_since = held_since or time.monotonic()
+                sleep(min(HOLD_POLL, max(0.0, (held - now()).total_seconds())))
+            else:
+                upstream = old_server_upstream(placement.domain, account, creds.password,
+                                               creds.protocol)
+                if upstream is None:  # a protocol the old server does not offer
+                    break
+                lease = store.cutover.lease(account.id, process)
+                if lease is not None:
+                    upstream = replace(upstream, lease=lease)
+                    break
+                upstream = None
+            current = store.accounts.get_account_by_id(account.id)
+            if current is None:  # removed meanwhile: the store refuses the login
+                break
+            account = current
+        upstream = upstream or on_store(replace(placement, account=account))
+        if held_since is not None:
+            log.info("login_held", address=account.address, served_by=upstream.served_by,
+                     waited_ms=round((time.monotonic() - held_since) * 1000, 1))
+        return upstream
 
     return place
 
@@ -209,7 +260,7 @@ class LoginService:
             if not (migrating and account.migration_state is not None):
                 return LoginResult(Outcome.FAILED, account.address, "wrong password")
             assert domain is not None
-            refused = self._recheck_at_old_server(domain, account, password)
+            refused = self._recheck_at_old_server(domain, account, password, creds.protocol)
             if refused is not None:
                 return refused
             provisioned = True  # the new hash was just provisioned
@@ -242,11 +293,12 @@ class LoginService:
                 self.on_rehash(account.address)
         return verification.ok
 
-    def _recheck_at_old_server(self, domain: Domain, account: Account,
-                               password: str) -> LoginResult | None:
+    def _recheck_at_old_server(self, domain: Domain, account: Account, password: str,
+                               protocol: str) -> LoginResult | None:
         """The user may have changed the password at the old server: accept only if it does."""
         assert self.onboarding is not None
-        verdict = self.onboarding.ask_old_server(domain, account, account.address, password)
+        verdict = self.onboarding.ask_old_server(domain, account, account.address, password,
+                                                 protocol)
         if verdict != OldServerVerdict.ACCEPTED:
             return LoginResult(Outcome.FAILED, account.address, f"wrong password (old server "
                                f"{verdict})")
@@ -256,7 +308,8 @@ class LoginService:
     def _first_login(self, domain: Domain, address: str, creds: Credentials) -> LoginResult:
         assert self.onboarding is not None
         password = creds.password
-        verdict = self.onboarding.ask_old_server(domain, None, address, password)
+        verdict = self.onboarding.ask_old_server(domain, None, address, password,
+                                                 creds.protocol)
         if verdict == OldServerVerdict.REFUSED:
             return LoginResult(Outcome.FAILED, address, "old server refused the password")
         if verdict == OldServerVerdict.UNREACHABLE:

@@ -1,4 +1,6 @@
-"""The "your mail is moving" notice, dropped once into a migrating user's new INBOX.
+"""The notice dropped once into a migrating user's new INBOX: "your mail is moving" when the store
+serves the user from the first login (immediate), "your mailbox has moved" at the switch
+(passthrough).
 
 Exactly once, across retries, restarts and concurrent logins: the notice's Message-ID is
 derived from the account, and the store is searched for it before appending, so a crash
@@ -15,12 +17,13 @@ from pathlib import Path
 from migrating_proxy.migration.connections import StoreSpec, close_quietly, connect_store_imap
 
 DEFAULT_TEMPLATE = "notice.txt"
+MOVED_TEMPLATE = "moved-notice.txt"  # put in at the switch of a passthrough account
 
 
-def load_template(path: Path | None) -> str:
+def load_template(path: Path | None, default: str = DEFAULT_TEMPLATE) -> str:
     if path is not None:
         return path.read_text(encoding="utf-8")
-    packaged = resources.files("migrating_proxy").joinpath(DEFAULT_TEMPLATE)
+    packaged = resources.files("migrating_proxy").joinpath(default)
     return packaged.read_text(encoding="utf-8")
 
 

@@ -34,7 +34,13 @@ from migrating_proxy.migration.connections import (
     SourceUnavailable,
     check_source_login,
 )
-from migrating_proxy.notice import insert_notice, load_template, message_id, render
+from migrating_proxy.notice import (
+    MOVED_TEMPLATE,
+    insert_notice,
+    load_template,
+    message_id,
+    render,
+)
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.specs import source_host, source_spec, store_spec
@@ -75,8 +81,9 @@ class Onboarding:
 
     # -- the old server ------------------------------------------------------------------
     def ask_old_server(self, domain: Domain, account: Account | None, address: str,
-                       password: str) -> str:
-        spec = source_spec(domain, account, address, password)
+                       password: str, protocol: str | None = None) -> str:
+        """Whether the old server takes the password, asked at its service for `protocol`."""
+        spec = source_spec(domain, account, address, password, protocol)
         try:
             check_source_login(spec, self.config.migration.source_timeout)
         except SourceAuthError:
@@ -119,9 +126,17 @@ class Onboarding:
             self.provisioner.update(account.address)
 
     def finish_onboarding(self, account: Account, password: str) -> None:
-        """Before a copy (worker only): real hash provisioned, notice in the INBOX, once."""
+        """Before a copy (worker only): real hash provisioned, and the notice in the INBOX,
+        once, if the store already serves the account. An account the old server still serves
+        (passthrough) gets it after its switch: nothing may write to its store mailbox before
+        the final pass (see `owed_after_switch`)."""
         self.complete_hash(account, password)
-        if account.notice_inserted_at is None:
+        if account.notice_inserted_at is None and not account.served_by_old_server:
+            self.insert_notice(account)
+
+    def owed_after_switch(self, account: Account) -> None:
+        """Right after the switch: the "your mailbox has moved" notice, once."""
+        if account.notice_inserted_at is None and not account.served_by_old_server:
             self.insert_notice(account)
 
     def insert_notice(self, account: Account) -> None:
@@ -129,8 +144,11 @@ class Onboarding:
         if domain is None or not domain.notice:
             return
         old_server = source_host(domain, account)
-        message = render(load_template(self.config.migration.notice), address=account.address,
-                         domain=account.domain, old_server=old_server, account_id=account.id)
+        migration = self.config.migration
+        template = (load_template(migration.moved_notice, MOVED_TEMPLATE)
+                    if account.switched_at is not None else load_template(migration.notice))
+        message = render(template, address=account.address, domain=account.domain,
+                         old_server=old_server, account_id=account.id)
         insert_notice(store_spec(self.config, account.address), message,
                       message_id(account.id, account.domain), self.config.migration.source_timeout)
         self.store.accounts.mark_notice_inserted(account.address)

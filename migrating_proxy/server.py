@@ -31,19 +31,21 @@ from twisted.python.threadpool import ThreadPool
 
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
+from migrating_proxy.frontends.leases import LeaseKeeper, this_process
 from migrating_proxy.frontends.pop3 import POP3Session
 from migrating_proxy.frontends.registry import CloseRequestWatcher
 from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
-from migrating_proxy.login import FailureThrottle, LoginService, Placement
+from migrating_proxy.login import FailureThrottle, LoginService, Placement, by_cutover
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.startup import StartupError, check_files, files_refused
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.upstream import Upstream
+from migrating_proxy.worker import pid_alive
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +62,8 @@ SESSIONS: dict[str, Callable[[FrontendContext, bool], Protocol]] = {
 
 def build_login_service(config: Config, store: Store,
                         placement: Callable[[Placement], Upstream] | None = None) -> LoginService:
+    """The login decision; by default sessions are placed by the transparent cutover: at the
+    old server for accounts not switched yet, else at the store."""
     limits = config.limits
     throttle = FailureThrottle(
         limits.throttle_window, limits.max_failures_per_peer, limits.max_failures_per_account
@@ -67,7 +71,7 @@ def build_login_service(config: Config, store: Store,
     onboarding = Onboarding.from_config(config, store, config.provision.hash_processes)
     return LoginService(store, onboarding.hasher, throttle, onboarding,
                         on_rehash=onboarding.provisioner.update, backend=config.backend,
-                        placement=placement)
+                        placement=placement or by_cutover(config.backend, store, this_process()))
 
 
 def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
@@ -78,11 +82,13 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     ctx, ports, store = acquire(config, reactor, placement)
     threadpool = ctx.threadpool
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
+    leases = ctx.leases
     workers: list[subprocess.Popen[bytes]] = []
 
     def started() -> None:
         threadpool.start()
         watcher.start()
+        leases.start()
         if (pool := start_workers(config)) is not None:
             workers.append(pool)
         log.info("started", listeners=[f"{p.getHost().host}:{p.getHost().port}" for p in ports])
@@ -90,6 +96,7 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
         watcher.stop()
+        leases.stop()
         for port in ports:
             port.stopListening()
         for pool in workers:
@@ -122,9 +129,12 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
             prepare_files(config, store)
             login_service = build_login_service(config, store, placement)
         undo.callback(login_service.hasher.close)
+        # Old-server sessions of a predecessor killed on this machine died with it.
+        store.cutover.drop_dead_leases(socket.gethostname(), pid_alive)
         threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")  # started later
         ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
-                              threadpool=threadpool, tls_options=tls_options)
+                              threadpool=threadpool, tls_options=tls_options,
+                              leases=LeaseKeeper(reactor, threadpool, store.cutover))
         ports = adopt_listeners(ctx, sockets)
         undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
     return ctx, ports, store

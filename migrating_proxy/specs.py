@@ -22,9 +22,12 @@ def source_login_name(template: str, address: str) -> str:
     return template.replace("%u", address).replace("%n", local).replace("%d", domain)
 
 
-def source_endpoint(domain: Domain, account: Account | None = None) -> Endpoint:
-    """The old server a user's mail comes from: the per-user source, else the domain's."""
-    url = (account.source_url if account and account.source_url else None) or domain.source_url
+def source_endpoint(domain: Domain, account: Account | None = None,
+                    protocol: str | None = None) -> Endpoint:
+    """The old server's service for a user: their own (imported per user), else the domain's
+    service for `protocol` (a login's), else the one the copy reads (IMAP when offered)."""
+    url = (account.source_url if account and account.source_url else None) \
+        or domain.source_for(protocol)
     return parse_endpoint(url, allowed=("imap", "pop3"))
 
 
@@ -38,9 +41,10 @@ def source_host(domain: Domain, account: Account | None = None) -> str:
     return source_endpoint(domain, account).host
 
 
-def source_spec(domain: Domain, account: Account | None, address: str, password: str
-                ) -> SourceSpec:
-    endpoint = source_endpoint(domain, account)
+def source_spec(domain: Domain, account: Account | None, address: str, password: str,
+                protocol: str | None = None) -> SourceSpec:
+    """The old server to copy from (protocol None), or to check a `protocol` login at."""
+    endpoint = source_endpoint(domain, account, protocol)
     return SourceSpec(
         protocol=endpoint.protocol,  # type: ignore[arg-type]
         host=endpoint.host, port=endpoint.port, tls=endpoint.tls, verify_tls=domain.verify_tls,
@@ -54,7 +58,7 @@ def old_server_upstream(domain: Domain, account: Account, password: str,
     """The user's old server as the upstream of a `protocol` session (imap | pop3), with the
     user's own login and password and the domain's TLS settings; None when the old server
     does not offer that protocol."""
-    endpoint = source_endpoint(domain, account)
+    endpoint = source_endpoint(domain, account, protocol)
     if endpoint.protocol != protocol:
         return None
     return Upstream.old_server(endpoint, account.address,

@@ -39,6 +39,9 @@ class Upstream:
     # Seconds during which a refused login is tried again: the account was provisioned moments
     # ago and the store may not have read its user database yet. 0: a refusal is final.
     retry_refusals_for: float = 0.0
+    # An old-server session's lease (store/cutover.py): the session gives it back when its
+    # connection to the old server is gone, so a switch knows when none is left.
+    lease: int | None = None
 
     @property
     def name(self) -> str:

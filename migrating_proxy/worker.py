@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -28,8 +29,17 @@ from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyResult, run_copy
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.specs import source_spec, store_spec
-from migrating_proxy.store import Account, AccountState, JobState, RowGone, Store, open_store
+from migrating_proxy.store import (
+    Account,
+    AccountState,
+    Domain,
+    JobState,
+    RowGone,
+    Store,
+    open_store,
+)
 from migrating_proxy.store.jobs import Job
+from migrating_proxy.switch import MirrorPass, OldServerSessions, Switch
 
 log = structlog.get_logger(__name__)
 
@@ -97,17 +107,43 @@ class CopyWorker:
         beating = _Heartbeat(self, job.id, paused)
         beating.start()
         try:
-            result = run_copy(
-                self.store.engine, account.id,
-                source_spec(domain, account, account.address, password),
-                store_spec(self.config, account.address),
-                should_stop=lambda: self.stop.is_set() or paused.is_set(),
-                timeout=self.config.migration.source_timeout * 3,
-                parallel_folders=max(1, self.config.migration.parallel_folders),
-            )
+            interrupted = lambda: self.stop.is_set() or paused.is_set()  # noqa: E731
+            passes = _Passes(self, domain, account, password, interrupted)
+            started = time.monotonic()
+            result = passes.make(mirror=account.served_by_old_server)(None)
+            if result.state == "completed" and account.served_by_old_server:
+                self._switch(job, account, passes, result, time.monotonic() - started)
+                return
         finally:
             beating.done.set()
         self._settle(job, account, result)
+
+    def _switch(self, job: Job, account: Account, passes: _Passes, copy: CopyResult,
+                copy_seconds: float) -> None:
+        """The copy is complete: switch the account to the store (switch.py)."""
+        switch = Switch(self.store.cutover, account.id, account.address,
+                        passes.make(mirror=True), self.config.migration.switch_hold,
+                        OldServerSessions(self.store).close)
+        outcome = switch.run(copy, copy_seconds)
+        if outcome.state in ("switched", "gone"):
+            switched = self.store.accounts.get_account_by_id(account.id) or account
+            # Mail still on its way to the old server when the final pass read its folder
+            # (an ordinary pass: the store is the user's mailbox now).
+            late = passes.make(mirror=False)(None)
+            self.onboarding.owed_after_switch(switched)
+            if late.state == "error":  # switched all the same; `resync` or `finish` collects it
+                log.warning("switch_late_pass_failed", error=late.error)
+            self._settle(job, switched, late if late.state == "stopped" else outcome.result)
+        elif outcome.state == "released" and not passes.interrupted():
+            delay = retry_delay(job.attempts)
+            reason = (f"switch postponed: the final pass did not fit in the "
+                      f"{self.config.migration.switch_hold:g} s hold")
+            self.store.jobs.retry_later(job.id, reason, delay)
+            log.warning("switch_retry_scheduled", delay=delay, attempt=job.attempts)
+        elif outcome.state == "released":  # an admin's pause or a shutdown: as the row says
+            self.store.jobs.release(job.id)
+        else:
+            self._settle(job, account, outcome.result)
 
     def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
@@ -135,6 +171,35 @@ class CopyWorker:
     def _failed(self, job: Job, error: str | None) -> None:
         self.store.lifecycle.pass_failed(job.id, job.account_id, error)
         log.info("migration_pass_ended", state=AccountState.ERROR, error=error)
+
+
+@dataclass
+class _Passes:
+    """Copy passes of one account, each stopping at a batch boundary when the worker is
+    interrupted (shutdown, an admin's pause) or past its deadline."""
+
+    worker: CopyWorker
+    domain: Domain
+    account: Account
+    password: str
+    interrupted: Callable[[], bool]
+
+    def make(self, *, mirror: bool) -> MirrorPass:
+        """A mirror pass while the old server serves the account, else an ordinary one."""
+        config, account = self.worker.config, self.account
+        source = source_spec(self.domain, account, account.address, self.password)
+        store = store_spec(config, account.address)
+
+        def run(deadline: float | None) -> CopyResult:
+            return run_copy(
+                self.worker.store.engine, account.id, source, store,
+                should_stop=lambda: self.interrupted() or (
+                    deadline is not None and time.monotonic() > deadline),
+                timeout=config.migration.source_timeout * 3,
+                parallel_folders=max(1, config.migration.parallel_folders), mirror=mirror,
+            )
+
+        return run
 
 
 class _Heartbeat(threading.Thread):

@@ -66,6 +66,18 @@ def module_store() -> Iterator[dovecot.DovecotInstance]:
         dovecot.remove_root(root)
 
 
+@pytest.fixture(scope="module")
+def module_old() -> Iterator[dovecot.DovecotInstance]:
+    """An old server shared by one test module, without users: each test adds its own
+    (tests.support.mail.add_old_user)."""
+    root = dovecot.instance_root("mp-mold-")
+    try:
+        with dovecot.old_server(root, {}) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
 # --- end of proxy fixtures -----------------------------------------------------------------
 
 

@@ -76,7 +76,8 @@ def admin_proxy(directory: Path, store: DovecotInstance, old: DovecotInstance,
         "backend": {"delivery": f"lmtp://127.0.0.1:{store.lmtp_port}"},
     })
     proxy.ports["smtp"] = smtp_port
-    proxy.cli("domain", "add", DOMAIN, "--source", f"imap://127.0.0.1:{old.imap_port}")
+    proxy.cli("domain", "add", DOMAIN, "--source", f"imap://127.0.0.1:{old.imap_port}",
+              "--cutover", "immediate")
     return proxy
 
 
@@ -217,7 +218,8 @@ def test_import_migrate_resync_finish_export(tmp_path: Path, new_store: DovecotI
 def test_bad_input_is_one_line_and_imports_nothing(tmp_path: Path,
                                                    module_store: DovecotInstance) -> None:
     proxy = Proxy(tmp_path / "proxy", module_store)
-    proxy.cli("domain", "add", DOMAIN, "--source", "imap://127.0.0.1:143")
+    proxy.cli("domain", "add", DOMAIN, "--source", "imap://127.0.0.1:143",
+              "--cutover", "immediate")
     cli = Transcript(proxy)
     bad = tmp_path / "bad.csv"
     bad.write_text(f"{HEADER}\nok@{DOMAIN};pw-ok-Zq8vK;;;;\nx@other.example;pw-x-Zq8vK;;;;\n"

@@ -178,7 +178,8 @@ def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
         "name": "old.example", "source_url": "imaps://mail.old.example:993",
         "relay_url": "smtp+starttls://smtp.old.example:587", "migrating": False,
         "type": "exchange", "source_user": "%n", "subscribed_only": True,
-        "notice": False, "verify_tls": False, "source_ca": None,
+        "notice": False, "verify_tls": False, "source_ca": None, "cutover": "passthrough",
+        "pop3_source_url": None, "sources": ["imaps://mail.old.example:993"],
     }}
 
 
@@ -269,6 +270,22 @@ def test_bad_source_ca_is_refused_in_one_line_and_creates_nothing(
     assert admin.domains() == {}
 
 
+def test_domain_set_source_ca_replaces_or_clears_it(
+        admin: Admin, tls_files: TLSFiles, tmp_path: Path) -> None:
+    ca = tmp_path / "old-ca.pem"
+    ca.write_text(tls_files.ca_cert.read_text())
+    admin.ok("domain", "add", "old.example", "--source", "imaps://x")
+    admin.ok("domain", "set", "old.example", "--source-ca", str(ca))
+    assert admin.domains()["old.example"]["source_ca"] == tls_files.ca_cert.read_text()
+    assert_refused(admin.run("domain", "set", "old.example", "--source-ca", str(ca),
+                             "--no-verify-tls"), "--no-verify-tls")
+    assert_refused(admin.run("domain", "set", "old.example", "--source-ca",
+                             str(tmp_path / "gone.pem")), "No such file")
+    assert admin.domains()["old.example"]["source_ca"] == tls_files.ca_cert.read_text()
+    admin.ok("domain", "set", "old.example", "--source-ca", "")
+    assert admin.domains()["old.example"]["source_ca"] is None
+
+
 def test_unknown_domain_type_is_a_usage_error(admin: Admin) -> None:
     result = admin.run("domain", "add", "old.example", "--source", "imap://x", "--type", "lotus")
     assert result.returncode == 2
@@ -322,8 +339,90 @@ def test_domain_with_accounts_cannot_be_removed(admin: Admin) -> None:
 def test_domain_list_as_a_table(admin: Admin) -> None:
     admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1", "--disabled")
     lines = admin.ok("domain", "list").stdout.splitlines()
-    assert lines[0].split() == ["name", "migrating", "source_url", "relay_url", "type"]
-    assert lines[1].split() == ["old.example", "no", "imap://192.0.2.1:143", "-", "default"]
+    assert lines[0].split() == ["name", "migrating", "source_url", "relay_url", "type",
+                                "cutover"]
+    assert lines[1].split() == ["old.example", "no", "imap://192.0.2.1:143", "-", "default",
+                                "passthrough"]
+
+
+# --- cutover modes and the old server's services (issue 9) ---------------------------------
+
+
+def test_new_domains_default_to_passthrough(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    admin.ok("domain", "add", "now.example", "--source", "imap://192.0.2.1",
+             "--cutover", "immediate")
+    domains = admin.domains()
+    assert domains["old.example"]["cutover"] == "passthrough"
+    assert domains["now.example"]["cutover"] == "immediate"
+
+
+def test_one_source_per_protocol_in_any_order(admin: Admin) -> None:
+    admin.ok("domain", "add", "both.example", "--source", "pop3s://mail.both.example",
+             "--source", "imaps://mail.both.example")
+    admin.ok("domain", "add", "pop.example", "--source", "pop3://192.0.2.1")
+    both, pop = admin.domains()["both.example"], admin.domains()["pop.example"]
+    # The copy reads the IMAP service; POP3 logins are checked at the POP3 one.
+    assert both["source_url"] == "imaps://mail.both.example:993"
+    assert both["pop3_source_url"] == "pop3s://mail.both.example:995"
+    assert both["sources"] == ["imaps://mail.both.example:993", "pop3s://mail.both.example:995"]
+    assert (pop["source_url"], pop["pop3_source_url"]) == ("pop3://192.0.2.1:110", None)
+    assert pop["sources"] == ["pop3://192.0.2.1:110"]
+
+
+def test_two_sources_of_one_protocol_are_refused(admin: Admin) -> None:
+    result = admin.run("domain", "add", "old.example", "--source", "imap://192.0.2.1",
+                       "--source", "imaps://192.0.2.2")
+    assert_refused(result, "two IMAP sources (imap://192.0.2.1:143 and imaps://192.0.2.2:993)")
+    assert admin.domains() == {}
+
+
+def test_domain_set_changes_only_what_is_given(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1", "--no-notice",
+             "--cutover", "immediate")
+    before = admin.domains()["old.example"]
+    admin.ok("domain", "set", "OLD.example", "--cutover", "passthrough")
+    assert admin.domains()["old.example"] == {**before, "cutover": "passthrough"}
+    admin.ok("domain", "set", "old.example", "--source", "pop3s://192.0.2.9",
+             "--source", "imap+starttls://192.0.2.9", "--relay", "smtp://192.0.2.9",
+             "--type", "gmail", "--source-user", "%n", "--subscribed-only", "--notice",
+             "--no-verify-tls")
+    after = admin.domains()["old.example"]
+    assert after == {
+        **before, "cutover": "passthrough", "source_url": "imap+starttls://192.0.2.9:143",
+        "pop3_source_url": "pop3s://192.0.2.9:995",
+        "sources": ["imap+starttls://192.0.2.9:143", "pop3s://192.0.2.9:995"],
+        "relay_url": "smtp://192.0.2.9:25", "type": "gmail", "source_user": "%n",
+        "subscribed_only": True, "notice": True, "verify_tls": False,
+    }
+    admin.ok("domain", "set", "old.example", "--all-folders", "--no-notice", "--verify-tls",
+             "--source", "imap://192.0.2.3")
+    again = admin.domains()["old.example"]
+    assert (again["subscribed_only"], again["notice"], again["verify_tls"]) == (
+        False, False, True)
+    assert again["sources"] == ["imap://192.0.2.3:143"] and again["pop3_source_url"] is None
+    assert again["migrating"] is True  # `set` never touches the migration switch
+
+
+BAD_DOMAIN_SETS = [
+    (["nowhere.example", "--cutover", "immediate"], "unknown domain nowhere.example", 1),
+    (["old.example", "--cutover", "gradual"], "invalid choice: 'gradual'", 2),
+    (["old.example", "--source", "pop3://a", "--source", "pop3s://b"], "two POP3 sources", 1),
+    (["old.example", "--source", "smtp://a"], "must be one of imap, pop3", 1),
+    (["old.example", "--relay", "imap://a"], "smtp, lmtp", 1),
+    (["old.example", "--source-user", "%x"], "--source-user", 1),
+    (["old.example", "--type", "lotus"], "invalid choice: 'lotus'", 2),
+    (["old.example", "--notice", "--no-notice"], "not allowed with argument", 2),
+]
+
+
+def test_bad_domain_set_is_refused_in_one_line_and_changes_nothing(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1")
+    before = admin.domains()
+    results = admin.run_all([["domain", "set", *args] for args, _, _ in BAD_DOMAIN_SETS])
+    for (args, reason, code), result in zip(BAD_DOMAIN_SETS, results, strict=True):
+        assert_refused(result, reason, code=code, context=args)
+    assert admin.domains() == before
 
 
 def test_empty_lists_are_empty_json_arrays(admin: Admin) -> None:

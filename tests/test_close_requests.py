@@ -20,10 +20,11 @@ from sqlalchemy import inspect, select, update
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.accounts import now
 from migrating_proxy.store.db import make_engine
-from migrating_proxy.store.schema import close_requests, metadata, schema_info
+from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
 from migrating_proxy.store.sessions import OVERLAP, RETAIN
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
+from tests.support.schemas import create_old_schema
 
 CAROL, CAROL_PW = "carol@new.example", "carol-pw"
 DAVE, DAVE_PW = "dave@new.example", "dave-pw"
@@ -48,19 +49,14 @@ def test_requests_are_seen_by_time_and_pruned(store: Store) -> None:
 
 def test_a_version_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    engine = make_engine(url)
-    with engine.begin() as conn:  # what version 2 created: everything but close_requests
-        metadata.create_all(conn, tables=[t for t in metadata.sorted_tables
-                                          if t.name != "close_requests"])
-        conn.execute(schema_info.insert().values(id=1, version=2))
-    engine.dispose()
+    create_old_schema(url, 2)  # what version 2 created (tests/data): no close_requests
     store = open_store(url)
     try:
         store.accounts.add_account(CAROL, "$6$x")
         assert inspect(store.engine).has_table("close_requests")
         store.sessions.request_close(CAROL, REASON)
         with store.engine.connect() as conn:
-            assert conn.execute(select(schema_info.c.version)).scalar() == 3
+            assert conn.execute(select(schema_info.c.version)).scalar() == SCHEMA_VERSION
     finally:
         store.close()
 

@@ -244,6 +244,11 @@ BAD_CASES = {
         "must not be negative"),
     "negative float limit": (
         "[limits]\nidle_timeout = -0.5\n", "limits.idle_timeout", "must not be negative"),
+    "switch hold under a second": (
+        "[migration]\nswitch_hold = 0.5\n", "migration.switch_hold", "must be at least 1"),
+    "moved notice missing": (
+        '[migration]\nmoved_notice = "nope.txt"\n', "migration.moved_notice",
+        "nope.txt is not a readable file"),
     "unknown log format": ('[log]\nformat = "xml"\n', "log.format", "must be"),
     "unknown log level": ('[log]\nlevel = "loud"\n', "log.level", "must be"),
 }

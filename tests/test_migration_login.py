@@ -50,7 +50,7 @@ def migrating_proxy(directory: Path, store: DovecotInstance, old: DovecotInstanc
     proxy = Proxy(directory, store, overrides={"migration": {"workers": workers, **migration}})
     port = old.imap_port if protocol == "imap" else old.pop3_port
     proxy.cli("domain", "add", "old.example", "--source", f"{protocol}://127.0.0.1:{port}",
-              *domain_flags)
+              "--cutover", "immediate", *domain_flags)
     return proxy
 
 
@@ -214,7 +214,7 @@ def test_utf8_passwords_migrate_by_imap_login_authenticate_plain_and_pop3(
     ute, zoe, pia = UTF8_USERS
     proxy = migrating_proxy(tmp_path / "p", new_store, old_server)
     proxy.cli("domain", "add", "pop.example", "--source",
-              f"pop3://127.0.0.1:{old_server.pop3_port}")
+              f"pop3://127.0.0.1:{old_server.pop3_port}", "--cutover", "immediate")
     wrong = "Grüße-falsch-€"
     with proxy:  # a wrong one is refused as wrong, not "old server unreachable"
         assert b"[AUTHENTICATIONFAILED]" in imap_login_with_literal(proxy.imap_port, ute, wrong)
@@ -273,7 +273,8 @@ def test_wrong_old_password_creates_nothing(proxy: Proxy, new_store: DovecotInst
 def test_old_server_down_answers_unavailable_and_creates_nothing(
         tmp_path: Path, new_store: DovecotInstance, old_server: DovecotInstance) -> None:
     proxy = Proxy(tmp_path / "p", new_store)
-    proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{free_port()}")
+    proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{free_port()}",
+              "--cutover", "immediate")
     with proxy:
         client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
         with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
@@ -422,13 +423,15 @@ def test_old_server_certificates_are_verified_unless_the_domain_says_not(
         with dovecot.old_server(root, {ALICE: ALICE_PW}, tls=tls_files) as old, \
                 Proxy(tmp_path / "p", new_store) as proxy:
             source = f"imaps://127.0.0.1:{old.imaps_port}"
-            proxy.cli("domain", "add", "old.example", "--source", source)
+            proxy.cli("domain", "add", "old.example", "--source", source,
+                      "--cutover", "immediate")
             # The test CA is not one the proxy trusts: a man in the middle would look the same.
             with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
                 imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
             assert_nothing_created(proxy, new_store, ALICE)
             proxy.cli("domain", "remove", "old.example")
-            proxy.cli("domain", "add", "old.example", "--source", source, "--no-verify-tls")
+            proxy.cli("domain", "add", "old.example", "--source", source, "--no-verify-tls",
+                      "--cutover", "immediate")
             client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
             assert client.login(ALICE, ALICE_PW)[0] == "OK"
             client.logout()
@@ -447,7 +450,8 @@ def test_an_old_server_with_a_private_ca_is_trusted_with_source_ca(
             seed_mailbox("127.0.0.1", old.imap_port, ALICE, ALICE_PW, sample_corpus())
             source = f"imaps://127.0.0.1:{old.imaps_port}"
             proxy.cli("domain", "remove", "old.example")
-            proxy.cli("domain", "add", "old.example", "--source", source)
+            proxy.cli("domain", "add", "old.example", "--source", source, "--cutover",
+                      "immediate")
             with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
                 imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(ALICE, ALICE_PW)
             assert_nothing_created(proxy, new_store, ALICE)
@@ -457,7 +461,7 @@ def test_an_old_server_with_a_private_ca_is_trusted_with_source_ca(
             ca_file.write_bytes(tls_files.ca_cert.read_bytes())
             proxy.cli("domain", "remove", "old.example")
             proxy.cli("domain", "add", "old.example", "--source", source, "--source-ca",
-                      str(ca_file))
+                      str(ca_file), "--cutover", "immediate")
             ca_file.unlink()
             client = imaplib.IMAP4("127.0.0.1", proxy.imap_port)
             assert client.login(ALICE, ALICE_PW)[0] == "OK"

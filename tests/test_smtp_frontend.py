@@ -581,7 +581,7 @@ def test_mail_before_during_and_after_the_first_login_arrives_exactly_once(
     })
     proxy.cli("domain", "add", "old.example",
               "--source", f"imap://127.0.0.1:{old_server.imap_port}",
-              "--relay", f"lmtp://127.0.0.1:{old_server.lmtp_port}")
+              "--relay", f"lmtp://127.0.0.1:{old_server.lmtp_port}", "--cutover", "immediate")
     before, during, after = token(), token(), token()
     with proxy:
         send(smtp_port, ALICE, before)
@@ -627,7 +627,7 @@ def submission(tmp_path: Path, new_store: DovecotInstance, old_server: DovecotIn
         })
         proxy.ports["submission"] = port
         proxy.cli("domain", "add", "old.example",
-                  "--source", f"imap://127.0.0.1:{old_server.imap_port}")
+                  "--source", f"imap://127.0.0.1:{old_server.imap_port}", "--cutover", "immediate")
         with proxy:
             yield proxy, outbound
 

@@ -30,6 +30,7 @@ from migrating_proxy.store import (
 )
 from migrating_proxy.store.db import ensure_schema, make_engine
 from migrating_proxy.store.schema import SCHEMA_VERSION, schema_info
+from tests.support.schemas import create_old_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 def old_domain(name: str = "old.example", **changes: object) -> Domain:
@@ -256,20 +257,15 @@ def test_ensure_schema_twice_keeps_data_and_version(store_url: str) -> None:
 
 def test_version_1_database_is_upgraded_in_place_with_domain_source_ca(store_url: str) -> None:
     """A database of version 1 (no domains.source_ca) keeps its domains and gains the column."""
-    store = open_store(store_url)
-    store.accounts.add_domain(Domain("old.example", "imap://old.example:143"))
-    store.close()
-    engine = make_engine(store_url)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE domains DROP COLUMN source_ca")
-            conn.execute(update(schema_info).values(version=1))
-    finally:
-        engine.dispose()
+    create_old_schema(store_url, 1, (
+        "INSERT INTO domains (name, migrating, source_url, type, source_user, subscribed_only, "
+        "notice, verify_tls, created_at, updated_at) VALUES ('old.example', true, "
+        "'imap://old.example:143', 'default', '%u', false, true, true, "
+        "'2025-01-01 00:00:00+00', '2025-01-01 00:00:00+00')"))
     store = open_store(store_url)
     try:
         assert store.accounts.get_domain("old.example") == Domain(
-            "old.example", "imap://old.example:143")
+            "old.example", "imap://old.example:143", cutover="immediate")
         store.accounts.add_domain(Domain("ca.example", "imaps://x:993", source_ca="PEM"))
         domain = store.accounts.get_domain("ca.example")
         assert domain is not None and domain.source_ca == "PEM"

@@ -1,11 +1,10 @@
 """Sessions go where the login decision says: a real old server, with the user's own password.
 
-Production places every session on the store until the transparent cutover makes the decision
-name the old server for accounts not switched yet. The session side of that is here already and
-tested end to end: `tests.support.old_server_serve` runs the real `serve` with only that one
-policy swapped in, and real clients log in through it to a real Dovecot old server over each TLS
-mode a domain's `--source` can name (plain, STARTTLS/STLS, implicit TLS, certificate checks off
-as `--no-verify-tls` says).
+The accounts here belong to passthrough domains (the default) and are never switched, so the
+transparent cutover's placement serves them from their old server. Real clients log in through
+the real `serve` to a real Dovecot old server over each TLS mode a domain's `--source` can name
+(plain, STARTTLS/STLS, implicit TLS; certificates checked against a private CA given with
+`--source-ca`, or not checked as `--no-verify-tls` says).
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ def source_url(old: DovecotInstance, scheme: str) -> str:
 def proxy(tmp_path_factory: pytest.TempPathFactory, module_store: DovecotInstance,
           old: DovecotInstance, tls_files: TLSFiles) -> Iterator[Proxy]:
     proxy = Proxy(tmp_path_factory.mktemp("upstream") / "proxy", module_store,
-                  serve_module="tests.support.old_server_serve",
                   overrides={"limits": {"max_failures_per_peer": 0,
                                         "max_failures_per_account": 0}})
     for domain, scheme in SOURCES.items():
@@ -145,7 +143,9 @@ def test_an_old_server_that_refuses_gives_a_temporary_failure(
 
 def test_an_old_server_that_is_down_gives_a_temporary_failure(proxy: Proxy) -> None:
     proxy.cli("domain", "add", "gone.example", "--source", f"imap://127.0.0.1:{free_port()}")
-    proxy.add_account("carol@gone.example", "carol-pw")  # known locally: the old server's turn
+    users = proxy.directory / "gone.csv"
+    users.write_text("carol@gone.example,carol-pw\n")
+    proxy.cli("import", str(users))  # known locally, served by its old server: which is down
     client = imaplib.IMAP4(HOST, proxy.imap_port)
     with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
         client.login("carol@gone.example", "carol-pw")
@@ -182,7 +182,9 @@ def test_an_old_server_certificate_nobody_vouches_for_is_refused(
         proxy: Proxy, old: DovecotInstance) -> None:
     """Without --source-ca or --no-verify-tls the test CA is unknown: no session goes there."""
     proxy.cli("domain", "add", "strict.example", "--source", source_url(old, "imaps"))
-    proxy.add_account("dan@strict.example", "dan-pw")  # known locally: the old server's turn
+    users = proxy.directory / "strict.csv"
+    users.write_text("dan@strict.example,dan-pw\n")
+    proxy.cli("import", str(users))  # known locally, served by its old server
     client = imaplib.IMAP4(HOST, proxy.imap_port)
     with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
         client.login("dan@strict.example", "dan-pw")

@@ -138,6 +138,8 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"never migrated: {address}")
     for address in report["no_final_pass"]:
         print(f"no final pass (no stored password): {address}")
+    for address in report["switched_without_final_pass"]:
+        print(f"switched from the old server without a final pass: {address}")
     print(f"vault entries erased: {report['vault_entries_erased']}")
 
 

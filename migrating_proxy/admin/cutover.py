@@ -22,23 +22,39 @@ def finish(ops: Operations, domain_name: str,
     """Final incremental pass for every migrated account, wait, switch migration off, report.
 
     Only accounts that completed a pass get a final one: an account in ERROR would make the
-    cut-over wait out its retries, and is reported instead. Vault entries are erased
-    afterwards, except those of imported users never migrated: `migrate` still needs them.
+    cut-over wait out its retries, and is reported instead. Accounts still served by the old
+    server (passthrough) get a pass too, which ends in their switch; those that cannot
+    (no password, a pass in ERROR, never migrated) are switched to the store as they are, since
+    the old server is going, and reported. Vault entries are erased afterwards, except those
+    of imported users never migrated: `migrate` still needs them.
     """
     domain = ops.store.accounts.get_domain(domain_name)
     if domain is None:
         raise StoreError(f"unknown domain {domain_name}")
     accounts = ops.store.accounts.list_migrating(domain.name)
-    finals = ops.resync([a for a in accounts if a.migration_state is AccountState.COMPLETED])
+    finals = ops.resync([a for a in accounts if a.migration_state is AccountState.COMPLETED
+                         or (a.served_by_old_server
+                             and a.migration_state is not AccountState.NEW)])
     rows = ops.wait([a.address for a in accounts], on_tick)
+    unswitched = _switch_the_rest(ops, domain.name)
     ops.store.accounts.set_domain_migrating(domain.name, False)
     erased = _erase_vault(ops, [a for a in accounts if a.migration_state is not AccountState.NEW])
     report = _report(ops.store, domain.name, accounts, rows)
     report["no_final_pass"] = [o.address for o in finals if o.reason == NO_PASSWORD]
     report["vault_entries_erased"] = erased
+    report["switched_without_final_pass"] = unswitched
     audit("finish", domain=domain.name, accounts=len(accounts),
           migrated=len(report["migrated"]), errors=len(report["errors"]))
     return report
+
+
+def _switch_the_rest(ops: Operations, domain: str) -> list[str]:
+    """Accounts the old server still serves after the final passes: to the store, as they are."""
+    switched = []
+    for account in ops.store.accounts.list_migrating(domain):
+        if account.served_by_old_server and ops.store.cutover.switch(account.id, held=False):
+            switched.append(account.address)
+    return switched
 
 
 def _erase_vault(ops: Operations, accounts: list[Account]) -> int:

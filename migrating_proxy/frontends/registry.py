@@ -14,6 +14,8 @@ session thread pool like the login decisions.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -30,6 +32,7 @@ from migrating_proxy.upstream import ServedBy
 log = structlog.get_logger("migrating_proxy.sessions")
 
 POLL_SECONDS = 1.0
+RECENT_CLOSE = 120.0  # seconds a close is remembered for sessions still logging in (> timeouts)
 
 
 class LiveSession(Protocol):
@@ -42,8 +45,12 @@ class LiveSession(Protocol):
 
 
 class SessionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._by_account: dict[str, set[LiveSession]] = {}
+        # account -> (when, reason) of its last close: a session whose login was decided
+        # before a close but that is relayed only after it must not escape it.
+        self._closed: dict[str, tuple[float, str]] = {}
+        self.clock = clock
 
     def add(self, address: str, session: LiveSession) -> None:
         self._by_account.setdefault(address.lower(), set()).add(session)
@@ -65,7 +72,16 @@ class SessionRegistry:
                    if served_by is None or s.served_by == served_by]
         for session in closing:
             session.close_on_request(reason)
+        stamp = self.clock()
+        self._closed = {key: (at, why) for key, (at, why) in self._closed.items()
+                        if stamp - at < RECENT_CLOSE}
+        self._closed[address.lower()] = (stamp, reason)
         return len(closing)
+
+    def closed_since(self, address: str, since: float) -> str | None:
+        """The reason, if the account's sessions were closed at or after `since` (clock)."""
+        at, reason = self._closed.get(address.lower(), (None, ""))
+        return reason if at is not None and at >= since else None
 
     def __len__(self) -> int:
         return sum(map(len, self._by_account.values()))

@@ -35,6 +35,7 @@ from migrating_proxy.frontends.backend import (
     open_upstream,
 )
 from migrating_proxy.frontends.connection import ClientConnection, idle_seconds
+from migrating_proxy.frontends.leases import LeaseKeeper
 from migrating_proxy.frontends.registry import SessionRegistry
 from migrating_proxy.frontends.relay import Relay as Splice
 from migrating_proxy.frontends.relay import ResponseBoundary, unsplice_and_close
@@ -56,6 +57,7 @@ class FrontendContext:
     threadpool: ThreadPool
     tls_options: Any  # twisted CertificateOptions, or None when TLS is not configured
     registry: SessionRegistry = field(default_factory=SessionRegistry)
+    leases: LeaseKeeper | None = None  # old-server sessions' leases (the transparent cutover)
 
     def store_endpoint(self, protocol_name: str) -> Endpoint:
         return getattr(self.config.backend, protocol_name)
@@ -102,6 +104,7 @@ class LoginRunner:
             "login", protocol=self.protocol_name, address=result.address,
             peer=self.client.peer_host, mechanism=mechanism, tls=self.client.tls_active,
             outcome=result.outcome.value, reason=note or result.reason,
+            served_by=result.upstream.served_by if result.ok and result.upstream else None,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
@@ -122,6 +125,8 @@ class ProxySession(protocol.Protocol):
         self.account: str | None = None  # once relayed: the account, the registry's key
         self.served_by: ServedBy | None = None
         self.refusals_retried_until = 0.0  # see Upstream.retry_refusals_for
+        self.lease: int | None = None  # while relayed to an old server (frontends/leases.py)
+        self.login_started = 0.0
 
     # -- connection lifecycle ------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -140,7 +145,7 @@ class ProxySession(protocol.Protocol):
         if self.account is not None:
             self.ctx.registry.discard(self.account, self)
         if self.backend is not None:
-            unsplice_and_close(self.backend.transport)
+            unsplice_and_close(self.backend.transport)  # the lease goes when it is lost
         elif self.pending_upstream is not None:
             self.pending_upstream.abandon()
 
@@ -168,7 +173,7 @@ class ProxySession(protocol.Protocol):
 
     # -- login ---------------------------------------------------------------------------
     def authenticate(self, attempt: Authenticate) -> None:
-        started = time.monotonic()
+        started = self.login_started = time.monotonic()
         # Open the store connection now: its greeting takes longer than the whole decision.
         self.pending_upstream = open_upstream(
             self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
@@ -179,8 +184,11 @@ class ProxySession(protocol.Protocol):
         decided.addErrback(self._crashed, attempt.mechanism, started)
 
     def _decided(self, result: LoginResult, mechanism: str, started: float) -> None:
+        if result.upstream is not None and result.upstream.lease is not None:
+            self._take_lease(result.upstream.lease)
         if self.closed:
             self.login.log(result, mechanism, started, "client gone")
+            self._give_back_lease()
             return
         connection, self.pending_upstream = self.pending_upstream, None
         assert connection is not None
@@ -213,6 +221,7 @@ class ProxySession(protocol.Protocol):
         if self.pending_upstream is not None:
             self.pending_upstream.abandon()
             self.pending_upstream = None
+        self._give_back_lease()
         self._refused(LoginResult(Outcome.UNAVAILABLE, None,
                                   f"internal error: {failure.type.__name__}"), mechanism, started)
 
@@ -235,6 +244,8 @@ class ProxySession(protocol.Protocol):
 
     def _upstream_ready(self, backend: BackendSession, result: LoginResult, mechanism: str,
                         started: float) -> None:
+        # An old-server session's lease lasts as long as its connection there (leases.py).
+        backend.protocol.on_lost.append(self._give_back_lease)
         if self.closed:
             backend.transport.loseConnection()
             self.login.log(result, mechanism, started, "client gone")
@@ -256,6 +267,7 @@ class ProxySession(protocol.Protocol):
             self.ctx.reactor.callLater(REFUSAL_RETRY_INTERVAL, self._log_in_upstream, None,
                                        result, mechanism, started)
             return
+        self._give_back_lease()
         name = result.upstream.name if result.upstream else "store"
         reason = f"{name} {'refused' if refused else 'unavailable'}: {failure.getErrorMessage()}"
         self.login.log(LoginResult(Outcome.UNAVAILABLE, result.address, reason), mechanism,
@@ -276,6 +288,22 @@ class ProxySession(protocol.Protocol):
                             self.ctx.reactor, self.response_boundary())
         self.backend.protocol.forward = self.relay.from_upstream
         self.relay.start(self.backend.pending, pipelined)
+        # An old-server session whose account's sessions were closed everywhere while its
+        # login was still being decided or connected (a switch under way) goes too. A store
+        # session here may be a login that a switch held: it is where the account now lives.
+        closed = self.ctx.registry.closed_since(self.account, self.login_started)
+        if closed is not None and self.served_by == "old":
+            self.close_on_request(closed)
+
+    def _take_lease(self, lease: int) -> None:
+        self.lease = lease
+        if self.ctx.leases is not None:
+            self.ctx.leases.taken(lease)
+
+    def _give_back_lease(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None and self.ctx.leases is not None:
+            self.ctx.leases.give_back(lease)
 
     def close_on_request(self, reason: str) -> None:
         """The account's sessions are being closed everywhere (see frontends/registry.py)."""

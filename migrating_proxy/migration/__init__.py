@@ -57,6 +57,7 @@ def run_copy(
     should_stop: Callable[[], bool] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     parallel_folders: int = DEFAULT_PARALLEL_FOLDERS,
+    mirror: bool = False,
 ) -> CopyResult:
     """Copy (or continue copying) account_id's old mailbox to the store.
 
@@ -69,6 +70,11 @@ def run_copy(
     An IMAP source is copied up to `parallel_folders` folders at a time, each over its own
     source and store connection: that is also the most connections opened to either server.
     on_progress and should_stop may be called from the copy's worker threads.
+
+    `mirror`: the old server is the truth (an account it still serves, which nothing else
+    writes to on the store): expunges, flag changes and folder renames and deletions there are
+    applied too (mirror.py). Otherwise a pass only adds what is new. `CopyResult.changes` says
+    how much the run changed on the store.
     """
     state = CopyState(engine, account_id)
     reporter = Reporter(state, on_progress)
@@ -76,10 +82,10 @@ def run_copy(
     stop = should_stop or (lambda: False)
     copier: ImapCopier | Pop3Copier
     if source.protocol == "pop3":
-        copier = Pop3Copier(state, source, writer, reporter, stop, timeout)
+        copier = Pop3Copier(state, source, writer, reporter, stop, timeout, mirror=mirror)
     else:
         copier = ImapCopier(state, source, writer, reporter, stop, timeout,
-                            parallel_folders=parallel_folders)
+                            parallel_folders=parallel_folders, mirror=mirror)
     log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}",
                     store_address=store.address)
     log_.info("copy_started")
@@ -87,9 +93,11 @@ def run_copy(
                                          store.user_password))
     copier.close()
     result.skipped = state.skipped()
+    result.changes = reporter.changes
     reporter.flush(force=True, finished=result.state == "completed", error=result.error)
-    log_.info("copy_finished", state=result.state, error=result.error,
-              copied=result.progress.messages_copied, skipped=result.progress.messages_skipped)
+    log_.info("copy_finished", state=result.state, error=result.error, mirror=mirror,
+              changes=result.changes, copied=result.progress.messages_copied,
+              skipped=result.progress.messages_skipped)
     return result
 
 

@@ -8,7 +8,8 @@ Shared by the IMAP and POP3 copies. The invariant: a copy_messages row exists fo
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -16,6 +17,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from migrating_proxy.migration.connections import (
+    DestinationError,
     StoreSpec,
     close_quietly,
     connect_store_imap,
@@ -25,9 +27,11 @@ from migrating_proxy.migration.messages import (
     AppendOutcome,
     OutMessage,
     append_messages,
+    comparable_flags,
     fetch_range,
     fingerprint,
     header_fields_of,
+    uid_sets,
 )
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import INFLIGHT, CopyState, FolderState, MessageRecord
@@ -114,6 +118,77 @@ class StoreWriter:
             bounds = _Bounds(int(status[b"UIDVALIDITY"]), int(status[b"UIDNEXT"]))
             self._bounds[name] = bounds
         return bounds
+
+    def rename_folder(self, old: str, new: str) -> None:
+        """RENAME on the store (folders below `old` move with it, RFC 3501 6.3.5)."""
+        self.client.rename_folder(old, new)
+        self._bounds.pop(old, None)
+        self._ready.discard(old)
+
+    def delete_folder_if_empty(self, name: str) -> bool:
+        """DELETE a folder the old server no longer has, unless something is left in it."""
+        if not self.client.folder_exists(name):
+            return False
+        if int(self.client.folder_status(name, [b"MESSAGES"])[b"MESSAGES"]):
+            return False
+        try:
+            self.client.delete_folder(name)
+        except Exception as exc:  # e.g. a store that refuses to delete a folder with children
+            log.warning("mirror_folder_kept", folder=name,
+                        reason=str(exc)[:200])
+            return False
+        self._bounds.pop(name, None)
+        self._ready.discard(name)
+        return True
+
+    # --- mirroring changes made at the old server -------------------------------------------
+
+    def expunge(self, name: str, uids: Iterable[int]) -> None:
+        """Remove exactly these messages from the store folder (UID EXPUNGE, RFC 4315).
+
+        Never a plain EXPUNGE or CLOSE: other messages may carry \\Deleted because they carry
+        it at the old server, and must stay.
+        """
+        sets = list(uid_sets(uids))
+        if not sets:
+            return
+        if not self.client.has_capability("UIDPLUS"):
+            raise DestinationError("the store lacks UIDPLUS (UID EXPUNGE): cannot mirror "
+                                   "expunges exactly")
+        with self._selected(name):
+            for uid_set in sets:
+                self.client.add_flags(uid_set, [b"\\Deleted"], silent=True)
+                self.client.uid_expunge(uid_set)
+
+    def flags_of(self, name: str, uids: Iterable[int]) -> dict[int, frozenset[bytes]]:
+        """Store UID -> its flags (without \\Recent), for the UIDs that exist."""
+        found: dict[int, frozenset[bytes]] = {}
+        with self._selected(name, readonly=True):
+            for uid_set in uid_sets(uids):
+                for uid, item in fetch_range(self.client, uid_set, b"FLAGS").items():
+                    found[uid] = comparable_flags(item.get(b"FLAGS", ()))
+        return found
+
+    def set_flags(self, name: str, flags_by_uid: dict[int, tuple[bytes, ...]]) -> None:
+        """Give each store message exactly the flags listed (FLAGS.SILENT replaces them)."""
+        groups: dict[tuple[bytes, ...], list[int]] = defaultdict(list)
+        for uid, flags in flags_by_uid.items():
+            groups[tuple(sorted(flags))].append(uid)
+        if not groups:
+            return
+        with self._selected(name):
+            for flags, uids in groups.items():
+                for uid_set in uid_sets(uids):
+                    self.client.set_flags(uid_set, list(flags), silent=True)
+
+    @contextmanager
+    def _selected(self, name: str, readonly: bool = False) -> Iterator[None]:
+        """The folder selected for the duration; left with UNSELECT, which expunges nothing."""
+        self.client.select_folder(name, readonly=readonly)
+        try:
+            yield
+        finally:
+            self.client.unselect_folder()
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -4,6 +4,9 @@ Per folder: STATUS (unchanged since the last complete pass? done), settle rows l
 an interrupted run, EXAMINE (read-only, so nothing at the source changes), handle a changed
 UIDVALIDITY by re-keying the records by fingerprint, list UID/RFC822.SIZE, and copy what is not
 recorded yet, highest UID first, with BODY.PEEK[] so \\Seen never changes.
+
+A mirror pass (`mirror=True`, for accounts still served by the old server) also makes the store
+follow what changed there: folders renamed or deleted, messages expunged, flags (mirror.py).
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from migrating_proxy.migration.messages import (
     HEADER_FIELDS,
     OutMessage,
     batches,
+    copyable_flags,
     crlf_size,
     fetch_range,
     fingerprint,
     header_fields_of,
     message_fingerprint,
 )
+from migrating_proxy.migration.mirror import mirror_messages, reflect_folders, store_uids
 from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import CopyState, FolderState, MessageRecord
@@ -50,6 +55,7 @@ BATCH_MESSAGES = 100
 BATCH_BYTES = 8 * 1024 * 1024
 _FETCH_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
 _STATUS_ITEMS = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"]
+_MODSEQ = b"HIGHESTMODSEQ"
 
 
 class Stopped(Exception):
@@ -125,10 +131,12 @@ class ImapCopier:
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
                  reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
-                 backoff: Backoff | None = None, parallel_folders: int = 1) -> None:
+                 backoff: Backoff | None = None, parallel_folders: int = 1,
+                 mirror: bool = False) -> None:
         self.state = state
         self.source = source
         self.reporter = reporter
+        self.mirror = mirror
         self.should_stop = should_stop
         self.backoff = backoff or Backoff()
         self.budget = ByteBudget()
@@ -144,6 +152,10 @@ class ImapCopier:
     def run(self) -> None:
         first = self.lanes[0]
         plan = self.backoff.run(lambda: self.plan(first), on_retry=first.drop)
+        if self.mirror:
+            self.backoff.run(lambda: reflect_folders(self.state, first.client, first.writer,
+                                                     plan, self.reporter),
+                             on_retry=first.drop)
         self.reporter.progress.folders_total = len(plan)
         self.reporter.progress.messages_total = self.backoff.run(
             lambda: self._count(first.client, plan), on_retry=first.drop)
@@ -220,25 +232,31 @@ class ImapCopier:
     def copy_folder(self, lane: _Lane, mapping: FolderMapping) -> None:
         client, writer = lane.client, lane.writer
         folder = self.state.folder(mapping.source, mapping.dest)
-        status = client.folder_status(mapping.source, _STATUS_ITEMS)
-        if (folder.uidvalidity == status[b"UIDVALIDITY"]
-                and folder.synced_uidnext == status[b"UIDNEXT"]
-                and not self.state.has_inflight(folder.id)):
-            return  # nothing arrived since the last complete pass
+        condstore = self.mirror and client.has_capability("CONDSTORE")
+        status = client.folder_status(mapping.source,
+                                      _STATUS_ITEMS + ([_MODSEQ] if condstore else []))
+        # Read before anything else: every flag change after it is seen by the next pass.
+        modseq = int(status.get(_MODSEQ) or 0) or None
+        if self._unchanged(folder, status, modseq):
+            return
         writer.ensure_folder(mapping.dest, mapping.subscribed)
         writer.reconcile(folder)
         selected = client.select_folder(mapping.source, readonly=True)
         uidvalidity = int(selected[b"UIDVALIDITY"])
+        since = folder.synced_modseq
         if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
-            self._rekey(client, folder, uidvalidity)
+            self._rekey(client, writer, folder, uidvalidity)
+            since = None
         elif folder.uidvalidity is None:
             self.state.mark_unsynced(folder.id, uidvalidity)
         sizes = _inventory(client, int(selected.get(b"EXISTS", 1)))
+        current = replace(folder, uidvalidity=uidvalidity)
+        if self.mirror:
+            mirror_messages(self.state, client, writer, current, sizes, since, self.reporter)
         known = self.state.known_keys(folder.id)
         pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
         log.info("folder_copy_started", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
-        current = replace(folder, uidvalidity=uidvalidity)
         groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
         with Prefetcher(groups, lambda uids: _fetch(client, uids),
                         lambda uids: sum(sizes[u] for u in uids), self.budget,
@@ -247,11 +265,24 @@ class ImapCopier:
                 self._check_stop()
                 writer.write(current, messages)
         uidnext = selected.get(b"UIDNEXT")
-        self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None)
+        self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None,
+                               modseq)
 
-    def _rekey(self, client: IMAPClient, folder: FolderState, uidvalidity: int) -> None:
+    def _unchanged(self, folder: FolderState, status: dict[bytes, Any],
+                   modseq: int | None) -> bool:
+        """Nothing to do since the last complete pass: no new message (and, for a mirror
+        pass, no expunge or flag change: only CONDSTORE can tell, else every pass looks)."""
+        if (folder.uidvalidity != status[b"UIDVALIDITY"]
+                or folder.synced_uidnext != status[b"UIDNEXT"]
+                or self.state.has_inflight(folder.id)):
+            return False
+        return not self.mirror or (modseq is not None and folder.synced_modseq == modseq)
+
+    def _rekey(self, client: IMAPClient, writer: StoreWriter, folder: FolderState,
+               uidvalidity: int) -> None:
         """The source folder was recreated: carry each record over to the new UID of the
-        message with the same fingerprint (one record per message, so duplicates stay two)."""
+        message with the same fingerprint (one record per message, so duplicates stay two).
+        A mirror pass expunges the store copies of messages the new folder no longer has."""
         exists = int(client.folder_status(folder.source_name, [b"MESSAGES"])[b"MESSAGES"])
         data = fetch_range(client, "1:*", b"RFC822.SIZE " + HEADER_FIELDS) if exists else {}
         pool: dict[str, list[MessageRecord]] = defaultdict(list)
@@ -265,6 +296,10 @@ class ImapCopier:
         # Earlier copies were matched to the new UIDs by fingerprint.
         log.warning("source_uidvalidity_changed", folder=folder.source_name,
                     matched=len(carried), messages=len(data))
+        left = [r for records in pool.values() for r in records]
+        if self.mirror and left and writer.client.folder_exists(folder.dest_name):
+            writer.expunge(folder.dest_name, store_uids(left))
+            self.reporter.mirrored(len(left))
         self.state.rekey(folder.id, uidvalidity, carried)
 
 
@@ -285,7 +320,7 @@ def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
             continue
         raw = bytes(item[b"BODY[]"] or b"")
         messages.append(OutMessage(
-            key=str(uid), raw=raw, flags=_copyable_flags(item.get(b"FLAGS", ())),
+            key=str(uid), raw=raw, flags=copyable_flags(item.get(b"FLAGS", ())),
             date=item.get(b"INTERNALDATE"), fingerprint=message_fingerprint(raw),
             size=crlf_size(raw),
         ))
@@ -296,11 +331,3 @@ def _source_fingerprint(item: dict[bytes, Any]) -> str:
     return fingerprint(header_fields_of(item), int(item[b"RFC822.SIZE"]))
 
 
-def _copyable_flags(flags: Any) -> tuple[bytes, ...]:
-    """Flags and keywords to set on the copy: all but \\Recent (which only the server sets)."""
-    out = []
-    for flag in flags:
-        flag = flag if isinstance(flag, bytes) else str(flag).encode()
-        if flag.lower() != b"\\recent":
-            out.append(flag)
-    return tuple(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import imaplib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -31,6 +31,22 @@ class OutMessage:
     date: datetime | None
     fingerprint: str
     size: int
+
+
+def copyable_flags(flags: Iterable[bytes | str]) -> tuple[bytes, ...]:
+    """Flags and keywords to set on a copy: all but \\Recent (which only the server sets)."""
+    out = []
+    for flag in flags:
+        flag = flag if isinstance(flag, bytes) else str(flag).encode()
+        if flag.lower() != b"\\recent":
+            out.append(flag)
+    return tuple(out)
+
+
+def comparable_flags(flags: Iterable[bytes | str]) -> frozenset[bytes]:
+    """A message's flags as a set to compare between servers (flag names are
+    case-insensitive, RFC 3501 2.3.2)."""
+    return frozenset(flag.lower() for flag in copyable_flags(flags))
 
 
 def crlf_size(raw: bytes) -> int:
@@ -74,12 +90,37 @@ def header_fields_of(data: dict[bytes, Any]) -> bytes:
     return b""
 
 
-def fetch_range(client: IMAPClient, uid_range: str, items: bytes) -> dict[int, dict[bytes, Any]]:
-    """UID FETCH over a range such as "17:*" (imapclient's fetch only takes UID lists)."""
-    typ, data = client._imap.uid("FETCH", uid_range, "(" + items.decode() + ")")
+def fetch_range(client: IMAPClient, uid_range: str, items: bytes,
+                modifiers: str = "") -> dict[int, dict[bytes, Any]]:
+    """UID FETCH over a range such as "17:*" (imapclient's fetch only takes UID lists);
+    `modifiers` such as "(CHANGEDSINCE 42)" follow the items (RFC 7162)."""
+    arguments = ["(" + items.decode() + ")"] + ([modifiers] if modifiers else [])
+    typ, data = client._imap.uid("FETCH", uid_range, *arguments)
     client._checkok("fetch", typ, data)  # imaplib already picked the FETCH responses
     data = [d for d in data if d is not None]
     return parse_fetch_response(data, client.normalise_times, True)
+
+
+def uid_sets(uids: Iterable[int], max_length: int = 4000) -> Iterator[str]:
+    """Compact IMAP sequence sets ("3:5,9") covering uids, each at most about max_length
+    characters, so a command over thousands of messages stays within servers' line limits."""
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    length = 0
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        part = str(ordered[i]) if i == j else f"{ordered[i]}:{ordered[j]}"
+        if parts and length + len(part) + 1 > max_length:
+            yield ",".join(parts)
+            parts, length = [], 0
+        parts.append(part)
+        length += len(part) + 1
+        i = j + 1
+    if parts:
+        yield ",".join(parts)
 
 
 def parse_uid_set(text: bytes) -> list[int]:

@@ -33,9 +33,10 @@ from migrating_proxy.migration.messages import (
     header_block,
     message_fingerprint,
 )
+from migrating_proxy.migration.mirror import store_uids
 from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
 from migrating_proxy.migration.progress import Reporter
-from migrating_proxy.store.copystate import CopyState
+from migrating_proxy.store.copystate import CopyState, FolderState
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +60,9 @@ class Pop3Copier:
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
                  reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, mirror: bool = False) -> None:
         self.state = state
+        self.mirror = mirror  # messages deleted at the old server are expunged at the store
         self.source = source
         self.writer = writer
         self.reporter = reporter
@@ -112,6 +114,8 @@ class Pop3Copier:
         self.reporter.progress.messages_total = len(listing)
         self.writer.ensure_folder("INBOX", subscribe=False)
         self.writer.reconcile(folder)
+        if self.mirror:
+            self._mirror_deletions(folder, {uidl for _number, uidl, _size in listing})
         known = self.state.known_keys(folder.id)
         pending = [entry for entry in listing if entry[1] not in known]
         log.info("pop3_mailbox_copy", pending=len(pending), known=len(known))
@@ -123,6 +127,14 @@ class Pop3Copier:
                     raise Stopped
                 self.writer.write(folder, messages)
         self.state.mark_synced(folder.id, 0, None)
+
+    def _mirror_deletions(self, folder: FolderState, present: set[str]) -> None:
+        gone = [r for r in self.state.records(folder.id) if r.source_key not in present]
+        if gone:
+            self.writer.expunge("INBOX", store_uids(gone))
+            self.state.forget(folder.id, [r.source_key for r in gone], pop3=True)
+            self.reporter.mirrored(len(gone))
+            log.info("mirror_pop3_deleted", expunged=len(gone))
 
     def _retrieve_all(self, group: list[tuple[int, str, int]]) -> list[OutMessage]:
         return [self._retrieve(number, uidl, size) for number, uidl, size in group]

@@ -34,6 +34,9 @@ class CopyResult:
     # "store" (the new store failed), "folders" (some folders refused, the rest copied),
     # "internal". None unless state == "error".
     error_kind: Literal["auth", "unavailable", "store", "folders", "internal"] | None = None
+    # What this run changed on the store: messages copied, plus (mirror passes) messages
+    # expunged, flag changes applied and folders renamed or deleted. 0: already in step.
+    changes: int = 0
 
 
 class Reporter:
@@ -50,6 +53,7 @@ class Reporter:
         self.progress = CopyProgress(messages_copied=totals.copied,
                                      messages_skipped=totals.skipped,
                                      bytes_copied=totals.bytes_copied)
+        self.changes = 0  # this run's, see CopyResult.changes
         self._last_write = 0.0
         self._lock = threading.RLock()
 
@@ -57,7 +61,13 @@ class Reporter:
         with self._lock:
             self.progress.messages_copied += count
             self.progress.bytes_copied += nbytes
+            self.changes += count
             self.flush()
+
+    def mirrored(self, count: int) -> None:
+        """Changes made at the old server applied to the store (expunges, flags, folders)."""
+        with self._lock:
+            self.changes += count
 
     def skipped(self, count: int) -> None:
         with self._lock:

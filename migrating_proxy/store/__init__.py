@@ -15,6 +15,7 @@ from migrating_proxy.store.accounts import (
     StoreError,
     normalise,
 )
+from migrating_proxy.store.cutover import CutoverStore
 from migrating_proxy.store.db import DatabaseError, ensure_schema, make_engine
 from migrating_proxy.store.jobs import JobQueue
 from migrating_proxy.store.lifecycle import Lifecycle
@@ -47,6 +48,7 @@ class Store:
     jobs: JobQueue
     lifecycle: Lifecycle  # the transitions that move an account and its job together
     sessions: SessionControl  # close an account's live sessions on every `serve` process
+    cutover: CutoverStore  # where an account is served, and its switch
 
     def close(self) -> None:
         self.engine.dispose()
@@ -58,4 +60,5 @@ def open_store(url: str) -> Store:
     ensure_schema(engine)
     accounts, jobs = AccountStore(engine), JobQueue(engine)
     return Store(engine=engine, accounts=accounts, jobs=jobs,
-                 lifecycle=Lifecycle(engine, accounts, jobs), sessions=SessionControl(engine))
+                 lifecycle=Lifecycle(engine, accounts, jobs), sessions=SessionControl(engine),
+                 cutover=CutoverStore(engine))

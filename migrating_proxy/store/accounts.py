@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from migrating_proxy.endpoints import parse_endpoint
 from migrating_proxy.store.schema import accounts, domains
 from migrating_proxy.store.states import AccountState, account_state
 
 DOMAIN_TYPES = ("default", "gmail", "exchange", "office", "domino")
+# How a domain's accounts move to the store; see Domain.cutover.
+PASSTHROUGH, IMMEDIATE = "passthrough", "immediate"
+CUTOVER_MODES = (PASSTHROUGH, IMMEDIATE)
+# Where an account's sessions and inbound mail go (accounts.served_by).
+SERVED_BY_OLD, SERVED_BY_STORE = "old", "store"
 
 
 class StoreError(Exception):
@@ -83,6 +90,13 @@ def address_key(address: str) -> str:
 
 @dataclass(frozen=True)
 class Domain:
+    """A migrating domain and its old server.
+
+    The old server may offer IMAP, POP3 or both: `source_url` is the service the copy reads
+    (the IMAP one when there is one), `pop3_source_url` the POP3 one beside it. `sources`
+    lists them; `source_for(protocol)` picks the one a login of that protocol is checked at.
+    """
+
     name: str
     source_url: str
     migrating: bool = True
@@ -93,6 +107,38 @@ class Domain:
     notice: bool = True
     verify_tls: bool = True
     source_ca: str | None = None  # PEM certificates of the old server's private CA
+    # passthrough: served by the old server until the copy is complete, then switched once.
+    # immediate: served by the store from the first login while the copy fills it.
+    cutover: str = PASSTHROUGH
+    pop3_source_url: str | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source_url,) + ((self.pop3_source_url,) if self.pop3_source_url else ())
+
+    def source_for(self, protocol: str | None) -> str:
+        """The service a login of `protocol` is checked at; the copy's source otherwise."""
+        for url in self.sources:
+            if parse_endpoint(url).protocol == protocol:
+                return url
+        return self.source_url
+
+
+def arrange_sources(urls: Sequence[str]) -> tuple[str, str | None]:
+    """(source_url, pop3_source_url) from the old server's services, at most one per protocol:
+    the copy reads the IMAP one when there is one, else the POP3 one."""
+    by_protocol: dict[str, str] = {}
+    for url in urls:
+        protocol = parse_endpoint(url, allowed=("imap", "pop3")).protocol
+        if protocol in by_protocol:
+            raise StoreError(f"two {protocol.upper()} sources ({by_protocol[protocol]} and "
+                             f"{url}): give at most one IMAP and one POP3 --source")
+        by_protocol[protocol] = url
+    if not by_protocol:
+        raise StoreError("a domain needs a --source")
+    if "imap" in by_protocol:
+        return by_protocol["imap"], by_protocol.get("pop3")
+    return by_protocol["pop3"], None
 
 
 @dataclass(frozen=True)
@@ -107,6 +153,13 @@ class Account:
     source_url: str | None = None
     source_login: str | None = None
     notice_inserted_at: datetime | None = None
+    served_by: str = SERVED_BY_STORE  # "old" until a passthrough account is switched
+    switched_at: datetime | None = None
+    hold_until: datetime | None = None
+
+    @property
+    def served_by_old_server(self) -> bool:
+        return self.served_by == SERVED_BY_OLD
 
 
 class AccountStore:
@@ -137,6 +190,18 @@ class AccountStore:
 
     def set_domain_migrating(self, name: str, migrating: bool) -> None:
         self._update_domain(name, migrating=migrating)
+
+    def update_domain(self, name: str, **changes: object) -> Domain:
+        """Change some of a domain's options (Domain field names); the domain as it is now."""
+        unknown = set(changes) - set(Domain.__dataclass_fields__)
+        if unknown:
+            raise StoreError(f"cannot change {', '.join(sorted(unknown))} of a domain")
+        if changes:
+            self._update_domain(name, **changes)
+        domain = self.get_domain(name)
+        if domain is None:
+            raise StoreError(f"unknown domain {name}")
+        return domain
 
     def remove_domain(self, name: str) -> None:
         with self.engine.begin() as conn:
@@ -174,13 +239,22 @@ class AccountStore:
 
     def insert_account(self, conn: Connection, address: str, password_hash: str,
                        migration_state: AccountState | None = None) -> int:
-        """Insert within the caller's transaction; IntegrityError if the account exists."""
+        """Insert within the caller's transaction; IntegrityError if the account exists.
+
+        A migrating account of a passthrough domain starts served by the old server (until
+        its switch); every other account is served by the store from the start.
+        """
         address = normalise(address)
+        domain = address.rpartition("@")[2]
+        cutover = conn.execute(select(domains.c.cutover).where(domains.c.name == domain)
+                               ).scalar()
+        passthrough = migration_state is not None and cutover == PASSTHROUGH
         stamp = now()
         result = conn.execute(insert(accounts).values(
-            address=address, address_key=address.lower(),
-            domain=address.rpartition("@")[2], password_hash=password_hash,
+            address=address, address_key=address.lower(), domain=domain,
+            password_hash=password_hash,
             migration_state=None if migration_state is None else str(migration_state),
+            served_by=SERVED_BY_OLD if passthrough else SERVED_BY_STORE,
             created_at=stamp, updated_at=stamp,
         ))
         return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -273,6 +347,7 @@ def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
         relay_url=row.relay_url, type=row.type, source_user=row.source_user,
         subscribed_only=row.subscribed_only, notice=row.notice, verify_tls=row.verify_tls,
         source_ca=row.source_ca,
+        cutover=row.cutover, pop3_source_url=row.pop3_source_url,
     )
 
 
@@ -282,4 +357,5 @@ def _account(row) -> Account:  # type: ignore[no-untyped-def]
         migration_state=account_state(row.migration_state), created_at=row.created_at,
         last_login_at=row.last_login_at, source_url=row.source_url,
         source_login=row.source_login, notice_inserted_at=row.notice_inserted_at,
+        served_by=row.served_by, switched_at=row.switched_at, hold_until=row.hold_until,
     )

@@ -17,7 +17,7 @@ Tables (declared on the shared `metadata`, so importing this module is enough fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -57,6 +57,9 @@ copy_folders = Table(
     Column("uidvalidity", BigInteger, nullable=True),
     # Source UIDNEXT when the last pass over the folder completed; NULL while a pass is pending.
     Column("synced_uidnext", BigInteger, nullable=True),
+    # Source HIGHESTMODSEQ (CONDSTORE) read before the last complete pass: every flag change
+    # below it is on the store. NULL: unknown (no CONDSTORE, or never synced): sweep FLAGS.
+    Column("synced_modseq", BigInteger, nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("account_id", "source_name"),
 )
@@ -86,6 +89,7 @@ class FolderState:
     dest_name: str
     uidvalidity: int | None
     synced_uidnext: int | None
+    synced_modseq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,37 @@ class CopyState:
                 conn.execute(update(copy_folders).where(copy_folders.c.id == row.id)
                              .values(dest_name=dest_name, updated_at=_now()))
             assert row is not None
-            return FolderState(row.id, row.source_name, dest_name, row.uidvalidity,
-                               row.synced_uidnext)
+            return replace(_folder_state(row), dest_name=dest_name)
+
+    def folders(self) -> list[FolderState]:
+        """Every source folder the account's copy has a row for."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(copy_folders).where(
+                copy_folders.c.account_id == self.account_id).order_by(copy_folders.c.id))
+            return [_folder_state(row) for row in rows]
+
+    def rename_folder(self, folder_id: int, source_name: str, dest_name: str, *,
+                      moved_from: str, delimiter: str) -> None:
+        """The source folder was renamed, and the store folder `moved_from` to dest_name
+        with it: so were the store folders below it (RFC 3501 6.3.5), in one transaction."""
+        below = moved_from + delimiter
+        with self.engine.begin() as conn:
+            if moved_from != dest_name:
+                rows = conn.execute(select(copy_folders.c.id, copy_folders.c.dest_name).where(
+                    copy_folders.c.account_id == self.account_id)).all()
+                for row in rows:
+                    if row.dest_name.startswith(below):
+                        conn.execute(update(copy_folders).where(copy_folders.c.id == row.id)
+                                     .values(dest_name=dest_name + row.dest_name[len(moved_from):],
+                                             updated_at=_now()))
+            conn.execute(update(copy_folders).where(copy_folders.c.id == folder_id).values(
+                source_name=source_name, dest_name=dest_name, updated_at=_now()))
+
+    def remove_folder(self, folder_id: int) -> None:
+        """The source folder is gone: forget it and its message records."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(copy_messages).where(copy_messages.c.folder_id == folder_id))
+            conn.execute(delete(copy_folders).where(copy_folders.c.id == folder_id))
 
     def _folder_row(self, conn: Connection, source_name: str):  # type: ignore[no-untyped-def]
         return conn.execute(select(copy_folders).where(
@@ -147,9 +180,12 @@ class CopyState:
             copy_folders.c.source_name == source_name,
         )).first()
 
-    def mark_synced(self, folder_id: int, uidvalidity: int, uidnext: int | None) -> None:
-        """A pass over the folder completed: everything below uidnext is copied or skipped."""
-        self._set_folder(folder_id, uidvalidity=uidvalidity, synced_uidnext=uidnext)
+    def mark_synced(self, folder_id: int, uidvalidity: int, uidnext: int | None,
+                    modseq: int | None = None) -> None:
+        """A pass over the folder completed: everything below uidnext is copied or skipped,
+        and (mirror passes) every flag change up to modseq is on the store."""
+        self._set_folder(folder_id, uidvalidity=uidvalidity, synced_uidnext=uidnext,
+                         synced_modseq=modseq)
 
     def mark_unsynced(self, folder_id: int, uidvalidity: int) -> None:
         self._set_folder(folder_id, uidvalidity=uidvalidity, synced_uidnext=None)
@@ -220,6 +256,19 @@ class CopyState:
             if pop3 and copied:
                 self._record_uidls(conn, folder_id, [k for k, _ in copied])
 
+    def forget(self, folder_id: int, keys: Iterable[str], *, pop3: bool = False) -> None:
+        """Messages expunged at the source (and at the store): drop their records (and,
+        with pop3, their UIDLs: the message is gone for POP3 clients too)."""
+        keys = list(keys)
+        with self.engine.begin() as conn:
+            for start in range(0, len(keys), 500):  # bounded IN lists
+                chunk = keys[start:start + 500]
+                conn.execute(delete(copy_messages).where(
+                    copy_messages.c.folder_id == folder_id, copy_messages.c.source_key.in_(chunk)))
+                if pop3:
+                    conn.execute(delete(pop3_uidls).where(
+                        pop3_uidls.c.account_id == self.account_id, pop3_uidls.c.uidl.in_(chunk)))
+
     def _record_uidls(self, conn: Connection, folder_id: int, uidls: list[str]) -> None:
         sizes = dict(conn.execute(select(copy_messages.c.source_key, copy_messages.c.size).where(
             copy_messages.c.folder_id == folder_id, copy_messages.c.source_key.in_(uidls))).all())
@@ -243,7 +292,8 @@ class CopyState:
                     for r in records
                 ])
             conn.execute(update(copy_folders).where(copy_folders.c.id == folder_id).values(
-                uidvalidity=uidvalidity, synced_uidnext=None, updated_at=_now()))
+                uidvalidity=uidvalidity, synced_uidnext=None, synced_modseq=None,
+                updated_at=_now()))
 
     def used_dest_uids(self, dest_name: str) -> set[int]:
         """Store UIDs already accounted for in dest_name (by any source folder of the account),
@@ -300,6 +350,11 @@ class CopyState:
             else:
                 conn.execute(update(migrations).where(and_(
                     migrations.c.account_id == self.account_id)).values(**values))
+
+
+def _folder_state(row) -> FolderState:  # type: ignore[no-untyped-def]
+    return FolderState(row.id, row.source_name, row.dest_name, row.uidvalidity,
+                       row.synced_uidnext, row.synced_modseq)
 
 
 def _record(row) -> MessageRecord:  # type: ignore[no-untyped-def]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, select, text
+from sqlalchemy.schema import CreateColumn
 
 from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
 
@@ -24,10 +25,41 @@ def _add_close_requests(conn: Connection) -> None:
     close_requests.create(conn, checkfirst=True)
 
 
+def add_column(conn: Connection, column: Column, default_sql: str | None = None) -> None:
+    """ALTER TABLE ... ADD COLUMN in the connection's dialect. `default_sql` is the value rows
+    that already exist get (and the column's server default), e.g. "'immediate'"."""
+    ddl = str(CreateColumn(column).compile(dialect=conn.dialect))
+    if default_sql is not None:  # SQLite adds a NOT NULL column only with a default
+        ddl = ddl.replace(" NOT NULL", "") + f" DEFAULT {default_sql}"
+        ddl += "" if column.nullable else " NOT NULL"
+    conn.execute(text(f"ALTER TABLE {column.table.name} ADD COLUMN {ddl}"))
+
+
+def _v4_transparent_cutover(conn: Connection) -> None:
+    """Version 4: cutover modes, the old server's POP3 service, where each account is served.
+
+    Domains that exist keep today's behaviour (`immediate`) and every existing account is
+    served by the store, as it was; only domains added from now on default to passthrough.
+    The copy's per-folder HIGHESTMODSEQ starts unknown (the next pass sweeps FLAGS once).
+    old_sessions (sessions relayed to old servers) is a new table.
+    """
+    from migrating_proxy.store.copystate import copy_folders
+    from migrating_proxy.store.schema import accounts, domains, old_sessions
+
+    add_column(conn, domains.c.pop3_source_url)
+    add_column(conn, domains.c.cutover, "'immediate'")
+    add_column(conn, accounts.c.served_by, "'store'")
+    add_column(conn, accounts.c.switched_at)
+    add_column(conn, accounts.c.hold_until)
+    add_column(conn, copy_folders.c.synced_modseq)
+    old_sessions.create(conn, checkfirst=True)
+
+
 # version -> step that brings a database from version-1 to version.
 UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: _add_domain_source_ca,
     3: _add_close_requests,
+    4: _v4_transparent_cutover,
 }
 
 

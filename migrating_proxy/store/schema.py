@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -41,9 +41,15 @@ domains = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(255), nullable=False, unique=True),  # lower-cased
-    # The per-domain migration switch: on, unknown users are checked against `source_url`.
+    # The per-domain migration switch: on, unknown users are checked against the old server.
     Column("migrating", Boolean, nullable=False, default=True),
+    # The old server's service the copy reads: its IMAP one when it has one, else its POP3 one.
     Column("source_url", String(512), nullable=False),
+    # Its POP3 service beside an IMAP `source_url` (POP3 logins are checked there); else NULL.
+    Column("pop3_source_url", String(512), nullable=True),
+    # passthrough: accounts are served by the old server until their copy is complete, then
+    # switched once; immediate: served by the store from the first login (schema version 1).
+    Column("cutover", String(16), nullable=False, default="passthrough"),
     Column("relay_url", String(512), nullable=True),
     Column("type", String(16), nullable=False, default="default"),
     Column("source_user", String(255), nullable=False, default="%u"),
@@ -74,6 +80,12 @@ accounts = Table(
     Column("source_url", String(512), nullable=True),  # per-user override of the domain's
     Column("source_login", String(320), nullable=True),
     Column("notice_inserted_at", DateTime(timezone=True), nullable=True),
+    # Where the account's sessions and mail go: "old" (the old server, passthrough until the
+    # switch) or "store". Flipped once, with switched_at, by AccountStore.complete_switch.
+    Column("served_by", String(8), nullable=False, default="store"),
+    Column("switched_at", DateTime(timezone=True), nullable=True),
+    # While set and in the future, the account is being switched: new logins wait for it.
+    Column("hold_until", DateTime(timezone=True), nullable=True),
 )
 
 # One row per account that has (had) a migration: what the admin views show.
@@ -142,4 +154,17 @@ close_requests = Table(
     Column("address_key", String(320), nullable=False),
     Column("reason", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Sessions relayed to an account's old server right now (passthrough), one row each, kept by the
+# `serve` process relaying it: a switch waits until its account has none left before the final
+# pass, so nothing changes the old mailbox behind that pass. See store/cutover.py.
+old_sessions = Table(
+    "old_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("process", String(255), nullable=False),  # host:pid of the serve process
+    Column("seen_at", DateTime(timezone=True), nullable=False),  # refreshed while it lives
 )

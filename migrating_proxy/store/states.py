@@ -23,6 +23,11 @@ An account with an active job is always PENDING: every transition that creates o
 ends in PENDING, and the ones that leave PENDING end the job (or, for `check_failed`, require
 that there is none). So a pass can only end from PENDING.
 
+Where an account is served (`accounts.served_by`, store/cutover.py) is a second dimension:
+"store" for every account except those of passthrough domains, which start "old" and are
+switched to "store" once, during a pass (the account stays PENDING until the pass completes),
+by `CutoverStore.switch` guarded by the switch's hold, or by `finish` for the ones left.
+
 Job (`jobs.state`; `status --json` shows the active one as `job_state`):
 
     event        from                  to        made by

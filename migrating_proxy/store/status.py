@@ -17,6 +17,8 @@ STATUS_KEYS = (
     "messages_skipped", "bytes_copied", "last_error", "started_at", "finished_at",
     # Added by the admin commands (issue 5):
     "last_pass_at", "job_state",
+    # The transparent cutover (issue 9): "old" or "store", and when the switch happened.
+    "served_by", "switched_at",
 )
 COUNTERS = STATUS_KEYS[2:8]
 
@@ -30,6 +32,7 @@ def migration_status(engine: Engine, addresses: list[str] | None = None,
     """
     query = (
         select(accounts.c.id, accounts.c.address, accounts.c.migration_state,
+               accounts.c.served_by, accounts.c.switched_at,
                *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
                migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at)
         .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
@@ -80,4 +83,6 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
     status["finished_at"] = utc_iso(row.finished_at)
     status["last_pass_at"] = utc_iso(row.last_pass_at)
     status["job_state"] = job_state
+    status["served_by"] = row.served_by
+    status["switched_at"] = utc_iso(row.switched_at)
     return status

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import imaplib
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -12,6 +13,8 @@ from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
 from imapclient import IMAPClient
+
+from tests.support.dovecot import DovecotInstance
 
 # Under 76 characters, so quoted-printable bodies keep it as is and the size stays predictable.
 FILLER = "The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklm"
@@ -192,3 +195,27 @@ def can_log_in(port: int, address: str, password: str) -> bool:
             return False
         client.logout()
         return True
+
+
+def imap_login(server: DovecotInstance, address: str, password: str | None = None) -> IMAPClient:
+    """A session as the user: at an old server with their password, at the new store through
+    its master user."""
+    client = IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=30)
+    if password is None:
+        client.plain_login(server.master_user, server.master_password,
+                           authorization_identity=address)
+    else:
+        client.login(address, password)
+    return client
+
+
+def add_old_user(server: DovecotInstance, address: str, password: str,
+                 timeout: float = 5.0) -> None:
+    """A new user at an old server, once it can log in (Dovecot re-reads its passwd-file at
+    most once a second)."""
+    server.add_user(address, password)
+    deadline = time.monotonic() + timeout
+    while not can_log_in(server.imap_port, address, password):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} cannot log in to the old server")
+        time.sleep(0.2)

@@ -53,7 +53,6 @@ class Proxy:
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     # The module `python -m` runs for `serve`: the product, or a test harness around it.
-    serve_module: str = "migrating_proxy"
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -138,19 +137,22 @@ class Proxy:
                                      f"{self.log_text()[-3000:]}")
             time.sleep(0.2)
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Run `serve` (with `env` added to its environment) until its listeners are bound."""
+        started = self.log_text().count('"event": "started"')  # a restart logs it again
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.serve_module, "--config", str(self.config_path), "serve"],
+            [sys.executable, "-m", "migrating_proxy", "--config", str(self.config_path), "serve"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
-                                                             os.environ.get("PYTHONPATH"))))},
+                                                             os.environ.get("PYTHONPATH")))),
+                 **(env or {})},
         )
         log.close()
         # "started" is logged once every listener is bound; a dead process won't log it.
         deadline = time.monotonic() + 20
-        while '"event": "started"' not in self.log_text():
+        while self.log_text().count('"event": "started"') <= started:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"proxy did not start:\n{self.log_text()[-3000:]}")
