@@ -28,6 +28,7 @@ from migrating_proxy.store import (
     StoreError,
     open_store,
 )
+from migrating_proxy.store.copystate import CopyState
 from migrating_proxy.store.db import ensure_schema, make_engine
 from migrating_proxy.store.schema import SCHEMA_VERSION, schema_info
 from tests.support.schemas import create_old_schema
@@ -269,6 +270,37 @@ def test_version_1_database_is_upgraded_in_place_with_domain_source_ca(store_url
         store.accounts.add_domain(Domain("ca.example", "imaps://x:993", source_ca="PEM"))
         domain = store.accounts.get_domain("ca.example")
         assert domain is not None and domain.source_ca == "PEM"
+        with store.engine.connect() as conn:
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
+    finally:
+        store.close()
+
+
+def test_version_4_database_is_upgraded_in_place_with_copy_engines(store_url: str) -> None:
+    """A database of version 4 keeps its domains and migrations and gains the engine columns."""
+    stamp = "'2025-01-01 00:00:00+00'"
+    create_old_schema(
+        store_url, 4,
+        "INSERT INTO domains (name, migrating, source_url, cutover, type, source_user, "
+        "subscribed_only, notice, verify_tls, created_at, updated_at) VALUES ('old.example', "
+        f"true, 'imap://old.example:143', 'passthrough', 'default', '%u', false, true, true, "
+        f"{stamp}, {stamp})",
+        "INSERT INTO accounts (id, address, address_key, domain, password_hash, created_at, "
+        f"updated_at, served_by) VALUES (1, 'alice@old.example', 'alice@old.example', "
+        f"'old.example', '$6$hash', {stamp}, {stamp}, 'old')",
+        "INSERT INTO migrations (account_id, folders_total, folders_done, messages_total, "
+        "messages_copied, messages_skipped, bytes_copied) VALUES (1, 0, 0, 3, 3, 0, 10)")
+    store = open_store(store_url)
+    try:
+        domain = store.accounts.get_domain("old.example")
+        assert domain is not None and domain.engine is None  # the configuration decides
+        state = CopyState(store.engine, 1)
+        assert state.copy_engine() is None
+        state.write_progress(copy_engine="dsync")
+        assert state.copy_engine() == "dsync"
+        assert state.totals() is not None
+        store.accounts.add_domain(Domain("d.example", "imap://x:143", engine="dsync"))
+        assert store.accounts.get_domain("d.example").engine == "dsync"  # type: ignore[union-attr]
         with store.engine.connect() as conn:
             assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
     finally:

@@ -111,6 +111,7 @@ class Domain:
     # immediate: served by the store from the first login while the copy fills it.
     cutover: str = PASSTHROUGH
     pop3_source_url: str | None = None
+    engine: str | None = None  # imap | dsync; None: the configuration's migration.engine
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -347,7 +348,7 @@ def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
         relay_url=row.relay_url, type=row.type, source_user=row.source_user,
         subscribed_only=row.subscribed_only, notice=row.notice, verify_tls=row.verify_tls,
         source_ca=row.source_ca,
-        cutover=row.cutover, pop3_source_url=row.pop3_source_url,
+        cutover=row.cutover, pop3_source_url=row.pop3_source_url, engine=row.engine,
     )
 
 

@@ -334,9 +334,15 @@ class CopyState:
 
     # --- progress counters (the shared `migrations` table) ----------------------------------
 
+    def copy_engine(self) -> str | None:
+        """The engine recorded for the account (migration/dsync.py), None before any pass."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(migrations.c.copy_engine).where(
+                migrations.c.account_id == self.account_id)).scalar_one_or_none()
+
     def write_progress(self, *, finished: bool = False, error: str | None = None,
                        **counters: int) -> None:
-        """Upsert the account's `migrations` row with the given counters."""
+        """Upsert the account's `migrations` row with the given counters (or other columns)."""
         values: dict[str, object] = dict(counters)
         values["last_error"] = error
         if finished:

@@ -55,11 +55,22 @@ def _v4_transparent_cutover(conn: Connection) -> None:
     old_sessions.create(conn, checkfirst=True)
 
 
+def _v5_copy_engines(conn: Connection) -> None:
+    """Version 5: the dsync engine (domains.engine; migrations.copy_engine, engine_note,
+    uids_kept)."""
+    from migrating_proxy.store.schema import domains, migrations
+
+    add_column(conn, domains.c.engine)
+    for name in ("copy_engine", "engine_note", "uids_kept"):
+        add_column(conn, migrations.c[name])
+
+
 # version -> step that brings a database from version-1 to version.
 UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: _add_domain_source_ca,
     3: _add_close_requests,
     4: _v4_transparent_cutover,
+    5: _v5_copy_engines,
 }
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -59,6 +59,9 @@ domains = Table(
     # PEM certificates of a private CA that signed the old server's certificate (--source-ca),
     # trusted beside the system's CAs. Content, not a path: see migrating_proxy/cacerts.py.
     Column("source_ca", Text, nullable=True),
+    # The copy engine for this domain's accounts (`domain add --engine`): imap | dsync;
+    # NULL: `migration.engine` of the configuration.
+    Column("engine", String(8), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -103,6 +106,13 @@ migrations = Table(
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("last_pass_at", DateTime(timezone=True), nullable=True),
+    # The engine that copies this account (migration/dsync.py): NULL until its first pass
+    # chose one; "dsync" is recorded before dsync's first backup starts, "imap" when the
+    # account fell back to the imap engine, with the reason in engine_note.
+    Column("copy_engine", String(8), nullable=True),
+    Column("engine_note", Text, nullable=True),
+    # Set at the switch: true when the store kept the old server's UIDs (dsync), else false.
+    Column("uids_kept", Boolean, nullable=True),
 )
 
 # The job queue shared by every worker process (and machine, on PostgreSQL).

@@ -19,6 +19,9 @@ STATUS_KEYS = (
     "last_pass_at", "job_state",
     # The transparent cutover (issue 9): "old" or "store", and when the switch happened.
     "served_by", "switched_at",
+    # Added by the dsync engine (issue 14): "imap" | "dsync" (null before the first pass),
+    # why an account fell back to imap, and after the switch whether the UIDs were kept.
+    "engine", "engine_note", "uids_kept",
 )
 COUNTERS = STATUS_KEYS[2:8]
 
@@ -34,7 +37,8 @@ def migration_status(engine: Engine, addresses: list[str] | None = None,
         select(accounts.c.id, accounts.c.address, accounts.c.migration_state,
                accounts.c.served_by, accounts.c.switched_at,
                *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
-               migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at)
+               migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at,
+               migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept)
         .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
         .order_by(accounts.c.address_key)
     )
@@ -85,4 +89,7 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
     status["job_state"] = job_state
     status["served_by"] = row.served_by
     status["switched_at"] = utc_iso(row.switched_at)
+    status["engine"] = row.copy_engine
+    status["engine_note"] = row.engine_note
+    status["uids_kept"] = row.uids_kept
     return status

@@ -43,6 +43,7 @@ from tests.support.tls import TLSFiles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = REPO_ROOT / "deploy" / "dovecot" / "migrating-proxy.conf"
+DSYNC_SNIPPET = REPO_ROOT / "deploy" / "dovecot" / "migrating-proxy-dsync.conf"
 
 # Literals in the snippet that the fixtures replace with instance-specific values.
 SNIPPET_MASTERS_PATH = "/etc/dovecot/migrating-proxy-masters"
@@ -50,6 +51,9 @@ SNIPPET_USERS_PATH = "/var/lib/migrating-proxy/dovecot-users"
 SNIPPET_MAIL_ROOT = "/var/vmail"
 SNIPPET_MAIL_OWNER = "uid=vmail gid=vmail"
 SNIPPET_PORTS = {"imap": 10143, "imaps": 0, "pop3": 10110, "pop3s": 0, "lmtp": 24}
+DSYNC_KEY_PATH = "/etc/dovecot/migrating-proxy-doveadm-key"
+DSYNC_USERS_PATH = "/var/lib/migrating-proxy/dsync-users"
+_DSYNC_HTTP_PORT = re.compile(r"(inet_listener http \{[^}]*?\bport = )8080\b")
 
 SPECIAL_USE = {
     "Sent": r"\Sent",
@@ -128,6 +132,11 @@ class DovecotInstance:
     kind: Literal["old", "new"]
     tls: TLSFiles | None = None
     host: str = HOST
+    # A store with deploy/dovecot/migrating-proxy-dsync.conf: the doveadm HTTP API's port and
+    # key file, and the directory the dsync engine writes its per-pass userdb entries to.
+    doveadm_port: int | None = None
+    doveadm_key_file: Path | None = None
+    dsync_users: Path | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -165,6 +174,8 @@ class DovecotInstance:
         """
         deadline = time.monotonic() + timeout
         banners = {self.imap_port: b"* OK", self.pop3_port: b"+OK", self.lmtp_port: b"220 "}
+        if self.doveadm_port:
+            banners[self.doveadm_port] = b""
         plain_tls = [p for p in (self.imaps_port, self.pop3s_port) if p]
         for port, banner in [*banners.items(), *((p, b"") for p in plain_tls)]:
             while not _greets(self.host, port, banner):
@@ -418,6 +429,19 @@ def render_snippet(replacements: dict[str, str], ports: dict[str, int]) -> str:
     return text
 
 
+def render_dsync_snippet(key_file: Path, dsync_users: Path, http_port: int) -> str:
+    """The checked-in dsync snippet with its paths and HTTP port replaced for one instance."""
+    text = DSYNC_SNIPPET.read_text()
+    for literal in (DSYNC_KEY_PATH, DSYNC_USERS_PATH):
+        if literal not in text:
+            raise ValueError(f"{DSYNC_SNIPPET} no longer uses {literal}; update {__file__}")
+    text = text.replace(DSYNC_KEY_PATH, str(key_file)).replace(DSYNC_USERS_PATH, str(dsync_users))
+    text, count = _DSYNC_HTTP_PORT.subn(rf"\g<1>{http_port}", text)
+    if count != 1:
+        raise ValueError(f"{DSYNC_SNIPPET}: expected one HTTP listener with port = 8080")
+    return text
+
+
 def _make_instance(
     root: Path, kind: Literal["old", "new"], users_file: Path, tls: TLSFiles | None,
     master_user: str | None = None, master_password: str | None = None,
@@ -499,6 +523,7 @@ def new_store(
     master_password: str | None = None,
     tls: TLSFiles | None = None,
     single_file: bool = False,
+    dsync: bool = False,
 ) -> DovecotInstance:
     """Configure (not start) the new store from deploy/dovecot/migrating-proxy.conf.
 
@@ -506,7 +531,9 @@ def new_store(
     `user:{SCHEME}hash` file per account; it is created if missing. With `single_file` it is
     the one passwd-file `passwd-file` provisioning writes (its directory is created), which the
     passdb then reads, as the snippet's comment explains. `master_password` defaults to a
-    random one.
+    random one. `dsync`: with deploy/dovecot/migrating-proxy-dsync.conf too (read
+    before the store's own userdb, as the snippet asks), its API key and entry directory
+    below root.
     """
     ident = _Identity.for_current_user()
     _prepare_root(root, ident)
@@ -536,6 +563,20 @@ def new_store(
     }, ports))
     inst.config_path.write_text(_base_config(inst, ident) + f"\n!include {snippet}\n")
     return inst
+
+
+def _configure_dsync(inst: DovecotInstance, ident: _Identity, conf_d: Path) -> str:
+    """Write the dsync snippet, its key and entry directory; the line that includes it."""
+    inst.doveadm_port = free_port()
+    inst.doveadm_key_file = inst.root / "doveadm-key"
+    inst.doveadm_key_file.write_text(secrets.token_hex(16))
+    inst.doveadm_key_file.chmod(0o600)
+    inst.dsync_users = inst.root / "dsync-users"
+    _prepare_provisioned_dir(inst.dsync_users, ident)
+    snippet = conf_d / "05-migrating-proxy-dsync.conf"
+    snippet.write_text(render_dsync_snippet(inst.doveadm_key_file, inst.dsync_users,
+                                            inst.doveadm_port))
+    return f"!include {snippet}\n"
 
 
 def remove_root(root: Path) -> None:
