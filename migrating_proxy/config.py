@@ -66,6 +66,11 @@ class BackendConfig:
     timeout: float = 10.0  # connect + greeting + login at the store, seconds
     # Where inbound mail for local accounts goes: LMTP (or SMTP) of the new store.
     delivery: Endpoint = field(default_factory=lambda: parse_endpoint("lmtp://127.0.0.1:24"))
+    # The store's doveadm, for the dsync engine: its HTTP API (URL + key file), else the local
+    # command (the proxy runs on the store's host).
+    doveadm_url: str = ""
+    doveadm_api_key_file: Path | None = None
+    doveadm_command: str = "doveadm"
 
     def master_password(self) -> str | None:
         """Read on demand so the secret lives in memory only while a login needs it."""
@@ -122,7 +127,17 @@ class MigrationConfig:
     # sessions are closed and the final pass runs; a final pass that does not fit is retried.
     switch_hold: float = 10.0
     moved_notice: Path | None = None  # template of the notice put in at the switch; None: built in
+    # The copy engine (a domain's `--engine` overrides it): "imap" appends through IMAP, any
+    # store; "dsync" has the store's doveadm run `backup -R` from the old server, which keeps
+    # the UIDs (Dovecot stores, passthrough domains; deploy/dovecot/migrating-proxy-dsync.conf).
+    engine: str = "imap"
+    # Where the dsync engine writes an account's old-server entry for the store's userdb
+    # during a pass (the snippet's /var/lib/migrating-proxy/dsync-users).
+    dsync_credentials: Path | None = None
+    dsync_timeout: float = 3600.0  # seconds one `backup` call may take (a first pass: long)
 
+
+ENGINES = ("imap", "dsync")
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -245,7 +260,7 @@ class _Reader:
         "tls": {"cert", "key", "require"},
         "database": {"url"},
         "backend": {"imap", "pop3", "master_user", "master_password_file", "timeout",
-                    "delivery"},
+                    "delivery", "doveadm_url", "doveadm_api_key_file", "doveadm_command"},
         "provision": {"kind", "path", "scheme", "rounds", "hash_processes"},
         "limits": set(LimitsConfig.__dataclass_fields__),
         "log": {"format", "level"},
@@ -371,7 +386,11 @@ class _Reader:
             timeout=self.get("backend", "timeout", float, 10.0),
             delivery=self._endpoint("backend", "delivery", "lmtp://127.0.0.1:24",
                                     ("lmtp", "smtp")),
+            doveadm_url=self.get("backend", "doveadm_url", str, ""),
+            doveadm_api_key_file=self.path_or_none("backend", "doveadm_api_key_file"),
+            doveadm_command=self.get("backend", "doveadm_command", str, "doveadm"),
         )
+        self._check_doveadm(backend)
         if backend.master_user and backend.master_password_file is None:
             raise self.fail("backend.master_password_file", "required with backend.master_user")
         if backend.master_password_file and not backend.master_password_file.is_file():
@@ -380,6 +399,21 @@ class _Reader:
                 f"{backend.master_password_file} is not a readable file",
             )
         return backend
+
+    def _check_doveadm(self, backend: BackendConfig) -> None:
+        if backend.doveadm_url:
+            if not re.fullmatch(r"https?://[^/\s]+/\S*", backend.doveadm_url):
+                raise self.fail("backend.doveadm_url",
+                                "must be an http:// or https:// URL such as "
+                                "http://127.0.0.1:8080/doveadm/v1")
+            if backend.doveadm_api_key_file is None:
+                raise self.fail("backend.doveadm_api_key_file",
+                                "required with backend.doveadm_url")
+        key_file = backend.doveadm_api_key_file
+        if key_file is not None and not key_file.is_file():
+            raise self.fail("backend.doveadm_api_key_file", f"{key_file} is not a readable file")
+        if not backend.doveadm_command.strip():
+            raise self.fail("backend.doveadm_command", "must not be empty")
 
     def _endpoint(self, section: str, key: str, default: str,
                   allowed: tuple[str, ...]) -> Endpoint:
@@ -449,14 +483,20 @@ class _Reader:
         defaults = MigrationConfig()
         values: dict[str, Any] = {}
         for key in ("workers", "resync_interval", "source_timeout", "max_connections_per_host",
-                    "parallel_folders", "max_attempts", "switch_hold"):
+                    "parallel_folders", "max_attempts", "switch_hold",
+                    "dsync_timeout"):
             default = getattr(defaults, key)
             value = self.get("migration", key, type(default), default)
             if value < 0:
                 raise self.fail(f"migration.{key}", "must not be negative")
             values[key] = value
-        for key in ("notice", "vault_key_file", "moved_notice"):
+        for key in ("notice", "vault_key_file", "moved_notice", "dsync_credentials"):
             values[key] = self.path_or_none("migration", key)
+        values["engine"] = self.get("migration", "engine", str, defaults.engine)
+        if values["engine"] not in ENGINES:
+            raise self.fail("migration.engine", 'must be "imap" or "dsync"')
+        if values["engine"] == "dsync" and values["dsync_credentials"] is None:
+            raise self.fail("migration.dsync_credentials", 'required with engine = "dsync"')
         values["keep_credentials"] = self.get("migration", "keep_credentials", bool, False)
         for key in ("notice", "moved_notice"):
             if values[key] is not None and not values[key].is_file():

@@ -251,6 +251,21 @@ BAD_CASES = {
         "nope.txt is not a readable file"),
     "unknown log format": ('[log]\nformat = "xml"\n', "log.format", "must be"),
     "unknown log level": ('[log]\nlevel = "loud"\n', "log.level", "must be"),
+    "unknown copy engine": (
+        '[migration]\nengine = "rsync"\n', "migration.engine", 'must be "imap" or "dsync"'),
+    "dsync without a credentials directory": (
+        '[migration]\nengine = "dsync"\n', "migration.dsync_credentials",
+        'required with engine = "dsync"'),
+    "doveadm URL that is not HTTP": (
+        '[backend]\ndoveadm_url = "imap://store:8080"\ndoveadm_api_key_file = "key.pem"\n',
+        "backend.doveadm_url", "must be an http:// or https:// URL"),
+    "doveadm URL without a key file": (
+        '[backend]\ndoveadm_url = "http://127.0.0.1:8080/doveadm/v1"\n',
+        "backend.doveadm_api_key_file", "required with backend.doveadm_url"),
+    "doveadm key file missing": (
+        '[backend]\ndoveadm_url = "http://127.0.0.1:8080/doveadm/v1"\n'
+        'doveadm_api_key_file = "nokey"\n', "backend.doveadm_api_key_file",
+        "nokey is not a readable file"),
 }
 
 
@@ -269,6 +284,20 @@ def test_bad_setting_names_file_key_and_reason(
     assert message.startswith(f"{path}: {key}: "), message
     assert reason in message.removeprefix(f"{path}: {key}: ")
     assert "\n" not in message
+
+
+def test_the_dsync_engine_settings_resolve(tmp_path: Path) -> None:
+    write(tmp_path / "doveadm-key", "k")
+    path = write(tmp_path / "mp.toml", minimal(
+        '[backend]\ndoveadm_url = "http://127.0.0.1:8080/doveadm/v1"\n'
+        'doveadm_api_key_file = "doveadm-key"\n'
+        '[migration]\nengine = "dsync"\ndsync_credentials = "dsync-users"\n'))
+    loaded = load(str(path))
+    assert loaded.migration.engine == "dsync"
+    assert loaded.migration.dsync_credentials == tmp_path / "dsync-users"
+    assert loaded.migration.dsync_timeout == 3600.0
+    assert loaded.backend.doveadm_api_key_file == tmp_path / "doveadm-key"
+    assert load(None).migration.engine == "imap"  # the default: any store
 
 
 def test_tls_listeners_are_accepted_with_a_certificate(tmp_path: Path) -> None:
