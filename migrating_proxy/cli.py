@@ -12,6 +12,7 @@ import getpass
 import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +21,7 @@ from migrating_proxy import logs
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
 from migrating_proxy.cacerts import CAFileError, read_ca_file
-from migrating_proxy.config import Config, ConfigError
+from migrating_proxy.config import ENGINES, Config, ConfigError
 from migrating_proxy.console import CommandError, print_rows
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
@@ -218,6 +219,10 @@ def domain_options(parser: argparse.ArgumentParser, *, adding: bool) -> None:
                         help="passthrough (default): serve users from the old server until "
                              "their copy is complete, then switch; immediate: serve them "
                              "from the store at once")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="copy engine: imap (any store) or dsync (the Dovecot store's "
+                             "doveadm backup -R: UIDs kept; passthrough only); default: "
+                             "migration.engine of the configuration")
     _on_off(parser, "--subscribed-only", "--all-folders", "subscribed_only",
             "copy only subscribed folders", "copy every folder (default)")
     _on_off(parser, "--notice", "--no-notice", "notice",
@@ -303,11 +308,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
 def domain_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     accounts = store.accounts
     if args.action == "add":
-        accounts.add_domain(domain_from_args(args))
+        domain = domain_from_args(args)
+        check_engine(domain, config)
+        accounts.add_domain(domain)
     elif args.action == "set":
-        if accounts.get_domain(args.name) is None:
+        current = accounts.get_domain(args.name)
+        if current is None:
             raise CommandError(f"unknown domain {args.name}")
-        accounts.update_domain(args.name, **domain_changes(args))
+        changes = domain_changes(args)
+        check_engine(replace(current, **changes), config)
+        accounts.update_domain(args.name, **changes)
     elif args.action in ("enable", "disable"):
         accounts.set_domain_migrating(args.name, args.action == "enable")
     elif args.action == "remove":
@@ -345,10 +355,24 @@ def domain_changes(args: argparse.Namespace) -> dict[str, Any]:
         if args.source_ca and args.verify_tls is False:
             raise CommandError("--source-ca and --no-verify-tls contradict each other")
         changes["source_ca"] = source_ca_from_args(args) or None
-    for name in ("type", "cutover", "subscribed_only", "notice", "verify_tls"):
+    for name in ("type", "cutover", "engine", "subscribed_only", "notice", "verify_tls"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     return changes
+
+
+def check_engine(domain: Domain, config: Config) -> None:
+    """dsync only where nothing writes to the store before the switch, and only configured."""
+    if domain.engine != "dsync":
+        return
+    if domain.cutover != PASSTHROUGH:
+        raise CommandError(
+            "--engine dsync needs --cutover passthrough: with immediate the store mailbox is "
+            "written to before the last pass, and dsync's backup would undo those writes")
+    if config.migration.dsync_credentials is None:
+        raise CommandError("--engine dsync needs migration.dsync_credentials in the "
+                           "configuration (and deploy/dovecot/migrating-proxy-dsync.conf on "
+                           "the store)")
 
 
 # -- account ------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def write_config(directory: Path, users_file: Path, database_url: str | None = N
         "database": {"url": database_url or f"sqlite:///{directory / 'proxy.db'}"},
         "provision": {"kind": "passwd-dir", "path": str(users_file), "rounds": 5000},
         "log": {"format": "json"},
+        "migration": {"dsync_credentials": str(directory / "dsync-users")},
     }
     path = directory / "migrating-proxy.toml"
     path.write_text(render_toml(sections))
@@ -173,13 +174,14 @@ def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
     admin.ok("domain", "add", "Old.Example", "--source", "imaps://mail.old.example",
              "--relay", "smtp+starttls://smtp.old.example:587", "--type", "exchange",
              "--source-user", "%n", "--subscribed-only", "--disabled", "--no-notice",
-             "--no-verify-tls")
+             "--no-verify-tls", "--engine", "dsync")
     assert admin.domains() == {"old.example": {
         "name": "old.example", "source_url": "imaps://mail.old.example:993",
         "relay_url": "smtp+starttls://smtp.old.example:587", "migrating": False,
         "type": "exchange", "source_user": "%n", "subscribed_only": True,
         "notice": False, "verify_tls": False, "source_ca": None, "cutover": "passthrough",
         "pop3_source_url": None, "sources": ["imaps://mail.old.example:993"],
+        "engine": "dsync",
     }}
 
 
@@ -413,6 +415,9 @@ BAD_DOMAIN_SETS = [
     (["old.example", "--source-user", "%x"], "--source-user", 1),
     (["old.example", "--type", "lotus"], "invalid choice: 'lotus'", 2),
     (["old.example", "--notice", "--no-notice"], "not allowed with argument", 2),
+    (["old.example", "--engine", "rsync"], "invalid choice: 'rsync'", 2),
+    (["old.example", "--engine", "dsync", "--cutover", "immediate"],
+     "--engine dsync needs --cutover passthrough", 1),
 ]
 
 
@@ -423,6 +428,26 @@ def test_bad_domain_set_is_refused_in_one_line_and_changes_nothing(admin: Admin)
     for (args, reason, code), result in zip(BAD_DOMAIN_SETS, results, strict=True):
         assert_refused(result, reason, code=code, context=args)
     assert admin.domains() == before
+
+
+def test_the_dsync_engine_is_for_passthrough_domains_only(admin: Admin) -> None:
+    admin.ok("domain", "add", "old.example", "--source", "imap://192.0.2.1", "--engine", "dsync")
+    admin.ok("domain", "add", "now.example", "--source", "imap://192.0.2.1",
+             "--cutover", "immediate")
+    assert admin.domains()["old.example"]["engine"] == "dsync"
+    assert admin.domains()["now.example"]["engine"] is None  # migration.engine decides
+    before = admin.domains()
+    results = admin.run_all([
+        ["domain", "set", "old.example", "--cutover", "immediate"],
+        ["domain", "set", "now.example", "--engine", "dsync"],
+        ["domain", "add", "new.example", "--source", "imap://192.0.2.1", "--engine", "dsync",
+         "--cutover", "immediate"],
+    ])
+    for result in results:
+        assert_refused(result, "--engine dsync needs --cutover passthrough")
+    assert admin.domains() == before
+    admin.ok("domain", "set", "old.example", "--engine", "imap", "--cutover", "immediate")
+    assert admin.domains()["old.example"]["engine"] == "imap"
 
 
 def test_empty_lists_are_empty_json_arrays(admin: Admin) -> None:
