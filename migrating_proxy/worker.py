@@ -26,7 +26,8 @@ import structlog
 
 from migrating_proxy import logs
 from migrating_proxy.config import Config
-from migrating_proxy.migration import CopyResult, run_copy
+from migrating_proxy.migration import CopyProgress, CopyResult, run_copy
+from migrating_proxy.migration.dsync import DSYNC, IMAP, DsyncEngine, Fallback, engine_for
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.specs import source_spec, store_spec
 from migrating_proxy.store import (
@@ -38,6 +39,8 @@ from migrating_proxy.store import (
     Store,
     open_store,
 )
+from migrating_proxy.store.accounts import PASSTHROUGH
+from migrating_proxy.store.copystate import CopyState
 from migrating_proxy.store.jobs import Job
 from migrating_proxy.switch import MirrorPass, OldServerSessions, Switch
 
@@ -62,6 +65,13 @@ class CopyWorker:
     onboarding: Onboarding
     name: str
     stop: threading.Event
+    _dsync: DsyncEngine | str | None = None  # built on first use; a str: why it cannot be
+
+    def dsync(self) -> DsyncEngine | str:
+        """The dsync engine of this worker, or why there is none (a readable reason)."""
+        if self._dsync is None:
+            self._dsync = engine_for(self.config)
+        return self._dsync
 
     def run(self) -> None:
         log.info("worker_started", worker=self.name)
@@ -127,6 +137,9 @@ class CopyWorker:
         outcome = switch.run(copy, copy_seconds)
         if outcome.state in ("switched", "gone"):
             switched = self.store.accounts.get_account_by_id(account.id) or account
+            state = CopyState(self.store.engine, account.id)
+            if outcome.state == "switched":
+                state.write_progress(uids_kept=state.copy_engine() == DSYNC)
             # Mail still on its way to the old server when the final pass read its folder
             # (an ordinary pass: the store is the user's mailbox now).
             late = passes.make(mirror=False)(None)
@@ -185,7 +198,47 @@ class _Passes:
     interrupted: Callable[[], bool]
 
     def make(self, *, mirror: bool) -> MirrorPass:
-        """A mirror pass while the old server serves the account, else an ordinary one."""
+        """A mirror pass while the old server serves the account, else an ordinary one; each
+        by the account's engine (migration/dsync.py)."""
+        imap_pass = self._imap_pass(mirror=mirror)
+        engine = self._engine()
+        if engine == DSYNC and not mirror:
+            # After the switch the store copy is the user's mailbox, kept exact by the final
+            # backup (mail for the account waited for the switch, then went to the store);
+            # neither engine may copy into it again: the imap engine has no records of dsync's
+            # messages and would duplicate them all.
+            return lambda _deadline: CopyResult("completed", CopyProgress())
+        if engine != DSYNC:
+            return imap_pass
+        return self._dsync_pass(imap_pass)
+
+    def _engine(self) -> str:
+        """dsync for a passthrough domain that asks for it, until the account fell back."""
+        wanted = self.domain.engine or self.worker.config.migration.engine
+        if wanted != DSYNC or self.domain.cutover != PASSTHROUGH:
+            return IMAP
+        recorded = CopyState(self.worker.store.engine, self.account.id).copy_engine()
+        if recorded is None and not self.account.served_by_old_server:
+            return IMAP  # switched (or served by the store) before dsync ever ran
+        return recorded or DSYNC
+
+    def _dsync_pass(self, imap_pass: MirrorPass) -> MirrorPass:
+        account, domain = self.account, self.domain
+        imap = source_spec(domain, account, account.address, self.password)
+        pop3 = source_spec(domain, account, account.address, self.password, "pop3") \
+            if domain.pop3_source_url else None
+
+        def run(deadline: float | None) -> CopyResult:
+            engine = self.worker.dsync()
+            if isinstance(engine, str):
+                return CopyResult("error", CopyProgress(), engine, error_kind="store")
+            result = engine.run_pass(self.worker.store.engine, account.id, account.address,
+                                     imap, pop3, deadline=deadline)
+            return imap_pass(deadline) if isinstance(result, Fallback) else result
+
+        return run
+
+    def _imap_pass(self, *, mirror: bool) -> MirrorPass:
         config, account = self.worker.config, self.account
         source = source_spec(self.domain, account, account.address, self.password)
         store = store_spec(config, account.address)

@@ -8,7 +8,6 @@ A store mailbox is never opened over IMAP before an engine pass has run: that wo
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import poplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,16 +23,13 @@ from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.copystate import CopyState
 from migrating_proxy.store.status import migration_status
 from tests.support import dovecot
-from tests.support.mail import make_message, sample_corpus, seed_mailbox
+from tests.support.mail import UidView, make_message, sample_corpus, seed_mailbox, uid_view
 
 PASSWORD = "Old=Secret-Grüße-7"  # "=" and UTF-8: both must survive the userdb entry
 USERS = ["http@old.example", "local@old.example", "pop@old.example", "opened@old.example",
          "noticed@old.example", "refused@old.example", "nocred@old.example",
          "badpw@old.example", "spaced@old.example"]
 SPACED_PASSWORD = "with space"
-
-# Folder -> (UIDVALIDITY, UIDNEXT, {UID: (flags, INTERNALDATE, size, SHA-1 of the bytes)}).
-UidView = dict[str, tuple[int, int, dict[int, tuple[tuple[bytes, ...], dt.datetime, int, str]]]]
 
 
 @pytest.fixture(scope="module")
@@ -116,24 +112,6 @@ def store_client(store: dovecot.DovecotInstance, user: str) -> IMAPClient:
     assert store.master_user and store.master_password
     client.plain_login(store.master_user, store.master_password, authorization_identity=user)
     return client
-
-
-def uid_view(client: IMAPClient, only: set[str] | None = None) -> UidView:
-    view: UidView = {}
-    for flags, _sep, name in client.list_folders():
-        if b"\\Noselect" in flags or (only is not None and name not in only):
-            continue
-        status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
-        client.select_folder(name, readonly=True)
-        uids = client.search("ALL")  # UIDs (imapclient's default)
-        fetched = client.fetch(uids, ["FLAGS", "INTERNALDATE", "RFC822.SIZE",
-                                      "BODY.PEEK[]"]) if uids else {}
-        view[name] = (status[b"UIDVALIDITY"], status[b"UIDNEXT"], {
-            uid: (tuple(sorted(f for f in data[b"FLAGS"] if f != b"\\Recent")),
-                           data[b"INTERNALDATE"], data[b"RFC822.SIZE"],
-                           hashlib.sha1(data[b"BODY[]"]).hexdigest())
-            for uid, data in fetched.items()})
-    return view
 
 
 def assert_uid_exact(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance,

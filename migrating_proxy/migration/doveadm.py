@@ -85,8 +85,11 @@ def mailbox_update(user: str, mailbox: str, uid_validity: int, guid: str) -> Com
 
 
 class Doveadm(Protocol):
-    def run(self, command: Command) -> list[dict[str, str]]:
-        """Run command; its result rows (field -> value). DoveadmFailed otherwise."""
+    def run(self, command: Command, timeout: float | None = None) -> list[dict[str, str]]:
+        """Run command; its result rows (field -> value). DoveadmFailed otherwise.
+
+        `timeout` replaces the transport's own for this call (a final pass inside the
+        switch hold must not outlive the hold)."""
 
 
 def describe_exit(code: int) -> str:
@@ -118,9 +121,9 @@ class HttpDoveadm:
         self.timeout = timeout
         self.pass_timeout = pass_timeout
 
-    def run(self, command: Command) -> list[dict[str, str]]:
+    def run(self, command: Command, timeout: float | None = None) -> list[dict[str, str]]:
         started = int(time.time())
-        timeout = self.pass_timeout if command.long else self.timeout
+        timeout = timeout or (self.pass_timeout if command.long else self.timeout)
         try:
             reply = self._post([[command.name, command.params, "mp"]], timeout)
         except DoveadmFailed as exc:
@@ -196,9 +199,9 @@ class LocalDoveadm:
         self.timeout = timeout
         self.pass_timeout = pass_timeout
 
-    def run(self, command: Command) -> list[dict[str, str]]:
+    def run(self, command: Command, timeout: float | None = None) -> list[dict[str, str]]:
         argv = [*self.base, *command.argv]
-        timeout = self.pass_timeout if command.long else self.timeout
+        timeout = timeout or (self.pass_timeout if command.long else self.timeout)
         try:
             done = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                                   timeout=timeout, stdin=subprocess.DEVNULL)

@@ -30,11 +30,13 @@ The rules this module enforces:
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Engine
 
+from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
     SourceAuthError,
     SourceSpec,
@@ -47,6 +49,7 @@ from migrating_proxy.migration.doveadm import (
     Doveadm,
     DoveadmFailed,
     backup_from_old_server,
+    from_settings,
     mailbox_status,
     mailbox_update,
 )
@@ -87,12 +90,14 @@ class DsyncEngine:
     source_timeout: float = 20.0
 
     def run_pass(self, db: Engine, account_id: int, address: str, imap: SourceSpec,
-                 pop3: SourceSpec | None = None) -> CopyResult | Fallback:
+                 pop3: SourceSpec | None = None, *,
+                 deadline: float | None = None) -> CopyResult | Fallback:
         """One `backup -R` pass for the account: the first one or an incremental one.
 
         Returns a Fallback (already recorded: the account's engine is "imap" from now on)
         when dsync must not copy this account; otherwise the pass's CopyResult, "completed"
-        or "error" with a readable reason.
+        or "error" with a readable reason. `deadline` (time.monotonic()): the backup may not
+        run past it (the switch's final pass), and ends in "error" if it would.
         """
         state = CopyState(db, account_id)
         log_ = log.bind(account_id=account_id, store_address=address, engine=DSYNC)
@@ -114,7 +119,7 @@ class DsyncEngine:
             # answer at all) fails within the short timeout, not the pass's.
             self.doveadm.run(mailbox_status(address, ["messages"], "INBOX"))
             with self.credentials.present(address, imap, pop3):
-                self.doveadm.run(backup_from_old_server(address))
+                self.doveadm.run(backup_from_old_server(address), _time_left(deadline))
             progress = self._measure(address)
         except DoveadmFailed as exc:
             reason = scrub(str(exc), *secrets)
@@ -171,6 +176,31 @@ class DsyncEngine:
         log_.warning("dsync_fallback_to_imap", reason=reason)
         state.write_progress(copy_engine=IMAP, engine_note=reason)
         return Fallback(reason)
+
+
+def _time_left(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.1, deadline - time.monotonic())
+
+
+def engine_for(config: Config) -> DsyncEngine | str:
+    """The dsync engine the configuration describes, or why there is none."""
+    directory = config.migration.dsync_credentials
+    if directory is None:
+        return "migration.dsync_credentials is not set: the dsync engine cannot run"
+    backend = config.backend
+    try:
+        doveadm = from_settings(backend.doveadm_url, backend.doveadm_api_key_file,
+                                backend.doveadm_command, timeout=backend.timeout,
+                                pass_timeout=config.migration.dsync_timeout)
+    except DoveadmFailed as exc:
+        return str(exc)
+    credentials = DsyncCredentials(directory)
+    # A process killed inside a pass leaves its entry behind: no clear password may outlive
+    # the longest pass.
+    credentials.sweep(older_than=config.migration.dsync_timeout + 60)
+    return DsyncEngine(doveadm, credentials, config.migration.source_timeout)
 
 
 def _unsupported(address: str, imap: SourceSpec, pop3: SourceSpec | None) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,13 @@ class DsyncCredentials:
     def erase(self, address: str) -> None:
         """Remove a leftover entry (a process killed inside `present`)."""
         self.entry(address).unlink(missing_ok=True)
+
+    def sweep(self, older_than: float) -> int:
+        """Delete entries older than any pass can be (left by killed processes)."""
+        deadline, removed = time.time() - older_than, 0
+        for path in self.directory.glob("*/*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < deadline:
+                    path.unlink()
+                    removed += 1
+        return removed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import imaplib
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -184,6 +185,31 @@ def snapshot_folders(client: IMAPClient) -> Snapshot:
             for data in fetched.values()
         )
     return folders
+
+
+# Folder -> (UIDVALIDITY, UIDNEXT, {UID: (flags, INTERNALDATE, size, SHA-1 of the bytes)}):
+# what a UID-exact copy must keep, and what caching IMAP clients remember.
+UidView = dict[str, tuple[int, int, dict[int, tuple[tuple[bytes, ...], dt.datetime, int, str]]]]
+
+
+def uid_view(client: IMAPClient, only: set[str] | None = None) -> UidView:
+    """Every selectable folder (or those in `only`), read-only, UIDs as the server says."""
+    view: UidView = {}
+    for flags, _sep, name in client.list_folders():
+        if b"\\Noselect" in flags or (only is not None and name not in only):
+            continue
+        status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
+        client.select_folder(name, readonly=True)
+        uids = client.search("ALL")  # UIDs (imapclient's default)
+        fetched = client.fetch(uids, ["FLAGS", "INTERNALDATE", "RFC822.SIZE",
+                                      "BODY.PEEK[]"]) if uids else {}
+        view[name] = (status[b"UIDVALIDITY"], status[b"UIDNEXT"], {
+            uid: (tuple(sorted(f for f in data[b"FLAGS"] if f != b"\\Recent")),
+                           data[b"INTERNALDATE"], data[b"RFC822.SIZE"],
+                           hashlib.sha1(data[b"BODY[]"]).hexdigest())
+            for uid, data in fetched.items()})
+    return view
+
 
 
 def can_log_in(port: int, address: str, password: str) -> bool:

@@ -1,0 +1,183 @@
+"""The dsync engine inside the transparent cutover, through the CLI and the copy workers.
+
+A passthrough domain with `--engine dsync`: the store's doveadm (HTTP API, as a second proxy
+machine would reach it) copies the account with `backup -R`, every catch-up and final pass
+too, and the switch keeps every UID. Clients that cached the old server's UIDs (imapclient)
+or hold a sync state (mbsync) find nothing new after the switch but the "moved" notice.
+
+Users are imported and migrated without logging in through the proxy: until the front-ends
+relay passthrough sessions to the old server (issue 15), a session through the proxy would be
+served by the store and touch the mailbox dsync must find untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import dovecot
+from tests.support.dovecot import DovecotInstance, free_port
+from tests.support.mail import (
+    SeedMessage,
+    add_old_user,
+    imap_login,
+    make_message,
+    sample_corpus,
+    seed_mailbox,
+    uid_view,
+)
+from tests.support.proxy import Proxy
+from tests.test_cutover import events, import_and_migrate, send, work_until_settled
+
+MOVED = b"Your mailbox has moved to a new mail server"
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[DovecotInstance]:
+    root = dovecot.instance_root("mp-dscut-")
+    try:
+        with dovecot.new_store(root, root / "provisioned", dsync=True) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+@pytest.fixture
+def old(module_old: DovecotInstance) -> DovecotInstance:
+    return module_old
+
+
+class User:
+    def __init__(self, old: DovecotInstance) -> None:
+        self.address = f"dsync-{secrets.token_hex(3)}@old.example"
+        self.password = "pw-" + secrets.token_hex(6)
+        add_old_user(old, self.address, self.password)
+        corpus = sample_corpus()
+        corpus["INBOX"] += [_message(f"inbox {i}") for i in range(6)]
+        seed_mailbox(old.host, old.imap_port, self.address, self.password, corpus)
+
+
+def _message(subject: str) -> SeedMessage:
+    when = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC)
+    return SeedMessage(make_message(subject, f"{subject}\n", when), (), when)
+
+
+def dsync_proxy(directory: Path, old: DovecotInstance, store: DovecotInstance) -> Proxy:
+    assert store.doveadm_key_file is not None and store.dsync_users is not None
+    smtp_port = free_port()
+    proxy = Proxy(directory, store, overrides={
+        "listen": {"smtp": f"127.0.0.1:{smtp_port}"},
+        "backend": {"delivery": f"lmtp://127.0.0.1:{store.lmtp_port}",
+                    "doveadm_url": f"http://127.0.0.1:{store.doveadm_port}/doveadm/v1",
+                    "doveadm_api_key_file": str(store.doveadm_key_file)},
+        "migration": {"workers": 0, "engine": "dsync",
+                      "dsync_credentials": str(store.dsync_users)},
+    })
+    proxy.ports["smtp"] = smtp_port
+    proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{old.imap_port}",
+              "--relay", f"lmtp://127.0.0.1:{old.lmtp_port}")  # passthrough: the default
+    return proxy
+
+
+def mbsync(directory: Path, port: int, login: str, password: str) -> str:
+    """One `mbsync` pull of every folder into directory/mail, with its sync state there."""
+    mail = directory / "mail"
+    mail.mkdir(parents=True, exist_ok=True)
+    config = directory / "mbsyncrc"
+    config.write_text(f"""IMAPAccount acc
+Host 127.0.0.1
+Port {port}
+User {login}
+Pass {password}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore far
+Account acc
+
+MaildirStore near
+Path {mail}/
+Inbox {mail}/INBOX
+SubFolders Verbatim
+
+Channel ch
+Far :far:
+Near :near:
+Patterns *
+Create Near
+Sync Pull
+SyncState *
+""")
+    done = subprocess.run(["mbsync", "-c", str(config), "-a"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def local_messages(directory: Path) -> set[str]:
+    """The messages mbsync stored, by file name without the flags part."""
+    return {p.name.split(",U=")[0].split(":2,")[0] for p in (directory / "mail").rglob("*")
+            if p.parent.name in ("cur", "new") and p.is_file()}
+
+
+def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user = User(old)
+    proxy = dsync_proxy(tmp_path / "proxy", old, store)
+    client_dir = tmp_path / "mbsync"
+    with proxy:
+        mbsync(client_dir, old.imap_port, user.address, user.password)  # a phone, before
+        import_and_migrate(proxy, user, tmp_path)
+
+        # During passthrough: the user works at the old server, mail arrives through the
+        # proxy's SMTP front-end (relayed to the old server), the phone syncs again.
+        with imap_login(old, user.address, user.password) as client:
+            client.select_folder("INBOX")
+            uids = sorted(client.search("ALL"))
+            client.add_flags(uids[:2], [b"\\Flagged", b"$label1"])
+            client.remove_flags(uids[2:3], [b"\\Seen"])
+            client.delete_messages(uids[3:4])
+            client.uid_expunge(uids[3:4])
+            client.create_folder("Made during passthrough")
+            client.append("Made during passthrough", _message("filed").raw, [b"\\Seen"])
+        send(proxy, user.address, "arrived during passthrough")
+        mbsync(client_dir, old.imap_port, user.address, user.password)
+        cached = local_messages(client_dir)
+        with imap_login(old, user.address, user.password) as client:
+            before = uid_view(client)  # what a caching client remembers
+
+        row = work_until_settled(proxy, user.address, timeout=120)
+        assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
+        assert (row["engine"], row["uids_kept"], row["last_error"]) == ("dsync", True, None)
+
+        with imap_login(store, user.address) as client:
+            after = uid_view(client)
+        # Every folder: UIDVALIDITY, every UID, flags, INTERNALDATE and bytes as before the
+        # switch; INBOX has one message more, the notice, after every old one.
+        notice_uid = before["INBOX"][1]
+        inbox = after["INBOX"][2]
+        assert {u: m for u, m in inbox.items() if u != notice_uid} == before["INBOX"][2]
+        assert after["INBOX"][0] == before["INBOX"][0] and after["INBOX"][1] == notice_uid + 1
+        for name, folder in before.items():
+            if name != "INBOX":
+                assert after[name] == folder, name
+        with imap_login(store, user.address) as client:
+            client.select_folder("INBOX", readonly=True)
+            assert MOVED in client.fetch([notice_uid], ["BODY.PEEK[]"])[notice_uid][b"BODY[]"]
+
+        # The phone, now on the store (the same account through the master user): only the
+        # notice is new. A UIDVALIDITY change would have made it fetch everything again.
+        master = f"{user.address}*{store.master_user}"
+        output = mbsync(client_dir, store.imap_port, master, store.master_password or "")
+        assert "UIDVALIDITY" not in output
+        new = local_messages(client_dir) - cached
+        assert len(new) == 1 and local_messages(client_dir) >= cached
+
+    assert events(proxy, "switch_done")
+    assert store.dsync_users is not None and not list(store.dsync_users.glob("*/*"))
+    assert user.password not in proxy.log_text()
