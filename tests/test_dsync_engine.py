@@ -151,11 +151,15 @@ def test_first_and_incremental_passes_over_http_are_uid_exact(
     engine, account_id = http_engine(store), account(db, user)
     result = engine.run_pass(db.engine, account_id, user, spec(old, user))
     assert not isinstance(result, Fallback) and result.state == "completed", result
+    assert result.changes > 0
     first = assert_uid_exact(old, store, user)
+    again = engine.run_pass(db.engine, account_id, user, spec(old, user))
+    assert not isinstance(again, Fallback) and again.changes == 0  # in step: the switch's cue
 
     change_old_mailbox(old, user)
     result = engine.run_pass(db.engine, account_id, user, spec(old, user))
     assert not isinstance(result, Fallback) and result.state == "completed", result
+    assert result.changes >= 5  # two flag changes, an expunge, new mail, a new folder
     second = assert_uid_exact(old, store, user)
     assert "Neu/Ordner" in second and second["INBOX"][1] > first["INBOX"][1]
 

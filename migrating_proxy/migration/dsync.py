@@ -117,10 +117,10 @@ class DsyncEngine:
         try:
             # A quick call first: a store that does not answer (a wrong API key gets no
             # answer at all) fails within the short timeout, not the pass's.
-            self.doveadm.run(mailbox_status(address, ["messages"], "INBOX"))
+            before = self._folders(address)
             with self.credentials.present(address, imap, pop3):
                 self.doveadm.run(backup_from_old_server(address), _time_left(deadline))
-            progress = self._measure(address)
+            after = self._folders(address)
         except DoveadmFailed as exc:
             reason = scrub(str(exc), *secrets)
             log_.warning("dsync pass failed", error=reason, exit_code=exc.exit_code)
@@ -128,10 +128,12 @@ class DsyncEngine:
             # imapc/pop3c's login refused: the worker treats it as a wrong old password.
             kind = "auth" if "[AUTHENTICATIONFAILED]" in reason else "store"
             return CopyResult("error", CopyProgress(), reason, error_kind=kind)
+        progress = _progress(after)
+        changes = _changes(before, after)
         state.write_progress(finished=True, **vars(progress))
         log_.info("dsync pass finished", messages=progress.messages_total,
-                  folders=progress.folders_total)
-        return CopyResult("completed", progress)
+                  folders=progress.folders_total, changes=changes)
+        return CopyResult("completed", progress, changes=changes)
 
     def _prepare_first_pass(self, address: str, imap: SourceSpec) -> str | CopyResult | None:
         """Make sure the store mailbox is untouched: None if ready, else why not (a
@@ -164,18 +166,39 @@ class DsyncEngine:
         finally:
             close_quietly(client)
 
-    def _measure(self, address: str) -> CopyProgress:
-        """What the store mailbox holds after a pass, for the admin's counters."""
-        rows = self.doveadm.run(mailbox_status(address, ["messages", "vsize"]))
-        messages = sum(int(row.get("messages") or 0) for row in rows)
-        size = sum(int(row.get("vsize") or 0) for row in rows)
-        return CopyProgress(folders_total=len(rows), folders_done=len(rows),
-                            messages_total=messages, messages_copied=messages, bytes_copied=size)
+    def _folders(self, address: str) -> dict[str, dict[str, int]]:
+        """Every store folder's counters (messages, vsize, highestmodseq, uidnext)."""
+        rows = self.doveadm.run(mailbox_status(address, FOLDER_FIELDS))
+        return {row["mailbox"]: {f: int(row.get(f) or 0) for f in FOLDER_FIELDS}
+                for row in rows}
 
     def _fall_back(self, state: CopyState, log_: structlog.BoundLogger, reason: str) -> Fallback:
         log_.warning("dsync_fallback_to_imap", reason=reason)
         state.write_progress(copy_engine=IMAP, engine_note=reason)
         return Fallback(reason)
+
+
+FOLDER_FIELDS = ("messages", "vsize", "highestmodseq", "uidnext")
+
+
+def _progress(folders: dict[str, dict[str, int]]) -> CopyProgress:
+    """What the store mailbox holds after a pass, for the admin's counters."""
+    messages = sum(f["messages"] for f in folders.values())
+    size = sum(f["vsize"] for f in folders.values())
+    return CopyProgress(folders_total=len(folders), folders_done=len(folders),
+                        messages_total=messages, messages_copied=messages, bytes_copied=size)
+
+
+def _changes(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> int:
+    """About how many changes a pass made (dsync does not say): every flag change, expunge and
+    new message raises a folder's HIGHESTMODSEQ by one or more; a folder made or removed
+    counts once. 0 means the store was already in step (the switch's catch-up loop ends)."""
+    changed = len(before.keys() ^ after.keys())
+    for name in before.keys() & after.keys():
+        changed += abs(after[name]["highestmodseq"] - before[name]["highestmodseq"])
+        changed += after[name]["uidnext"] != before[name]["uidnext"] and \
+            after[name]["highestmodseq"] == before[name]["highestmodseq"]
+    return changed
 
 
 def _time_left(deadline: float | None) -> float | None:
