@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from tests.support.mail import (
     uid_view,
 )
 from tests.support.proxy import Proxy
-from tests.test_cutover import events, import_and_migrate, send, work_until_settled
+from tests.test_cutover import events, import_and_migrate, pool, send, stop, work_until_settled
 
 MOVED = b"Your mailbox has moved to a new mail server"
 
@@ -181,3 +182,55 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
     assert events(proxy, "switch_done")
     assert store.dsync_users is not None and not list(store.dsync_users.glob("*/*"))
     assert user.password not in proxy.log_text()
+
+
+def test_a_touched_store_mailbox_falls_back_to_the_imap_engine_and_loses_nothing(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user = User(old)
+    proxy = dsync_proxy(tmp_path / "proxy", old, store)
+    with proxy:
+        import_and_migrate(proxy, user, tmp_path)
+        with imap_login(store, user.address) as client:  # written to by mistake
+            client.append("INBOX", make_message("already here", "x\n", dt.datetime.now(dt.UTC)))
+        row = work_until_settled(proxy, user.address, timeout=120)
+        assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
+        assert (row["engine"], row["uids_kept"]) == ("imap", False)
+        assert "not untouched" in row["engine_note"] and "INBOX (1)" in row["engine_note"]
+        with imap_login(old, user.address, user.password) as client:
+            client.select_folder("INBOX", readonly=True)
+            at_old = len(client.search("ALL"))
+        with imap_login(store, user.address) as client:
+            client.select_folder("INBOX", readonly=True)
+            assert client.search(["SUBJECT", "already here"])  # kept
+            assert len(client.search("ALL")) == at_old + 2  # + the notice
+    [fallback] = events(proxy, "dsync_fallback_to_imap")
+    assert "not untouched" in fallback["reason"]
+
+
+def test_a_refused_doveadm_call_is_a_recorded_error_and_the_account_stays_on_the_old_server(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user = User(old)
+    proxy = dsync_proxy(tmp_path / "proxy", old, store)
+    wrong_key = tmp_path / "wrong-key"
+    wrong_key.write_text("not-the-key")
+    proxy.overrides["backend"] |= {"doveadm_api_key_file": str(wrong_key), "timeout": 1.0}
+    proxy.write_config()
+    with proxy:
+        import_and_migrate(proxy, user, tmp_path)
+        workers = pool(proxy)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                [row] = proxy.status(user.address)
+                if row["last_error"]:
+                    break
+                assert time.monotonic() < deadline, proxy.log_text()[-3000:]
+                time.sleep(0.3)
+        finally:
+            stop(workers)
+        assert "does not answer a wrong API key" in row["last_error"]
+        assert row["state"] != "COMPLETED" and row["served_by"] == "old"
+        assert row["engine"] is None and row["uids_kept"] is None  # nothing decided yet
+        with imap_login(store, user.address) as client:  # dsync never got to copy anything
+            client.select_folder("INBOX", readonly=True)
+            assert client.search("ALL") == []

@@ -106,7 +106,9 @@ class DsyncEngine:
         unusable = _unsupported(address, imap, pop3)
         if unusable is None and state.copy_engine() is None:
             unusable = self._prepare_first_pass(address, imap)
-        if isinstance(unusable, CopyResult):
+        if isinstance(unusable, CopyResult):  # could not even find out: an error, recorded
+            log_.warning("dsync pass failed", error=unusable.error)
+            state.write_progress(error=unusable.error)
             return unusable
         if unusable is not None:
             return self._fall_back(state, log_, unusable)
