@@ -13,6 +13,7 @@ served by the store and touch the mailbox dsync must find untouched.
 from __future__ import annotations
 
 import datetime as dt
+import poplib
 import secrets
 import subprocess
 import time
@@ -80,9 +81,22 @@ def dsync_proxy(directory: Path, old: DovecotInstance, store: DovecotInstance) -
                       "dsync_credentials": str(store.dsync_users)},
     })
     proxy.ports["smtp"] = smtp_port
+    # The old server offers POP3 too: every pass also runs pop3c + pop3_migration.
     proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{old.imap_port}",
+              "--source", f"pop3://127.0.0.1:{old.pop3_port}",
               "--relay", f"lmtp://127.0.0.1:{old.lmtp_port}")  # passthrough: the default
     return proxy
+
+
+def pop3_listing(port: int, login: str, password: str) -> list[bytes]:
+    """UIDL lines (number, UIDL) in the server's order."""
+    client = poplib.POP3("127.0.0.1", port, timeout=30)
+    try:
+        client.user(login)
+        client.pass_(password)
+        return client.uidl()[1]
+    finally:
+        client.quit()
 
 
 def mbsync(directory: Path, port: int, login: str, password: str) -> str:
@@ -151,6 +165,7 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
         cached = local_messages(client_dir)
         with imap_login(old, user.address, user.password) as client:
             before = uid_view(client)  # what a caching client remembers
+        pop3_before = pop3_listing(old.pop3_port, user.address, user.password)
 
         row = work_until_settled(proxy, user.address, timeout=120)
         assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
@@ -171,9 +186,14 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
             client.select_folder("INBOX", readonly=True)
             assert MOVED in client.fetch([notice_uid], ["BODY.PEEK[]"])[notice_uid][b"BODY[]"]
 
+        # A POP3 client that keeps mail on the server: the same UIDLs, in the same order, and
+        # the notice last.
+        master = f"{user.address}*{store.master_user}"
+        pop3_after = pop3_listing(store.pop3_port, master, store.master_password or "")
+        assert pop3_after[:-1] == pop3_before and len(pop3_after) == len(pop3_before) + 1
+
         # The phone, now on the store (the same account through the master user): only the
         # notice is new. A UIDVALIDITY change would have made it fetch everything again.
-        master = f"{user.address}*{store.master_user}"
         output = mbsync(client_dir, store.imap_port, master, store.master_password or "")
         assert "UIDVALIDITY" not in output
         new = local_messages(client_dir) - cached

@@ -3,8 +3,8 @@
 Why a second engine: IMAP APPEND cannot choose UIDs, so after the imap engine's copy every
 IMAP client meets a new UIDVALIDITY and downloads everything again. Dovecot's dsync, pulling
 from the old server over imapc (and pop3c with the pop3_migration plugin), keeps UIDVALIDITY,
-every UID, flags, INTERNALDATE, bytes and POP3 UIDLs. Facts and traps, measured:
-../shared/notes/dsync-engine.md (in the repository's history of the project).
+every UID, flags, INTERNALDATE, bytes and POP3 UIDLs (measured on Dovecot 2.3.19; the
+README's "UID-exact copies" says what an operator needs to know).
 
 The rules this module enforces:
 
