@@ -5,9 +5,8 @@ machine would reach it) copies the account with `backup -R`, every catch-up and 
 too, and the switch keeps every UID. Clients that cached the old server's UIDs (imapclient)
 or hold a sync state (mbsync) find nothing new after the switch but the "moved" notice.
 
-Users are imported and migrated without logging in through the proxy: until the front-ends
-relay passthrough sessions to the old server (issue 15), a session through the proxy would be
-served by the store and touch the mailbox dsync must find untouched.
+Passthrough sessions are relayed to the old server, so the store mailbox stays untouched until
+the first dsync pass; the other tests bring users in with `import` and `migrate`.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from imapclient import IMAPClient
 
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
@@ -140,18 +140,31 @@ def local_messages(directory: Path) -> set[str]:
             if p.parent.name in ("cur", "new") and p.is_file()}
 
 
+def through(proxy: Proxy, user: User) -> IMAPClient:
+    """The user's own IMAP session through the proxy: the old server before the switch, the
+    store after it."""
+    client = IMAPClient("127.0.0.1", proxy.imap_port, ssl=False, timeout=30)
+    client.login(user.address, user.password)
+    return client
+
+
 def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
         old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    """The issue's "Done when", through `serve`: every client talks to the proxy only."""
     user = User(old)
     proxy = dsync_proxy(tmp_path / "proxy", old, store)
     client_dir = tmp_path / "mbsync"
     with proxy:
-        mbsync(client_dir, old.imap_port, user.address, user.password)  # a phone, before
-        import_and_migrate(proxy, user, tmp_path)
+        # The first login (a phone's first sync): account, vault entry and job; the session
+        # is relayed to the old server (passthrough), so the store stays untouched.
+        mbsync(client_dir, proxy.imap_port, user.address, user.password)
+        [row] = proxy.status(user.address)
+        assert row["served_by"] == "old", row
 
-        # During passthrough: the user works at the old server, mail arrives through the
-        # proxy's SMTP front-end (relayed to the old server), the phone syncs again.
-        with imap_login(old, user.address, user.password) as client:
+        # During passthrough: the user works (through the proxy, at the old server), mail
+        # arrives through the proxy's SMTP front-end (relayed to the old server), the phone
+        # syncs again.
+        with through(proxy, user) as client:
             client.select_folder("INBOX")
             uids = sorted(client.search("ALL"))
             client.add_flags(uids[:2], [b"\\Flagged", b"$label1"])
@@ -161,18 +174,22 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
             client.create_folder("Made during passthrough")
             client.append("Made during passthrough", _message("filed").raw, [b"\\Seen"])
         send(proxy, user.address, "arrived during passthrough")
-        mbsync(client_dir, old.imap_port, user.address, user.password)
+        mbsync(client_dir, proxy.imap_port, user.address, user.password)
         cached = local_messages(client_dir)
-        with imap_login(old, user.address, user.password) as client:
+        with through(proxy, user) as client:
             before = uid_view(client)  # what a caching client remembers
-        pop3_before = pop3_listing(old.pop3_port, user.address, user.password)
+        with imap_login(old, user.address, user.password) as client:
+            assert uid_view(client) == before  # it was the old server's view
+        pop3_before = pop3_listing(proxy.pop3_port, user.address, user.password)
 
         row = work_until_settled(proxy, user.address, timeout=120)
         assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
         assert (row["engine"], row["uids_kept"], row["last_error"]) == ("dsync", True, None)
 
-        with imap_login(store, user.address) as client:
+        with through(proxy, user) as client:
             after = uid_view(client)
+        with imap_login(store, user.address) as client:
+            assert uid_view(client) == after  # it is the store's view now
         # Every folder: UIDVALIDITY, every UID, flags, INTERNALDATE and bytes as before the
         # switch; INBOX has one message more, the notice, after every old one.
         notice_uid = before["INBOX"][1]
@@ -182,19 +199,18 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
         for name, folder in before.items():
             if name != "INBOX":
                 assert after[name] == folder, name
-        with imap_login(store, user.address) as client:
+        with through(proxy, user) as client:
             client.select_folder("INBOX", readonly=True)
             assert MOVED in client.fetch([notice_uid], ["BODY.PEEK[]"])[notice_uid][b"BODY[]"]
 
         # A POP3 client that keeps mail on the server: the same UIDLs, in the same order, and
         # the notice last.
-        master = f"{user.address}*{store.master_user}"
-        pop3_after = pop3_listing(store.pop3_port, master, store.master_password or "")
+        pop3_after = pop3_listing(proxy.pop3_port, user.address, user.password)
         assert pop3_after[:-1] == pop3_before and len(pop3_after) == len(pop3_before) + 1
 
-        # The phone, now on the store (the same account through the master user): only the
-        # notice is new. A UIDVALIDITY change would have made it fetch everything again.
-        output = mbsync(client_dir, store.imap_port, master, store.master_password or "")
+        # The phone's next sync, same configuration: only the notice is new. A UIDVALIDITY
+        # change would have made it fetch everything again.
+        output = mbsync(client_dir, proxy.imap_port, user.address, user.password)
         assert "UIDVALIDITY" not in output
         new = local_messages(client_dir) - cached
         assert len(new) == 1 and local_messages(client_dir) >= cached
