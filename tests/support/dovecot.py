@@ -561,7 +561,8 @@ def new_store(
         # As root the mail belongs to nobody (no vmail user needed on a test machine).
         SNIPPET_MAIL_OWNER: f"uid={ident.mail_uid} gid={ident.mail_gid}",
     }, ports))
-    inst.config_path.write_text(_base_config(inst, ident) + f"\n!include {snippet}\n")
+    before = _configure_dsync(inst, ident, conf_d) if dsync else ""
+    inst.config_path.write_text(before + _base_config(inst, ident) + f"\n!include {snippet}\n")
     return inst
 
 
