@@ -114,6 +114,17 @@ CREATE TABLE migrations (
 	FOREIGN KEY(account_id) REFERENCES accounts (id) ON DELETE CASCADE
 );
 
+CREATE TABLE old_sessions (
+	id SERIAL NOT NULL, 
+	account_id INTEGER NOT NULL, 
+	process VARCHAR(255) NOT NULL, 
+	seen_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (id), 
+	FOREIGN KEY(account_id) REFERENCES accounts (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_old_sessions_account_id ON old_sessions (account_id);
+
 CREATE TABLE pop3_uidls (
 	id SERIAL NOT NULL, 
 	account_id INTEGER NOT NULL, 
