@@ -117,7 +117,7 @@ def program(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 @pytest.mark.parametrize(("command", "actions"), [
-    ("domain", ["add", "enable", "disable", "remove", "list"]),
+    ("domain", ["add", "set", "enable", "disable", "remove", "list"]),
     ("account", ["add", "passwd", "remove", "list"]),
 ])
 def test_help_of_a_command_lists_every_action(command: str, actions: list[str]) -> None:
