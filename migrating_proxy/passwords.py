@@ -122,6 +122,12 @@ def _child_verify(password: str, stored_hash: str) -> Verification:
 PENDING_HASH = ""
 LOCKED_DOVECOT_ENTRY = "{SHA512-CRYPT}!"
 
+# passlib hash prefix -> Dovecot's scheme name. Also the CASE of the `dovecot_users` view
+# (store/views.py), so files and view always agree.
+DOVECOT_PREFIXES = {"$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$1$": "MD5-CRYPT",
+                    "$2a$": "BLF-CRYPT", "$2b$": "BLF-CRYPT", "$2y$": "BLF-CRYPT",
+                    "$argon2id$": "ARGON2ID", "$argon2i$": "ARGON2I"}
+
 
 def dovecot_form(passlib_hash: str) -> str:
     """`{SHA512-CRYPT}$6$...`: the hash with the scheme prefix Dovecot's passdb expects."""
@@ -129,10 +135,7 @@ def dovecot_form(passlib_hash: str) -> str:
         return LOCKED_DOVECOT_ENTRY
     if passlib_hash.startswith("{"):
         return passlib_hash
-    prefixes = {"$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$1$": "MD5-CRYPT",
-                "$2a$": "BLF-CRYPT", "$2b$": "BLF-CRYPT", "$2y$": "BLF-CRYPT",
-                "$argon2id$": "ARGON2ID", "$argon2i$": "ARGON2I"}
-    for prefix, scheme in prefixes.items():
+    for prefix, scheme in DOVECOT_PREFIXES.items():
         if passlib_hash.startswith(prefix):
             return f"{{{scheme}}}{passlib_hash}"
     raise ValueError("hash in a form Dovecot cannot read")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.db import make_engine
 from migrating_proxy.store.schema import metadata
 from tests.support import dovecot
+from tests.support.postgres import scratch_database
 from tests.support.tls import TLSFiles, make_test_ca
 
 # --- Dovecot fixtures (tests/support/dovecot.py) ------------------------------------------
@@ -82,25 +82,11 @@ def module_old() -> Iterator[dovecot.DovecotInstance]:
 
 
 # --- Database fixtures (the account store on SQLite and PostgreSQL) ------------------------
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A database of its own for this test session, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"mp_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}".splitlines()[0])
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("mp_test_") as name:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

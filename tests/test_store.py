@@ -256,6 +256,18 @@ def test_ensure_schema_twice_keeps_data_and_version(store_url: str) -> None:
         store.close()
 
 
+def make_older(store_url: str, version: int, *undo: str) -> None:
+    """Turn a current database into one of `version` by undoing the later steps."""
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            for statement in undo:
+                conn.exec_driver_sql(statement)
+            conn.execute(update(schema_info).values(version=version))
+    finally:
+        engine.dispose()
+
+
 def test_version_1_database_is_upgraded_in_place_with_domain_source_ca(store_url: str) -> None:
     """A database of version 1 (no domains.source_ca) keeps its domains and gains the column."""
     create_old_schema(store_url, 1, (
@@ -301,6 +313,49 @@ def test_version_4_database_is_upgraded_in_place_with_copy_engines(store_url: st
         assert state.totals() is not None
         store.accounts.add_domain(Domain("d.example", "imap://x:143", engine="dsync"))
         assert store.accounts.get_domain("d.example").engine == "dsync"  # type: ignore[union-attr]
+        with store.engine.connect() as conn:
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
+    finally:
+        store.close()
+
+
+def dovecot_users(store: Store) -> dict[str, str]:
+    with store.engine.connect() as conn:
+        return dict(conn.exec_driver_sql('SELECT "user", password FROM dovecot_users').all())
+
+
+def test_dovecot_users_view_lists_every_account_as_the_passwd_files_would(store: Store) -> None:
+    """The view the store's SQL passdb reads (provision.kind = "none") holds, for every
+    account, the same `{SCHEME}hash` value the passwd-file provisioners write: pending hashes
+    locked (the row must exist for the master login), keys lower-cased as Dovecot's %Lu."""
+    hashes = {
+        "Alice@Example.com": sha512_crypt.using(rounds=5000).hash("pw"),
+        "bob@example.com": "$2b$12$" + "a" * 53,
+        "carol@example.com": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA",
+        "dave@example.com": "{PLAIN}not-for-production",
+        "erin@example.com": "",  # pending: first login, hash still being computed
+    }
+    for address, passlib_hash in hashes.items():
+        store.accounts.add_account(address, passlib_hash)
+    assert dovecot_users(store) == {
+        address.lower(): dovecot_form(passlib_hash) for address, passlib_hash in hashes.items()}
+    assert dovecot_users(store)["erin@example.com"] == "{SHA512-CRYPT}!"
+    store.accounts.set_password_hash("erin@example.com", "$6$rounds=5000$salt$x")
+    store.accounts.remove_account("bob@example.com")
+    view = dovecot_users(store)
+    assert view["erin@example.com"] == "{SHA512-CRYPT}$6$rounds=5000$salt$x"
+    assert "bob@example.com" not in view
+
+
+def test_version_5_database_is_upgraded_in_place_with_the_dovecot_users_view(
+        store_url: str) -> None:
+    store = open_store(store_url)
+    store.accounts.add_account("alice@example.com", "$6$rounds=5000$salt$x")
+    store.close()
+    make_older(store_url, 5, "DROP VIEW dovecot_users")
+    store = open_store(store_url)
+    try:
+        assert dovecot_users(store) == {"alice@example.com": "{SHA512-CRYPT}$6$rounds=5000$salt$x"}
         with store.engine.connect() as conn:
             assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
     finally:

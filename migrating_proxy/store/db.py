@@ -9,6 +9,7 @@ from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect
 from sqlalchemy.schema import CreateColumn
 
 from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
+from migrating_proxy.store.views import create_views
 
 
 class DatabaseError(Exception):
@@ -65,12 +66,18 @@ def _v5_copy_engines(conn: Connection) -> None:
         add_column(conn, migrations.c[name])
 
 
+def _add_dovecot_users_view(conn: Connection) -> None:
+    """Version 6: the dovecot_users view (store/views.py) for Dovecot's SQL passdb."""
+    create_views(conn)
+
+
 # version -> step that brings a database from version-1 to version.
 UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: _add_domain_source_ca,
     3: _add_close_requests,
     4: _v4_transparent_cutover,
     5: _v5_copy_engines,
+    6: _add_dovecot_users_view,
 }
 
 
@@ -125,8 +132,10 @@ def ensure_schema(engine: Engine) -> None:
     """Create the tables on a new database, or upgrade an older one step by step."""
     try:
         with engine.begin() as conn:
+            _serialise_schema_changes(conn)
             if not inspect(conn).has_table("schema_info"):
                 metadata.create_all(conn)
+                create_views(conn)
                 conn.execute(schema_info.insert().values(id=1, version=SCHEMA_VERSION))
                 return
             version = conn.execute(select(schema_info.c.version)).scalar_one()
@@ -138,11 +147,26 @@ def ensure_schema(engine: Engine) -> None:
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 UPGRADES[step](conn)
             metadata.create_all(conn)  # tables added by a new version
+            if version < SCHEMA_VERSION:
+                create_views(conn)  # views follow the tables of the new version
             conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
     except DatabaseError:
         raise
     except Exception as exc:  # driver errors: unreachable server, bad credentials, locked file
         raise DatabaseError(f"cannot open database: {_one_line(exc)}") from None
+
+
+# Any constant: the key of the advisory lock every process takes while it checks the schema.
+_SCHEMA_LOCK = 0x6D70_7363  # "mpsc"
+
+
+def _serialise_schema_changes(conn: Connection) -> None:
+    """Machines sharing a PostgreSQL database start at once (serve, worker, admin commands):
+    without a lock, two of them creating the tables of a new database collide on PostgreSQL's
+    catalogue (UniqueViolation) and one fails to start. The lock ends with the transaction.
+    SQLite needs none: BEGIN IMMEDIATE already serialises writers."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
 
 
 def _one_line(exc: Exception) -> str:

@@ -25,7 +25,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 5
+from migrating_proxy.store.views import drop_views_with
+
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 
@@ -178,3 +180,6 @@ old_sessions = Table(
     Column("process", String(255), nullable=False),  # host:pid of the serve process
     Column("seen_at", DateTime(timezone=True), nullable=False),  # refreshed while it lives
 )
+
+# Views (store/views.py) depend on these tables: drop_all() drops them first.
+drop_views_with(metadata)

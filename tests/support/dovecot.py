@@ -580,6 +580,35 @@ def _configure_dsync(inst: DovecotInstance, ident: _Identity, conf_d: Path) -> s
     return f"!include {snippet}\n"
 
 
+SQL_PASSDB = REPO_ROOT / "deploy" / "dovecot" / "auth-sql-migrating-proxy.conf.ext"
+SQL_CONNECT = REPO_ROOT / "deploy" / "dovecot" / "dovecot-sql-migrating-proxy.conf.ext"
+_SQL_CONNECT_LINE = re.compile(r"^connect = .*$", re.MULTILINE)
+
+
+def use_sql_passdb(store: DovecotInstance, connect: str) -> None:
+    """Switch a configured new store to the SQL passdb as the README says for several machines:
+    the snippet's passwd-file passdb replaced by `!include auth-sql-migrating-proxy.conf.ext`,
+    the checked-in files with only the paths and the `connect` line changed."""
+    ident = _Identity.for_current_user()
+    conf_d = store.root / "conf.d"
+    sql_conf = store.root / "dovecot-sql-migrating-proxy.conf.ext"
+    text, count = _SQL_CONNECT_LINE.subn(f"connect = {connect}", SQL_CONNECT.read_text())
+    if count != 1:
+        raise ValueError(f"{SQL_CONNECT}: expected one `connect =` line")
+    _write_readable_by_auth(sql_conf, text, ident)
+    passdb = SQL_PASSDB.read_text().replace(
+        "/etc/dovecot/dovecot-sql-migrating-proxy.conf.ext", str(sql_conf))
+    (conf_d / SQL_PASSDB.name).write_text(passdb)
+    snippet = conf_d / "migrating-proxy.conf"
+    users_passdb = re.compile(r"passdb \{\n  driver = passwd-file\n  args = [^\n]*"
+                              + re.escape(str(store.users_file)) + r"[^\n]*\n\}\n")
+    text, count = users_passdb.subn(
+        f"!include {conf_d / SQL_PASSDB.name}\n", snippet.read_text())
+    if count != 1:
+        raise ValueError(f"{SNIPPET}: expected one passwd-file passdb for the provisioned users")
+    snippet.write_text(text)
+
+
 def remove_root(root: Path) -> None:
     """Delete an instance directory (after stop())."""
     shutil.rmtree(root, ignore_errors=True)
