@@ -181,6 +181,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus /metrics, /healthz and /readyz; off unless configured (no port not asked for).
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None  # the file this came from, None for built-in defaults
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -192,6 +198,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def vault_key_path(self) -> Path:
@@ -266,6 +273,7 @@ class _Reader:
         "log": {"format", "level"},
         "migration": set(MigrationConfig.__dataclass_fields__),
         "smtp": set(SMTPConfig.__dataclass_fields__),
+        "metrics": {"listen"},
     }
 
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
@@ -289,6 +297,7 @@ class _Reader:
             log=self._log(),
             migration=self._migration(),
             smtp=self._smtp(),
+            metrics=MetricsConfig(listen=self._address("metrics", "listen", None)),
         )
         for name in ("imaps", "pop3s"):
             if getattr(config.listen, name) and not config.tls.enabled:
@@ -325,15 +334,17 @@ class _Reader:
 
     def _listen(self) -> ListenConfig:
         defaults = ListenConfig()
-        values = {}
-        for key in ListenConfig.__dataclass_fields__:
-            current = getattr(defaults, key)
-            text = self.get("listen", key, str, f"{current[0]}:{current[1]}" if current else "")
-            try:
-                values[key] = parse_listen(text)
-            except EndpointError as exc:
-                raise self.fail(f"listen.{key}", str(exc)) from None
-        return ListenConfig(**values)
+        return ListenConfig(**{key: self._address("listen", key, getattr(defaults, key))
+                               for key in ListenConfig.__dataclass_fields__})
+
+    def _address(self, section: str, key: str,
+                 default: tuple[str, int] | None) -> tuple[str, int] | None:
+        """A `host:port` to listen on; "" for none."""
+        text = self.get(section, key, str, f"{default[0]}:{default[1]}" if default else "")
+        try:
+            return parse_listen(text)
+        except EndpointError as exc:
+            raise self.fail(f"{section}.{key}", str(exc)) from None
 
     def _tls(self) -> TLSConfig:
         tls = TLSConfig(

@@ -18,6 +18,7 @@ from enum import Enum
 
 import structlog
 
+from migrating_proxy import metrics
 from migrating_proxy.config import BackendConfig
 from migrating_proxy.onboarding import OldServerVerdict, Onboarding
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
@@ -254,7 +255,10 @@ class LoginService:
             if not migrating:
                 return LoginResult(Outcome.FAILED, address, "unknown user")
             assert domain is not None
-            return self._first_login(domain, address, creds)
+            started = time.monotonic()
+            result = self._first_login(domain, address, creds)
+            metrics.first_login(result.outcome.value, started)
+            return result
         provisioned = account.password_hash == PENDING_HASH
         if not self._password_matches(account, password):
             if not (migrating and account.migration_state is not None):

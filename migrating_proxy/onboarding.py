@@ -21,6 +21,7 @@ at a time, so there is exactly one inserter) and repeats step 4 if a crash inter
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -28,9 +29,11 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from migrating_proxy import metrics
 from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
     SourceAuthError,
+    SourceSpec,
     SourceUnavailable,
     check_source_login,
 )
@@ -83,13 +86,19 @@ class Onboarding:
     def ask_old_server(self, domain: Domain, account: Account | None, address: str,
                        password: str, protocol: str | None = None) -> str:
         """Whether the old server takes the password, asked at its service for `protocol`."""
-        spec = source_spec(domain, account, address, password, protocol)
+        started = time.monotonic()
+        verdict = self._check_at_old_server(
+            source_spec(domain, account, address, password, protocol), address)
+        metrics.old_server_checked(verdict, started)
+        return verdict
+
+    def _check_at_old_server(self, spec: SourceSpec, address: str) -> str:
         try:
             check_source_login(spec, self.config.migration.source_timeout)
         except SourceAuthError:
             return OldServerVerdict.REFUSED
         except SourceUnavailable as exc:
-            log.warning("old_server_unreachable", address=address, host=spec.host,
+            log.warning("old_server_unreachable", address=spec.login, host=spec.host,
                         error=str(exc))
             return OldServerVerdict.UNREACHABLE
         return OldServerVerdict.ACCEPTED

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from migrating_proxy import metrics
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
@@ -80,6 +81,7 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     from twisted.internet import reactor
 
     ctx, ports, store = acquire(config, reactor, placement)
+    ports += listen_monitoring(reactor, config, store)
     threadpool = ctx.threadpool
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     leases = ctx.leases
@@ -138,6 +140,21 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         ports = adopt_listeners(ctx, sockets)
         undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
     return ctx, ports, store
+
+
+def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
+    """`[metrics] listen`: /metrics, /healthz, /readyz; the metric hooks count from now on."""
+    if config.metrics.listen is None:
+        return []
+    from migrating_proxy.monitoring import monitoring_site
+
+    metrics.enable()
+    metrics.REGISTRY.register(metrics.DatabaseFigures(store.engine))
+    host, port = config.metrics.listen
+    listening = reactor.listenTCP(port, monitoring_site(reactor, config, store.engine),
+                                  interface=host)
+    log.info("listening", protocol="metrics", host=host, port=listening.getHost().port)
+    return [listening]
 
 
 def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,15 +29,28 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return make_test_ca(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture
-def old_server() -> Iterator[dovecot.DovecotInstance]:
-    """The old IMAP/POP3 server, running, with alice@ and bob@old.example (OLD_USERS)."""
+@contextlib.contextmanager
+def running_old_server() -> Iterator[dovecot.DovecotInstance]:
     root = dovecot.instance_root("mp-old-")
     try:
         with dovecot.old_server(root, dict(OLD_USERS)) as instance:
             yield instance
     finally:
         dovecot.remove_root(root)
+
+
+@pytest.fixture
+def old_server() -> Iterator[dovecot.DovecotInstance]:
+    """The old IMAP/POP3 server, running, with alice@ and bob@old.example (OLD_USERS)."""
+    with running_old_server() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def module_old_server() -> Iterator[dovecot.DovecotInstance]:
+    """An old server shared by one test module (its tests must not stop it)."""
+    with running_old_server() as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from migrating_proxy import metrics
 from migrating_proxy.config import Config
 from migrating_proxy.dialogue import Action, Authenticate, Relay
 from migrating_proxy.dialogue.base import Dialogue, DialogueSettings
@@ -99,6 +100,7 @@ class LoginRunner:
         return task.deferLater(self.ctx.reactor, delay, lambda: result)
 
     def log(self, result: LoginResult, mechanism: str, started: float, note: str = "") -> None:
+        metrics.login(self.protocol_name, result.outcome.value)
         event = log.info if result.ok else log.warning
         event(
             "login", protocol=self.protocol_name, address=result.address,
@@ -145,6 +147,7 @@ class ProxySession(protocol.Protocol):
         if self.account is not None:
             self.ctx.registry.discard(self.account, self)
         if self.backend is not None:
+            metrics.session_closed(self.protocol_name, self.served_by or "store")
             unsplice_and_close(self.backend.transport)  # the lease goes when it is lost
         elif self.pending_upstream is not None:
             self.pending_upstream.abandon()
@@ -211,6 +214,7 @@ class ProxySession(protocol.Protocol):
         if connection is None:  # trying again
             connection = self._connection_to(upstream, None)
         connected = connection.log_in(upstream, self.client.peer_host, self.client.peer_port)
+        connected.addBoth(metrics.upstream_login_timer(self.protocol_name, upstream.served_by))
         connected.addCallbacks(
             self._upstream_ready, self._upstream_failed,
             callbackArgs=(result, mechanism, started), errbackArgs=(result, mechanism, started),
@@ -254,6 +258,7 @@ class ProxySession(protocol.Protocol):
         backend.protocol.on_lost.append(self._upstream_lost)
         assert result.upstream is not None
         self.account, self.served_by = result.upstream.address, result.upstream.served_by
+        metrics.session_opened(self.protocol_name, self.served_by)
         self.perform(self.dialogue.login_succeeded(backend.capabilities))
         self.login.log(result, mechanism, started)
 

@@ -36,6 +36,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
+from migrating_proxy import metrics
 from migrating_proxy.delivery import NextHop
 from migrating_proxy.dialogue import (
     Action,
@@ -73,6 +74,12 @@ class InboundHandler:
     def check_sender(self, sender: str, user: str | None) -> str:
         """A refusal for this envelope sender, or "". Inbound mail may come from anyone."""
         return ""
+
+    def route_name(self, found: Route) -> str:
+        """Where a recipient was bound, as a bounded metric label."""
+        if found.next_hop is None:
+            return "none"
+        return "store" if found.local else "old_server"
 
     def route(self, address: str) -> Route:
         """In a thread: where this recipient's copy goes (see migrating_proxy.routing)."""
@@ -181,6 +188,11 @@ class SMTPSession(protocol.Protocol):
     def add_recipient(self, txn: Transaction, address: str) -> str:
         """In a thread: route, then ask the hop. Returns the reply for the sender."""
         found = self.handler.route(address)
+        reply = self.ask_next_hop(txn, found)
+        metrics.smtp_recipient(self.protocol_name, self.handler.route_name(found), reply)
+        return reply
+
+    def ask_next_hop(self, txn: Transaction, found: Route) -> str:
         if found.next_hop is None:
             return found.reply
         if txn.hop is not None and (

@@ -29,6 +29,9 @@ class SubmissionHandler(InboundHandler):
             owned = False  # the null sender too: users do not send bounces
         return "" if owned else "553 5.7.1 Sender address not owned by the authenticated user"
 
+    def route_name(self, found: Route) -> str:
+        return "outbound" if found.next_hop is not None else "none"
+
     def route(self, address: str) -> Route:
         try:
             address = normalise(address)
