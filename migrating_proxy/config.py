@@ -8,6 +8,7 @@ the key and the reason, so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import socket
@@ -29,6 +30,9 @@ DEFAULT_STORE_IMAP = "imap://127.0.0.1:10143"
 DEFAULT_STORE_POP3 = "pop3://127.0.0.1:10110"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class ConfigError(Exception):
     """A configuration problem, worded for an operator: file, key, reason."""
 
@@ -42,6 +46,13 @@ class ListenConfig:
     # Off unless configured, so existing deployments open no port they did not ask for.
     smtp: tuple[str, int] | None = None  # inbound (MX): no AUTH, local domains only
     submission: tuple[str, int] | None = None  # AUTH required
+    # Load balancers: connections from these networks must start with a PROXY header (v1/v2).
+    proxy_protocol_from: tuple[Network, ...] = ()
+
+    @classmethod
+    def addresses(cls) -> list[str]:
+        """The listener keys (`host:port` values)."""
+        return [name for name in cls.__dataclass_fields__ if name != "proxy_protocol_from"]
 
 
 @dataclass(frozen=True)
@@ -334,8 +345,23 @@ class _Reader:
 
     def _listen(self) -> ListenConfig:
         defaults = ListenConfig()
-        return ListenConfig(**{key: self._address("listen", key, getattr(defaults, key))
-                               for key in ListenConfig.__dataclass_fields__})
+        return ListenConfig(
+            **{key: self._address("listen", key, getattr(defaults, key))
+               for key in ListenConfig.addresses()},
+            proxy_protocol_from=self._networks("listen", "proxy_protocol_from"),
+        )
+
+    def _networks(self, section: str, key: str) -> tuple[Network, ...]:
+        values = self.get(section, key, list, [])
+        networks = []
+        for value in values:
+            try:
+                if not isinstance(value, str):
+                    raise TypeError
+                networks.append(ipaddress.ip_network(value, strict=False))
+            except (TypeError, ValueError):
+                raise self.fail(f"{section}.{key}", f"{value!r} is not an IP network") from None
+        return tuple(networks)
 
     def _address(self, section: str, key: str,
                  default: tuple[str, int] | None) -> tuple[str, int] | None:

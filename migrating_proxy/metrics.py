@@ -71,6 +71,10 @@ SMTP_RECIPIENTS = Counter(f"{_PREFIX}_smtp_recipients", "SMTP recipients by rout
                           "old_server, outbound, none) and outcome (accepted, deferred, "
                           "rejected).", ["protocol", "route", "outcome"], registry=REGISTRY)
 
+PROXY_HEADER_REFUSALS = Counter(f"{_PREFIX}_proxy_header_refusals", "Connections refused for "
+                               "their PROXY header (untrusted, missing, malformed, timeout).",
+                               ["reason"], registry=REGISTRY)
+
 _enabled = False
 
 
@@ -133,6 +137,11 @@ def session_opened(protocol: str, upstream: str) -> None:
 def session_closed(protocol: str, upstream: str) -> None:
     if _enabled:
         RELAYED_SESSIONS.labels(protocol, upstream).dec()
+
+
+def proxy_header_refused(reason: str) -> None:
+    if _enabled:
+        PROXY_HEADER_REFUSALS.labels(reason).inc()
 
 
 def smtp_recipient(protocol: str, route: str, reply: str) -> None:

@@ -34,6 +34,7 @@ from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
 from migrating_proxy.frontends.pop3 import POP3Session
+from migrating_proxy.frontends.proxyheader import ProxyHeaderFactory
 from migrating_proxy.frontends.registry import CloseRequestWatcher
 from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
@@ -161,7 +162,7 @@ def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:
     """Every configured listener's socket, bound and listening, or StartupError (none open)."""
     bound: dict[str, socket.socket] = {}
     try:
-        for name in ListenConfig.__dataclass_fields__:
+        for name in ListenConfig.addresses():
             address = getattr(listen, name)
             if address is not None:
                 bound[name] = _bind(name, *address)
@@ -227,14 +228,28 @@ def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket]) -> 
     ports = []
     for name, sock in sockets.items():
         implicit = name in IMPLICIT_TLS
-        factory: Any = SessionFactory(SESSIONS[name], ctx, implicit_tls=implicit)
-        if implicit:  # what reactor.listenSSL does
-            factory = TLSMemoryBIOFactory(ctx.tls_options, False, factory)
+        factory = listener_factory(ctx, SessionFactory(SESSIONS[name], ctx, implicit_tls=implicit),
+                                   implicit)
         ports.append(ctx.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
         sock.close()  # the reactor holds its own duplicate
         host = ports[-1].getHost()
         log.info("listening", protocol=name, host=host.host, port=host.port)
     return ports
+
+
+def listener_factory(ctx: FrontendContext, sessions: SessionFactory,
+                     implicit_tls: bool) -> Any:
+    """The layers of one listener, outermost first: the PROXY header (with
+    listen.proxy_protocol_from), then TLS (imaps, pop3s: the header precedes the handshake,
+    which is why TLS is a layer here and not listenSSL), then the session."""
+    factory: Any = sessions
+    if implicit_tls:
+        factory = TLSMemoryBIOFactory(ctx.tls_options, False, factory)
+    networks = ctx.config.listen.proxy_protocol_from
+    if networks:
+        timeout = ctx.config.limits.idle_timeout or 60.0
+        factory = ProxyHeaderFactory(factory, networks, ctx.reactor, timeout)
+    return factory
 
 
 # -- the copy workers ---------------------------------------------------------------------

@@ -266,6 +266,17 @@ BAD_CASES = {
         '[backend]\ndoveadm_url = "http://127.0.0.1:8080/doveadm/v1"\n'
         'doveadm_api_key_file = "nokey"\n', "backend.doveadm_api_key_file",
         "nokey is not a readable file"),
+    "PROXY networks not a list": (
+        '[listen]\nproxy_protocol_from = "10.0.0.0/8"\n', "listen.proxy_protocol_from",
+        "must be a list"),
+    "PROXY network that is no network": (
+        '[listen]\nproxy_protocol_from = ["10.0.0.0/8", "lb.example"]\n',
+        "listen.proxy_protocol_from", "'lb.example' is not an IP network"),
+    "PROXY network that is a number": (
+        "[listen]\nproxy_protocol_from = [10]\n", "listen.proxy_protocol_from",
+        "10 is not an IP network"),
+    "metrics address without port": (
+        '[metrics]\nlisten = "127.0.0.1"\n', "metrics.listen", "expected host:port"),
 }
 
 
@@ -385,7 +396,7 @@ def test_the_commented_example_configuration_is_valid(tmp_path: Path) -> None:
     documented = {line.split("=")[0].strip() for line in example.splitlines()
                   if "=" in line and not line.lstrip().startswith("#")}
     for section in (loaded.listen, loaded.tls, loaded.backend, loaded.provision, loaded.limits,
-                    loaded.migration, loaded.log):
+                    loaded.migration, loaded.log, loaded.metrics):
         assert set(section.__dataclass_fields__) <= documented | {"url"}, section
 
 

@@ -25,31 +25,16 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import SeedMessage, make_message, seed_mailbox
+from tests.support.metrics import scrape, value
 from tests.support.postgres import scratch_database
 from tests.support.proxy import Proxy
 
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
 BOB = "bob@old.example"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        assert answer.headers["Content-Type"].startswith("text/plain; version=")
-        text = answer.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def http_status(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=15) as answer:
