@@ -17,7 +17,6 @@ import secrets
 import smtplib
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import SeedMessage, make_message, seed_mailbox
 from tests.support.metrics import scrape, value
 from tests.support.postgres import scratch_database
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, wait_for
 
 ALICE, ALICE_PW = "alice@old.example", "alice-pw"
 BOB = "bob@old.example"
@@ -41,14 +40,6 @@ def http_status(port: int, path: str) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

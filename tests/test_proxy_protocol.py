@@ -26,7 +26,7 @@ from migrating_proxy.frontends.proxyheader import REFUSALS
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.haproxy import haproxy
 from tests.support.metrics import scrape, value
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, wait_for
 from tests.support.tls import TLSFiles, client_context
 
 ALICE, PASSWORD = "alice@new.example", "alice-pw"
@@ -61,14 +61,6 @@ def pop3_from(source: str, port: int) -> poplib.POP3:
 def login_events(proxy: Proxy, peer: str) -> list[dict[str, Any]]:
     events = [json.loads(line) for line in proxy.log_text().splitlines() if line.startswith("{")]
     return [e for e in events if e.get("event") == "login" and e.get("peer") == peer]
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
         out.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         out.append("")
     return "\n".join(out)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll until predicate() holds; AssertionError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.05)
 
 
 @dataclass
