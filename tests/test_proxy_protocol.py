@@ -109,15 +109,14 @@ def test_imap_behind_haproxy_sees_the_client_address(
     [event] = login_events(proxy, client)
     assert event["outcome"] == "ok" and event["address"] == ALICE
     # The store logs the client too (the proxy's IMAP ID x-originating-ip; trusted network).
-    wait_for(lambda: f"rip={client}," in module_store.log_path.read_text(),
-             f"Dovecot logs rip={client}")
+    assert_store_logged(module_store, "imap", client)
 
 
 @pytest.mark.parametrize(("route", "client"), [("pop3_v1", "127.0.0.8"),
                                                ("pop3s_v2", "127.0.0.9")])
 def test_pop3_behind_haproxy_sees_the_client_address(
-        proxy: Proxy, balancer: dict[str, int], tls_files: TLSFiles, route: str,
-        client: str) -> None:
+        proxy: Proxy, balancer: dict[str, int], module_store: DovecotInstance,
+        tls_files: TLSFiles, route: str, client: str) -> None:
     if route == "pop3s_v2":
         cls = type("POP3SFrom", (FromAddress, poplib.POP3_SSL), {"source": client})
         pop = cls("127.0.0.1", balancer[route], context=client_context(tls_files), timeout=10)
@@ -129,6 +128,27 @@ def test_pop3_behind_haproxy_sees_the_client_address(
     pop.quit()
     [event] = login_events(proxy, client)
     assert event["outcome"] == "ok" and event["protocol"] == "pop3"
+    assert_store_logged(module_store, "pop3", client)
+
+
+def assert_store_logged(store: DovecotInstance, protocol: str, client: str) -> None:
+    """Dovecot's login line names the client: the proxy passed its address on."""
+    wait_for(lambda: any(f"{protocol}-login: Info: Login: user=<{ALICE}>" in line
+                         and f"rip={client}," in line
+                         for line in store.log_path.read_text().splitlines()),
+             f"Dovecot logs a {protocol} login from rip={client}")
+
+
+def test_pop3_sessions_reach_the_store_with_the_client_address(
+        proxy: Proxy, module_store: DovecotInstance) -> None:
+    """Without a balancer too: XCLIENT, which Dovecot offers the proxy's trusted network."""
+    client = "127.0.0.31"
+    pop = pop3_from(client, proxy.pop3_port)
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    assert pop.stat()[0] >= 0
+    pop.quit()
+    assert_store_logged(module_store, "pop3", client)
 
 
 def test_smtp_behind_haproxy_sees_the_client_address(proxy: Proxy,

@@ -20,6 +20,7 @@ STARTTLS/STLS first. Failures are `BackendRefused` (the server said no) or `Back
 from __future__ import annotations
 
 import base64
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -269,15 +270,23 @@ def _quotable(value: bytes) -> bool:
 
 
 class POP3BackendLogin(BackendProtocol):
+    """AUTH PLAIN (or USER/PASS), after `XCLIENT ADDR= PORT=` when the server offers it:
+    Dovecot says `+OK [XCLIENT]` in its greeting to clients in its login_trusted_networks, and
+    then logs and rate-limits the client's address instead of the proxy's (as IMAP's ID
+    x-originating-ip does)."""
+
     starttls_command = "STLS"
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.next_step: list[str] = []  # USER/PASS: what to send after the next +OK
+        self.xclient = False  # the server offered XCLIENT
+        self.xclient_sent = False  # its answer is the next line
 
     def login_line(self, text: str) -> None:
         if self.ready is None:
             if text.startswith("+OK"):
+                self.xclient = text.startswith("+OK [XCLIENT")
                 self.greeting_ok("")
             else:
                 self.fail(BackendUnavailable(
@@ -287,6 +296,9 @@ class POP3BackendLogin(BackendProtocol):
                 self.start_tls()
             else:
                 self.unavailable("STLS", text)
+        elif self.xclient_sent:
+            self.xclient_sent = False  # refused or not, the login goes on from the proxy
+            self.authenticate()
         elif text.startswith("+OK"):
             if self.next_step:
                 self.send(self.next_step.pop(0))
@@ -298,12 +310,27 @@ class POP3BackendLogin(BackendProtocol):
             self.refused("login", text)
 
     def start_login(self) -> None:
+        if self.xclient and _is_ip(self.client_ip):
+            self.xclient_sent = True
+            self.send(f"XCLIENT ADDR={self.client_ip} PORT={self.client_port}")
+        else:
+            self.authenticate()
+
+    def authenticate(self) -> None:
         upstream = self._upstream()
         if uses_sasl_plain(upstream):
             self.send(f"AUTH PLAIN {sasl_plain(upstream)}")
         else:
             self.send(f"USER {upstream.login}")
             self.next_step = [f"PASS {upstream.password}"]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _response_code_capabilities(text: str) -> str | None:
