@@ -13,6 +13,9 @@ serve` in front of it (tests/support/proxy.py), then measures, against that same
    The hash alone (passlib, as the proxy calls it) is timed as well.
 2. FETCH 1:* BODY.PEEK[] of one large INBOX over one connection, read with a raw socket.
 3. Proxy RSS before and after opening N logged-in, SELECTed, idle IMAP sessions.
+4. Metrics overhead: a second `serve` on the same database and store with `[metrics] listen`
+   on (and /metrics scraped every SCRAPE_INTERVAL seconds meanwhile) takes part in (1) and (2),
+   interleaved with the others; its medians divided by the first proxy's must stay within 2 %.
 
 Exit status is 0 even when a target is missed: this is a measurement, not a test.
 """
@@ -30,7 +33,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +56,7 @@ SCHEME, ROUNDS = "sha512_crypt", 5000  # the test fixture's cost; see --rounds
 USER, PASSWORD = "alice@bench.example", "alice-pw"
 IDLE_PASSWORD = "idle-pw"
 FETCH_TAG = b"Zf9"
+SCRAPE_INTERVAL = 5.0  # seconds; Prometheus' default is 15 s, scraping more often is harsher
 
 LIMITS_CONF = """# Written by bench/proxy_bench.py: room for {n} concurrent sessions
 # (one user and IP, or many users), instead of Dovecot's defaults: 10 per user+IP,
@@ -286,18 +292,23 @@ def one_login(port: int) -> tuple[float, float]:
     return done - sent, done - started
 
 
-def measure_logins(direct_port: int, proxy_port: int, count: int
-                   ) -> dict[str, dict[str, list[float]]]:
+def rotated(sides: dict[str, int], index: int) -> list[tuple[str, int]]:
+    """The sides in a different order each round, so drift hits every side alike."""
+    order = list(sides.items())
+    shift = index % len(order)
+    return order[shift:] + order[:shift]
+
+
+def measure_logins(sides: dict[str, int], count: int) -> dict[str, dict[str, list[float]]]:
+    """sides: name -> IMAP port ("direct", "proxy", and "metrics" for the metrics-on proxy)."""
     results: dict[str, dict[str, list[float]]] = {
-        side: {"login": [], "connect": []} for side in ("direct", "proxy")
+        side: {"login": [], "connect": []} for side in sides
     }
     for _ in range(5):  # warm-up: processes spawned, caches filled, threads started
-        one_login(direct_port)
-        one_login(proxy_port)
+        for port in sides.values():
+            one_login(port)
     for index in range(count):
-        # Interleaved, and alternating who goes first, so drift hits both sides alike.
-        order = [("direct", direct_port), ("proxy", proxy_port)]
-        for side, port in order if index % 2 else order[::-1]:
+        for side, port in rotated(sides, index):
             login, total = one_login(port)
             results[side]["login"].append(login)
             results[side]["connect"].append(total)
@@ -343,15 +354,35 @@ def fetch_everything(port: int) -> tuple[int, float, float]:
     return total, elapsed, busy
 
 
-def measure_fetch(direct_port: int, proxy_port: int, repeats: int
+def measure_fetch(sides: dict[str, int], repeats: int
                   ) -> dict[str, list[tuple[int, float, float]]]:
-    fetch_everything(direct_port)  # untimed: builds Dovecot's index, fills the page cache
-    runs: dict[str, list[tuple[int, float, float]]] = {"direct": [], "proxy": []}
+    fetch_everything(sides["direct"])  # untimed: builds Dovecot's index, fills the page cache
+    runs: dict[str, list[tuple[int, float, float]]] = {side: [] for side in sides}
     for index in range(repeats):
-        order = [("direct", direct_port), ("proxy", proxy_port)]
-        for side, port in order if index % 2 else order[::-1]:
+        for side, port in rotated(sides, index):
             runs[side].append(fetch_everything(port))
     return runs
+
+
+@contextlib.contextmanager
+def scraping(port: int, interval: float) -> Iterator[list[int]]:
+    """GET /metrics every `interval` seconds in a thread, as Prometheus would; yields the
+    list of response sizes (one per scrape)."""
+    sizes: list[int] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(interval):
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:
+                sizes.append(len(answer.read()))
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield sizes
+    finally:
+        stop.set()
+        thread.join(timeout=15)
 
 
 @contextlib.contextmanager
@@ -457,6 +488,22 @@ def fetch_rows(runs: dict[str, list[tuple[int, float, float]]]) -> list[Row]:
     return rows
 
 
+def overhead_rows(logins: dict[str, dict[str, list[float]]],
+                  runs: dict[str, list[tuple[int, float, float]]]) -> list[Row]:
+    """Metrics on vs off, both through the proxy: columns "direct"/"proxy" hold off/on."""
+    rows = []
+    for kind, label in (("login", "LOGIN -> OK"), ("connect", "connect -> LOGIN OK")):
+        off, on = (statistics.median(logins[side][kind]) for side in ("proxy", "metrics"))
+        rows.append(Row(f"metrics on vs off: {label} median", ms(off), ms(on),
+                        f"{on / off:.1%}", "<= 102 %", on / off <= 1.02))
+    off_rate, on_rate = (statistics.median(size / 1e6 / seconds for size, seconds, _b in
+                                           runs[side]) for side in ("proxy", "metrics"))
+    rows.append(Row("metrics on vs off: FETCH median", f"{off_rate:.0f} MB/s",
+                    f"{on_rate:.0f} MB/s", f"{on_rate / off_rate:.1%}", ">= 98 %",
+                    on_rate / off_rate >= 0.98))
+    return rows
+
+
 def memory_rows(mem: dict[str, float]) -> list[Row]:
     n = int(mem["sessions"])
     per = (mem["after"] - mem["before"]) / n
@@ -501,6 +548,11 @@ def main() -> int:
     with store.config_path.open("a") as config:
         config.write(f"!include {extra}\n")
     proxy = Proxy(root / "proxy", store, overrides={"log": {"level": "info"}})
+    metrics_port = dovecot.free_port()
+    # The same database and store, metrics on: only the [metrics] section differs.
+    metered = Proxy(root / "proxy-metrics", store, overrides={
+        "log": {"level": "info"}, "metrics": {"listen": f"{HOST}:{metrics_port}"},
+        "database": {"url": f"sqlite:///{proxy.directory / 'proxy.db'}"}})
     idle_users = [f"idle{i:04d}@bench.example" for i in range(n_sessions)]
     sections: dict[str, list[Row]] = {}
     runs: dict[str, list[tuple[int, float, float]]] = {}
@@ -510,6 +562,7 @@ def main() -> int:
         size = seed_maildir(store, n_messages, args.size)
         store.start()
         proxy.start()
+        metered.start()
         print(f"setup    : {n_messages} messages ({size / 1e6:.0f} MB) in one INBOX, "
               f"{n_sessions + 1} accounts, fd limit {fd_limit}, "
               f"{time.monotonic() - started:.1f} s")
@@ -518,10 +571,14 @@ def main() -> int:
         print()
 
         step = time.monotonic()
+        sides = {"direct": store.imap_port, "proxy": proxy.imap_port,
+                 "metrics": metered.imap_port}
         hash_times = time_hash(alice_hash, n_logins)
-        logins = measure_logins(store.imap_port, proxy.imap_port, n_logins)
+        with scraping(metrics_port, SCRAPE_INTERVAL) as scrapes:
+            logins = measure_logins(sides, n_logins)
         sections["login"] = login_rows(hash_times, logins)
-        print(f"[logins done in {time.monotonic() - step:.1f} s]", flush=True)
+        print(f"[logins done in {time.monotonic() - step:.1f} s; /metrics scraped "
+              f"{len(scrapes)} times]", flush=True)
 
         step = time.monotonic()
         mem = measure_memory(proxy, store, idle_users)
@@ -531,13 +588,16 @@ def main() -> int:
               f"{mem['after_close'] / 1024:.1f} MB]", flush=True)
 
         step = time.monotonic()
-        runs = measure_fetch(store.imap_port, proxy.imap_port, repeats)
+        with scraping(metrics_port, SCRAPE_INTERVAL):
+            runs = measure_fetch(sides, repeats)
         sections["fetch"] = fetch_rows(runs)
+        sections["metrics"] = overhead_rows(logins, runs)
         print(f"[fetch done in {time.monotonic() - step:.1f} s: "
               + "; ".join(f"{side} " + ", ".join(f"{b / 1e6 / s:.0f} MB/s (CPUs {u:.0%} busy)"
                                                 for b, s, u in r)
                           for side, r in runs.items()) + "]", flush=True)
     finally:
+        metered.stop()
         proxy.stop()
         store.stop()
         if args.keep:
@@ -545,7 +605,8 @@ def main() -> int:
         else:
             dovecot.remove_root(root)
 
-    rows = [row for name in ("login", "fetch", "memory") for row in sections.get(name, [])]
+    rows = [row for name in ("login", "fetch", "memory", "metrics")
+            for row in sections.get(name, [])]
     print()
     print_table(rows)
     print()
@@ -564,6 +625,10 @@ def main() -> int:
     print(f"- Everything (client, proxy, Dovecot) shares {os.cpu_count()} CPUs; the proxy "
           "relays in one process.")
     print("- Per-session memory is the proxy's RSS growth; kernel socket buffers are not in it.")
+    print("- 'metrics on vs off': the 'direct' column is the proxy without metrics, 'proxy' a "
+          "second serve")
+    print(f"  with [metrics] listen, same database and store, /metrics scraped every "
+          f"{SCRAPE_INTERVAL:.0f} s.")
     busy = [u for side in runs.values() for _b, _s, u in side] if runs else []
     if busy and statistics.median(busy) >= 0.95:
         print(f"- WARNING: the CPUs were {statistics.median(busy):.0%} busy (median) during the "
