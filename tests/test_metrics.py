@@ -13,6 +13,7 @@ import datetime as dt
 import imaplib
 import json
 import poplib
+import re
 import secrets
 import smtplib
 import socket
@@ -283,3 +284,22 @@ def test_readyz_follows_the_database_and_the_store_without_a_restart(tmp_path: P
     finally:
         forwarder.stop()
         dovecot.remove_root(root)
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_proxy_exports(tmp_path: Path) -> None:
+    """deploy/grafana/ is built on these metrics: a renamed metric must not leave it blank."""
+    from migrating_proxy import metrics
+    from migrating_proxy.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        families = [*metrics.REGISTRY.collect(), *metrics.DatabaseFigures(store.engine).collect()]
+    finally:
+        store.close()
+    exported = {f"{family.name}{suffix}" for family in families
+                for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    dashboard = (Path(__file__).resolve().parents[1] / "deploy" / "grafana"
+                 / "migrating-proxy-dashboard.json").read_text()
+    used = set(re.findall(r"migrating_proxy_[a-z_]+", dashboard))
+    assert len(used) >= 10
+    assert used <= exported, used - exported
