@@ -112,6 +112,17 @@ def test_imap_behind_haproxy_sees_the_client_address(
     assert_store_logged(module_store, "imap", client)
 
 
+def test_starttls_behind_haproxy(proxy: Proxy, balancer: dict[str, int],
+                                 tls_files: TLSFiles) -> None:
+    client = "127.0.0.13"
+    imap = imap_from(client, balancer["imap_v1"])
+    imap.starttls(client_context(tls_files))
+    imap.login(ALICE, PASSWORD)
+    imap.logout()
+    [event] = login_events(proxy, client)
+    assert event["outcome"] == "ok" and event["tls"] is True
+
+
 @pytest.mark.parametrize(("route", "client"), [("pop3_v1", "127.0.0.8"),
                                                ("pop3s_v2", "127.0.0.9")])
 def test_pop3_behind_haproxy_sees_the_client_address(

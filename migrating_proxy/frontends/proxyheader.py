@@ -33,6 +33,7 @@ from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
+from zope.interface import directlyProvides, providedBy
 
 from migrating_proxy import metrics
 from migrating_proxy.config import Network
@@ -111,6 +112,7 @@ class ProxyHeaderReceiver(policies.ProtocolWrapper):
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper.makeConnection would start the session at once; see the module doc.
+        directlyProvides(self, providedBy(transport))  # ITLSTransport for STARTTLS, ...
         self.transport = transport
         self.connected = 1
         self.factory.registerProtocol(self)
