@@ -98,7 +98,7 @@ class Onboarding:
         except SourceAuthError:
             return OldServerVerdict.REFUSED
         except SourceUnavailable as exc:
-            log.warning("old_server_unreachable", address=spec.login, host=spec.host,
+            log.warning("old_server_unreachable", address=address, host=spec.host,
                         error=str(exc))
             return OldServerVerdict.UNREACHABLE
         return OldServerVerdict.ACCEPTED
