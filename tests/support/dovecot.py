@@ -601,7 +601,7 @@ def use_sql_passdb(store: DovecotInstance, connect: str) -> None:
     (conf_d / SQL_PASSDB.name).write_text(passdb)
     snippet = conf_d / "migrating-proxy.conf"
     users_passdb = re.compile(r"passdb \{\n  driver = passwd-file\n  args = [^\n]*"
-                              + re.escape(str(store.users_file)) + r"[^\n]*\n\}\n")
+                              + re.escape(str(store.users_file)) + r"[^\n]*\n(?:  [^\n]*\n)*\}\n")
     text, count = users_passdb.subn(
         f"!include {conf_d / SQL_PASSDB.name}\n", snippet.read_text())
     if count != 1:
