@@ -1,6 +1,14 @@
 """Proxy benchmark: login latency, bulk FETCH throughput and idle-session memory, proxy vs direct.
 
     .venv/bin/python bench/proxy_bench.py [--quick] [--logins N] [--messages N] [--sessions N]
+                                          [--upstream store|old]
+
+With `--upstream old` the same login and FETCH measurements are made for a passthrough session
+(transparent cutover): a user of a passthrough domain not switched yet, whose session the proxy
+relays to the old server, against that old server directly. The old server checks the same
+sha512_crypt hash as the proxy (its passwd-file has the {SHA512-CRYPT} form of the account's
+hash), so through the proxy the hash is checked twice: by the proxy, then by the old server at
+the proxy's login there. The idle-session memory test is the store's only (same relay code).
 
 Starts one throw-away new-store Dovecot (tests/support/dovecot.py) and one `migrating-proxy
 serve` in front of it (tests/support/proxy.py), then measures, against that same store:
@@ -45,8 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from migrating_proxy.passwords import PasswordHasher  # noqa: E402
-from migrating_proxy.store import open_store  # noqa: E402
+from migrating_proxy.passwords import PasswordHasher, dovecot_form  # noqa: E402
+from migrating_proxy.store import AccountState, Domain, open_store  # noqa: E402
 from tests.support import dovecot  # noqa: E402
 from tests.support.mail import make_message  # noqa: E402
 from tests.support.proxy import Proxy  # noqa: E402
@@ -232,15 +240,20 @@ def seed_maildir(store: dovecot.DovecotInstance, count: int, size: int) -> int:
     return total
 
 
-def add_accounts(db_url: str, idle_users: list[str]) -> str:
+def add_accounts(db_url: str, idle_users: list[str], old_server: str | None = None) -> str:
     """Accounts in the proxy's database, in-process (one CLI call each would take minutes).
     `serve` writes the store's provisioned file from the database when it starts. Returns
-    the stored hash of USER."""
+    the stored hash of USER. With old_server (an IMAP URL), USER belongs to a passthrough
+    domain whose old server that is, and is not switched: its sessions go there."""
     hasher = PasswordHasher(SCHEME, ROUNDS)
     store = open_store(db_url)
     try:
         alice = hasher.hash(PASSWORD)
-        store.accounts.add_account(USER, alice)
+        if old_server is None:
+            store.accounts.add_account(USER, alice)
+        else:
+            store.accounts.add_domain(Domain(USER.partition("@")[2], old_server, notice=False))
+            store.accounts.add_account(USER, alice, migration_state=AccountState.PENDING)
         idle_hash = hasher.hash(IDLE_PASSWORD)  # one salt for all: the bench needs no more
         for address in idle_users:
             store.accounts.add_account(address, idle_hash)
@@ -527,7 +540,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, help="FETCH runs each way (5)")
     parser.add_argument("--sessions", type=int, help="idle sessions for the memory test (1000)")
     parser.add_argument("--keep", action="store_true", help="keep the instance directory")
+    parser.add_argument("--upstream", choices=("store", "old"), default="store",
+                        help="where the measured sessions are relayed: the store (default) or, "
+                             "for a passthrough account, its old server")
     args = parser.parse_args()
+    passthrough = args.upstream == "old"
     quick = args.quick
     n_logins = args.logins or (20 if quick else 200)
     n_messages = args.messages or (100 if quick else 2000)
@@ -535,7 +552,8 @@ def main() -> int:
     n_sessions = args.sessions or (50 if quick else 1000)
 
     print("migrating-proxy benchmark" + (" (--quick: smoke run, figures not meaningful)"
-                                        if quick else ""))
+                                        if quick else "")
+          + (": passthrough sessions, relayed to the old server" if passthrough else ""))
     print("\n".join(machine_info()))
     # The proxy (started by Popen from here) inherits the limit: 2 fds per session, plus ours.
     fd_limit = raise_fd_limit(4 * n_sessions + 1024)
@@ -553,14 +571,20 @@ def main() -> int:
     metered = Proxy(root / "proxy-metrics", store, overrides={
         "log": {"level": "info"}, "metrics": {"listen": f"{HOST}:{metrics_port}"},
         "database": {"url": f"sqlite:///{proxy.directory / 'proxy.db'}"}})
-    idle_users = [f"idle{i:04d}@bench.example" for i in range(n_sessions)]
+    idle_users = [] if passthrough else [f"idle{i:04d}@bench.example" for i in range(n_sessions)]
+    # What the proxy's sessions are relayed to, and what is measured directly beside it.
+    direct = dovecot.old_server(root / "old", {USER: PASSWORD}) if passthrough else store
     sections: dict[str, list[Row]] = {}
     runs: dict[str, list[tuple[int, float, float]]] = {}
     try:
         started = time.monotonic()
-        alice_hash = add_accounts(f"sqlite:///{proxy.directory / 'proxy.db'}", idle_users)
-        size = seed_maildir(store, n_messages, args.size)
+        alice_hash = add_accounts(f"sqlite:///{proxy.directory / 'proxy.db'}", idle_users,
+                                  f"imap://{HOST}:{direct.imap_port}" if passthrough else None)
+        if passthrough:  # the old server checks the very hash the proxy checks
+            direct.users_file.write_text(f"{USER}:{dovecot_form(alice_hash)}\n")
+        size = seed_maildir(direct, n_messages, args.size)
         store.start()
+        direct.start()
         proxy.start()
         metered.start()
         print(f"setup    : {n_messages} messages ({size / 1e6:.0f} MB) in one INBOX, "
@@ -571,7 +595,7 @@ def main() -> int:
         print()
 
         step = time.monotonic()
-        sides = {"direct": store.imap_port, "proxy": proxy.imap_port,
+        sides = {"direct": direct.imap_port, "proxy": proxy.imap_port,
                  "metrics": metered.imap_port}
         hash_times = time_hash(alice_hash, n_logins)
         with scraping(metrics_port, SCRAPE_INTERVAL) as scrapes:
@@ -580,12 +604,13 @@ def main() -> int:
         print(f"[logins done in {time.monotonic() - step:.1f} s; /metrics scraped "
               f"{len(scrapes)} times]", flush=True)
 
-        step = time.monotonic()
-        mem = measure_memory(proxy, store, idle_users)
-        sections["memory"] = memory_rows(mem)
-        print(f"[memory done in {time.monotonic() - step:.1f} s: {n_sessions} sessions opened "
-              f"in {mem['opened_s']:.1f} s; proxy RSS after closing them "
-              f"{mem['after_close'] / 1024:.1f} MB]", flush=True)
+        if not passthrough:
+            step = time.monotonic()
+            mem = measure_memory(proxy, store, idle_users)
+            sections["memory"] = memory_rows(mem)
+            print(f"[memory done in {time.monotonic() - step:.1f} s: {n_sessions} sessions "
+                  f"opened in {mem['opened_s']:.1f} s; proxy RSS after closing them "
+                  f"{mem['after_close'] / 1024:.1f} MB]", flush=True)
 
         step = time.monotonic()
         with scraping(metrics_port, SCRAPE_INTERVAL):
@@ -600,6 +625,7 @@ def main() -> int:
         metered.stop()
         proxy.stop()
         store.stop()
+        direct.stop()
         if args.keep:
             print(f"kept {root}")
         else:
@@ -611,12 +637,19 @@ def main() -> int:
     print_table(rows)
     print()
     print("Notes:")
-    print(f"- Both login paths verify the same {SCHEME} hash ({ROUNDS} rounds) once: direct,"
-          " Dovecot's auth process")
-    print("  does; via the proxy, the proxy does (passlib) and then logs in to Dovecot as the "
-          "master user,")
-    print("  whose {PLAIN} password costs nothing. So 'proxy - direct' is the overhead beyond "
-          "the hash.")
+    if passthrough:
+        print(f"- Passthrough: direct, the old server verifies the {SCHEME} hash ({ROUNDS} "
+              "rounds) once; via the")
+        print("  proxy it is verified twice: by the proxy (passlib), then by the old server at "
+              "the proxy's login")
+        print("  there with the user's own password. 'proxy - direct' includes one hash.")
+    else:
+        print(f"- Both login paths verify the same {SCHEME} hash ({ROUNDS} rounds) once: "
+              "direct, Dovecot's auth process")
+        print("  does; via the proxy, the proxy does (passlib) and then logs in to Dovecot as "
+              "the master user,")
+        print("  whose {PLAIN} password costs nothing. So 'proxy - direct' is the overhead "
+              "beyond the hash.")
     print("- 'LOGIN -> OK' excludes connect+greeting; the proxy greets at once and connects to "
           "Dovecot only")
     print("  after LOGIN, so it pays Dovecot's greeting inside LOGIN -> OK. 'connect -> LOGIN OK'"
