@@ -51,7 +51,6 @@ from migrating_proxy.worker import pid_alive
 
 log = structlog.get_logger(__name__)
 
-LISTEN_BACKLOG = 50  # what Twisted's listenTCP uses
 IMPLICIT_TLS = ("imaps", "pop3s")
 
 
@@ -120,7 +119,7 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
             ) -> tuple[FrontendContext, list[Any], Store]:
     """Everything serve needs that can be refused, or StartupError with nothing left held."""
     with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
-        sockets = bind_listeners(config.listen)
+        sockets = bind_listeners(config.listen, config.limits.listen_backlog)
         undo.callback(close_sockets, sockets)
         tls_options = load_server_tls(config)
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
@@ -158,21 +157,22 @@ def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
     return [listening]
 
 
-def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:
-    """Every configured listener's socket, bound and listening, or StartupError (none open)."""
+def bind_listeners(listen: ListenConfig, backlog: int) -> dict[str, socket.socket]:
+    """Every configured listener's socket, bound and listening, or StartupError (none open).
+    `backlog`: connections the kernel queues for accept() (limits.listen_backlog)."""
     bound: dict[str, socket.socket] = {}
     try:
         for name in ListenConfig.addresses():
             address = getattr(listen, name)
             if address is not None:
-                bound[name] = _bind(name, *address)
+                bound[name] = _bind(name, *address, backlog)
     except BaseException:
         close_sockets(bound)
         raise
     return bound
 
 
-def _bind(name: str, host: str, port: int) -> socket.socket:
+def _bind(name: str, host: str, port: int, backlog: int) -> socket.socket:
     where = f"listen.{name}: cannot listen on {host}:{port}"
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -184,7 +184,7 @@ def _bind(name: str, host: str, port: int) -> socket.socket:
         # As Twisted does: a restart must not wait for old connections in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
