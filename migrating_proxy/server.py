@@ -40,12 +40,13 @@ from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
-from migrating_proxy.login import FailureThrottle, LoginService, Placement, by_cutover
+from migrating_proxy.login import LoginService, Placement, by_cutover
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.startup import StartupError, check_files, files_refused
 from migrating_proxy.store import Store, open_store
+from migrating_proxy.throttle import FailureThrottle
 from migrating_proxy.upstream import Upstream
 from migrating_proxy.worker import pid_alive
 

@@ -1,4 +1,4 @@
-"""The account store on SQLite and PostgreSQL, password hashing, and the failure throttle.
+"""The account store on SQLite and PostgreSQL, and password hashing.
 
 Store tests run once per database (`store_url`): a SQLite file under tmp_path, and a fresh
 PostgreSQL database created for this test session on 127.0.0.1:5432 (skipped, with the reason
@@ -7,18 +7,14 @@ shown, when no server answers there).
 
 from __future__ import annotations
 
-import random
-import string
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from passlib.hash import sha512_crypt
 from sqlalchemy import select, update
 
-from migrating_proxy.login import FailureThrottle
 from migrating_proxy.passwords import PasswordHasher, dovecot_form
 from migrating_proxy.store import (
     AddressError,
@@ -506,124 +502,3 @@ def test_dovecot_form_of_a_real_hash_is_read_back_by_passlib(hasher: PasswordHas
     form = dovecot_form(stored)
     assert form == "{SHA512-CRYPT}" + stored
     assert hasher.verify("correct horse", form.removeprefix("{SHA512-CRYPT}")).ok
-
-
-# --- failure throttle (fake clock) --------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def throttle(clock: FakeClock, per_peer: int = 3, per_account: int = 5,
-             window: float = 300.0) -> FailureThrottle:
-    return FailureThrottle(window, per_peer, per_account, clock=clock)
-
-
-def test_peer_is_blocked_at_its_limit_across_accounts() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, per_account=100)
-    for account in ("a@x.example", "b@x.example"):
-        limiter.record_failure("192.0.2.1", account)
-    assert not limiter.blocked("192.0.2.1", "c@x.example")
-    limiter.record_failure("192.0.2.1", "c@x.example")
-    assert limiter.blocked("192.0.2.1", "d@x.example")
-    assert not limiter.blocked("192.0.2.2", "d@x.example")
-
-
-def test_account_is_blocked_at_its_limit_across_peers() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=100, per_account=3)
-    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
-        assert not limiter.blocked(peer, "a@x.example")
-        limiter.record_failure(peer, "a@x.example")
-    assert limiter.blocked("192.0.2.4", "a@x.example")
-    assert not limiter.blocked("192.0.2.4", "b@x.example")
-
-
-def test_window_slides_one_failure_at_a_time() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, window=300)
-    for _ in range(3):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-        clock.advance(100)
-    # Failures at t0, t0+100, t0+200; now t0+300: all three are still inside the window.
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    clock.advance(1)  # the first one has left the window
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    clock.advance(301)
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-
-
-def test_success_forgives_the_account_but_not_the_peer() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, per_account=3)
-    for _ in range(3):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-    limiter.record_success("a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")  # the peer's count stands
-    assert not limiter.blocked("192.0.2.2", "a@x.example")  # the account's is forgiven
-
-
-def test_zero_limits_disable_throttling() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=0)
-    for _ in range(1000):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-
-
-def test_zero_peer_limit_keeps_the_account_limit() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=2)
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    assert not limiter.blocked("192.0.2.1", "b@x.example")
-
-
-def random_name(rng: random.Random) -> str:
-    return "".join(rng.choices(string.ascii_lowercase, k=12)) + "@spray.example"
-
-
-def test_memory_does_not_grow_with_random_usernames_once_the_window_passes() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=5, window=60)
-    rng = random.Random(1)
-    sizes = []
-    for _ in range(5):  # five windows' worth of a spray of never-repeated usernames
-        for _ in range(500):
-            limiter.record_failure(f"198.51.100.{rng.randrange(256)}", random_name(rng))
-            clock.advance(0.01)
-        sizes.append(len(limiter._failures))
-        clock.advance(61)
-    # Each spray tracks at most its own 500 accounts and 256 peers; old ones are forgotten.
-    assert max(sizes) <= 500 + 256
-    limiter.record_failure("198.51.100.1", random_name(rng))
-    assert len(limiter._failures) <= 2
-
-
-def test_throttle_is_consistent_under_threads() -> None:
-    """Logins are decided in a thread pool: no failure may be lost between threads."""
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=400)
-
-    def fail_many() -> None:
-        for _ in range(100):
-            limiter.record_failure("192.0.2.1", "a@x.example")
-
-    threads = [threading.Thread(target=fail_many) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert limiter.blocked("192.0.2.1", "a@x.example")
