@@ -166,11 +166,13 @@ class LoginService:
             address = normalise(creds.username)
         except AddressError as exc:
             # Counted like a wrong password: a spray of junk names costs the peer too.
-            if self.throttle.reserve(creds.peer, creds.username.lower()[:320]) is None:
+            junk = self.throttle.reserve(creds.peer, creds.username.lower()[:320])
+            if junk is None:
                 return LoginResult(Outcome.THROTTLED, reason="too many recent failures")
+            self.throttle.failed(junk)
             return LoginResult(Outcome.FAILED, reason=f"invalid username: {exc}")
-        # The slot is taken before the password is looked at, and counts as a failure until
-        # given back: simultaneous guesses cannot slip past the limit while others are checked.
+        # The slot is taken before the password is looked at and counts against the limits
+        # until settled: simultaneous guesses cannot slip past them while others are checked.
         attempt = self.throttle.reserve(creds.peer, address.lower())
         if attempt is None:
             return LoginResult(Outcome.THROTTLED, address, "too many recent failures")
@@ -183,7 +185,9 @@ class LoginService:
             return LoginResult(Outcome.UNAVAILABLE, address, reason)
         if result.ok:
             self.throttle.succeeded(attempt)
-        elif result.outcome is not Outcome.FAILED:
+        elif result.outcome is Outcome.FAILED:
+            self.throttle.failed(attempt)
+        else:
             self.throttle.cancel(attempt)  # undecided: no password was found wrong
         return result
 

@@ -15,6 +15,7 @@ import random
 import socket
 import string
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +48,45 @@ def throttle(clock: FakeClock, per_peer: int = 3, per_account: int = 5,
 
 
 def fail(limiter: FailureThrottle, peer: str, account: str = ALICE, times: int = 1) -> None:
-    """Failed logins: each takes a slot and keeps it."""
+    """Failed logins: each reserves a slot, then its password turns out wrong."""
     for _ in range(times):
-        assert limiter.reserve(peer, account) is not None
+        attempt = limiter.reserve(peer, account)
+        assert attempt is not None
+        limiter.failed(attempt)
+
+
+def succeed(limiter: FailureThrottle, peer: str, account: str = ALICE) -> None:
+    attempt = limiter.reserve(peer, account)
+    assert attempt is not None
+    limiter.succeeded(attempt)
+
+
+def simultaneously(limiter: FailureThrottle, peer: str, count: int, right: bool,
+                   account: str = ALICE) -> tuple[int, int]:
+    """`count` logins from one peer at the same instant, each password checked as long as
+    the slowest of a group (all wrong, or all right): (password checks, refusals)."""
+    start = threading.Barrier(count)
+    checks: list[Attempt] = []
+    refused: list[None] = []
+    lock = threading.Lock()
+
+    def login() -> None:
+        start.wait()
+        attempt = limiter.reserve(peer, account)
+        if attempt is None:
+            refused.append(None)
+            return
+        with lock:
+            checks.append(attempt)
+        time.sleep(0.05)  # the password check
+        (limiter.succeeded if right else limiter.failed)(attempt)
+
+    threads = [threading.Thread(target=login) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(checks), len(refused)
 
 
 # --- per peer -------------------------------------------------------------------------------
@@ -61,22 +98,25 @@ def test_peer_is_refused_at_its_limit_across_accounts() -> None:
     assert limiter.reserve(OTHER_PEER, "c@x.example") is not None
 
 
-def test_simultaneous_attempts_get_no_more_slots_than_the_limit() -> None:
-    """The race of the old check-then-count design: every thread asks at the same instant."""
+def test_simultaneous_wrong_passwords_get_no_more_checks_than_the_limit() -> None:
+    """The race of the old check-then-count design: every guess arrives at the same instant."""
     limiter = throttle(FakeClock(), per_peer=10, per_account=0)
-    start = threading.Barrier(50)
-    granted: list[Attempt | None] = []
+    assert simultaneously(limiter, PEER, 50, right=False) == (10, 40)
 
-    def attempt() -> None:
-        start.wait()
-        granted.append(limiter.reserve(PEER, ALICE))
 
-    threads = [threading.Thread(target=attempt) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sum(slot is not None for slot in granted) == 10
+def test_simultaneous_right_passwords_from_one_address_all_get_in() -> None:
+    """An office behind one NAT logs in at 9:00: they wait for each other, nobody is refused."""
+    limiter = throttle(FakeClock(), per_peer=10, per_account=20)
+    assert simultaneously(limiter, PEER, 50, right=True) == (50, 0)
+
+
+def test_an_attempt_waits_no_longer_than_max_wait() -> None:
+    limiter = FailureThrottle(300, 1, 0, clock=FakeClock(), max_wait=0.2)
+    held = limiter.reserve(PEER, ALICE)  # a check that never ends
+    assert held is not None
+    started = time.monotonic()
+    assert limiter.reserve(PEER, ALICE) is None
+    assert time.monotonic() - started >= 0.2
 
 
 def test_window_slides_one_failure_at_a_time() -> None:
@@ -98,9 +138,7 @@ def test_success_gives_its_slot_back_but_forgives_no_earlier_failure_of_the_peer
     limiter = throttle(FakeClock(), per_peer=3, per_account=100)
     fail(limiter, PEER, "victim@x.example", times=2)
     for _ in range(5):  # a peer that owns an account logs in to it again and again
-        own = limiter.reserve(PEER, "own@x.example")
-        assert own is not None
-        limiter.succeeded(own)
+        succeed(limiter, PEER, "own@x.example")
     fail(limiter, PEER, "victim@x.example")
     assert limiter.reserve(PEER, "victim@x.example") is None
 
@@ -127,19 +165,18 @@ def test_attacked_account_refuses_the_addresses_that_failed_on_it() -> None:
 
 
 def test_nobody_can_lock_a_user_out() -> None:
-    """Thousands of failures from hundreds of addresses: a clean address still gets its
-    password checked, and the user's success reopens nothing for the attackers."""
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=10, per_account=20)
+    """Failures from hundreds of addresses: a clean address still gets its password checked,
+    and the user's success reopens nothing for the attackers."""
+    limiter = throttle(FakeClock(), per_peer=10, per_account=20)
     attackers = [f"203.0.113.{n}" for n in range(200)]
     for peer in attackers:
         for _ in range(10):
-            limiter.reserve(peer, ALICE)  # refused ones just come back None
-    user = limiter.reserve(CLEAN_PEER, ALICE)
-    assert user is not None
-    limiter.succeeded(user)
+            attempt = limiter.reserve(peer, ALICE)
+            if attempt is not None:
+                limiter.failed(attempt)
+    succeed(limiter, CLEAN_PEER)
     assert all(limiter.reserve(peer, ALICE) is None for peer in attackers)
-    assert limiter.reserve(CLEAN_PEER, ALICE) is not None  # and again next time
+    succeed(limiter, CLEAN_PEER)  # and again next time
 
 
 def test_an_attacker_gets_one_guess_per_fresh_address_once_the_account_is_attacked() -> None:
@@ -147,20 +184,37 @@ def test_an_attacker_gets_one_guess_per_fresh_address_once_the_account_is_attack
     checked = 0
     for n in range(50):
         for _ in range(10):
-            if limiter.reserve(f"203.0.113.{n}", ALICE) is not None:
+            attempt = limiter.reserve(f"203.0.113.{n}", ALICE)
+            if attempt is not None:
+                limiter.failed(attempt)
                 checked += 1
     # 5 to reach the account's limit (all from the first address), then one per address.
     assert checked == 5 + 49
 
 
-def test_the_users_own_typo_is_forgiven_by_a_success_from_the_same_address() -> None:
+def test_simultaneous_guesses_at_an_attacked_account_get_one_check_per_address() -> None:
+    limiter = throttle(FakeClock(), per_peer=0, per_account=5)
+    fail(limiter, "203.0.113.1", times=5)
+    assert simultaneously(limiter, PEER, 20, right=False) == (1, 19)
+    # The owner's mail client opens several connections at once: one after the other, all in.
+    assert simultaneously(limiter, CLEAN_PEER, 5, right=True) == (5, 0)
+
+
+def test_the_users_own_typo_during_an_attack_closes_only_that_address() -> None:
     limiter = throttle(FakeClock(), per_peer=10, per_account=3)
-    fail(limiter, CLEAN_PEER)  # the user mistypes before the attack
-    fail(limiter, "203.0.113.1", times=2)
+    fail(limiter, CLEAN_PEER)  # the user mistypes
+    fail(limiter, "203.0.113.1", times=2)  # the account is now under attack
     assert limiter.reserve(CLEAN_PEER, ALICE) is None  # that address waits out the window
-    phone = limiter.reserve("198.51.100.99", ALICE)  # another address of the user's works
-    assert phone is not None
-    limiter.succeeded(phone)
+    succeed(limiter, "198.51.100.99")  # another address of the user's works
+
+
+def test_a_success_forgives_the_address_its_own_typos() -> None:
+    limiter = throttle(FakeClock(), per_peer=10, per_account=3)
+    fail(limiter, CLEAN_PEER)
+    succeed(limiter, CLEAN_PEER)  # before the attack
+    fail(limiter, "203.0.113.1", times=2)  # under attack now, the user's typo counted in
+    assert limiter.reserve("203.0.113.1", ALICE) is None
+    succeed(limiter, CLEAN_PEER)
 
 
 def test_zero_limits_disable_throttling() -> None:
@@ -196,6 +250,7 @@ def test_memory_does_not_grow_with_random_usernames_once_the_window_passes() -> 
     assert max(sizes) <= 1000
     fail(limiter, "198.51.100.1", random_name(rng))
     assert len(limiter._failures) <= 2
+    assert not limiter._checking
 
 
 def test_no_failure_is_lost_between_threads() -> None:
@@ -203,7 +258,7 @@ def test_no_failure_is_lost_between_threads() -> None:
 
     def fail_many() -> None:
         for _ in range(100):
-            limiter.reserve(PEER, ALICE)
+            fail(limiter, PEER)
 
     threads = [threading.Thread(target=fail_many) for _ in range(4)]
     for thread in threads:
