@@ -213,7 +213,7 @@ class LoginService:
             if refused is not None:
                 return refused
             provisioned = True  # the new hash was just provisioned
-        self.accounts.record_login(account.address)
+        self.store.last_logins.note(account.address)  # written in the background
         if migrating and account.migration_state is not None:
             assert self.onboarding is not None and domain is not None
             self.onboarding.maybe_resync(account, domain, password)
@@ -268,6 +268,6 @@ class LoginService:
             # Lost a race against a first login with another password that the old server
             # also accepted moments ago (changed meanwhile): the winner's password stands.
             return LoginResult(Outcome.FAILED, account.address, "concurrent first login")
-        self.accounts.record_login(account.address)
+        self.store.last_logins.note(account.address)  # written in the background
         self.onboarding.hash_in_background(account, password)
         return self._accepted(account, domain, creds, "first login: migration started", True)

@@ -16,6 +16,7 @@ looks alive while listening on nothing):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -76,20 +77,31 @@ def build_login_service(config: Config, store: Store,
                         placement=placement or by_cutover(config.backend, store, this_process()))
 
 
+# Blocking work of the front-ends runs in thread pools, one per kind of client, so that logins
+# stuck on a slow database or old server cannot take every thread from the SMTP front-end.
+LOGIN_THREADS = 32  # IMAP and POP3 login decisions: database, old server, hashing processes
+SMTP_THREADS = 16  # SMTP and submission: recipient lookups, next-hop client, submission AUTH
+# A client waits for each login: a lock held elsewhere (an admin import, a backup) makes the
+# login answer "try later" after this many seconds instead of 30 (store.db's default).
+LOGIN_LOCK_TIMEOUT = 5.0
+
+
 def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
     """Run until SIGTERM/SIGINT. `placement`: where accepted logins are served (see
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    ctx, ports, store = acquire(config, reactor, placement)
+    ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
     ports += listen_monitoring(reactor, config, store)
     threadpool = ctx.threadpool
+    pools = (threadpool, smtp_ctx.threadpool)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     leases = ctx.leases
     workers: list[subprocess.Popen[bytes]] = []
 
     def started() -> None:
-        threadpool.start()
+        for pool in pools:
+            pool.start()
         watcher.start()
         leases.start()
         if (pool := start_workers(config)) is not None:
@@ -104,8 +116,9 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
             port.stopListening()
         for pool in workers:
             stop_workers(pool)
-        if threadpool.started:
-            threadpool.stop()
+        for pool in pools:
+            if pool.started:
+                pool.stop()
         ctx.login_service.hasher.close()
         store.close()
 
@@ -117,8 +130,10 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
 
 # -- acquiring ----------------------------------------------------------------------------
 def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstream] | None
-            ) -> tuple[FrontendContext, list[Any], Store]:
-    """Everything serve needs that can be refused, or StartupError with nothing left held."""
+            ) -> tuple[FrontendContext, FrontendContext, list[Any], Store]:
+    """Everything serve needs that can be refused, or StartupError with nothing left held:
+    the contexts of the IMAP/POP3 and of the SMTP sessions (a thread pool each), the ports,
+    the store."""
     with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
         sockets = bind_listeners(config.listen, config.limits.listen_backlog)
         undo.callback(close_sockets, sockets)
@@ -126,7 +141,7 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
         # key only root may read are ours now; the rest runs as the state directory's owner.
         become_service_user(config)
-        store = open_store(config.database_url)
+        store = open_store(config.database_url, lock_timeout=LOGIN_LOCK_TIMEOUT)
         undo.callback(store.close)
         with files_refused():
             prepare_files(config, store)
@@ -134,13 +149,16 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         undo.callback(login_service.hasher.close)
         # Old-server sessions of a predecessor killed on this machine died with it.
         store.cutover.drop_dead_leases(socket.gethostname(), pid_alive)
-        threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")  # started later
+        # The pools are started later.
+        threadpool = ThreadPool(minthreads=2, maxthreads=LOGIN_THREADS, name="login")
         ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
                               threadpool=threadpool, tls_options=tls_options,
                               leases=LeaseKeeper(reactor, threadpool, store.cutover))
-        ports = adopt_listeners(ctx, sockets)
+        smtp_ctx = dataclasses.replace(
+            ctx, threadpool=ThreadPool(minthreads=2, maxthreads=SMTP_THREADS, name="smtp"))
+        ports = adopt_listeners(ctx, sockets, smtp_ctx)
         undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
-    return ctx, ports, store
+    return ctx, smtp_ctx, ports, store
 
 
 def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
@@ -222,15 +240,18 @@ def prepare_files(config: Config, store: Store) -> None:
     check_files(config)
 
 
-def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket]) -> list[Any]:
-    """Hand the bound sockets to the reactor, each with its protocol's factory."""
+def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket],
+                    smtp_ctx: FrontendContext | None = None) -> list[Any]:
+    """Hand the bound sockets to the reactor, each with its protocol's factory (SMTP and
+    submission sessions with `smtp_ctx`, whose thread pool is their own)."""
     if ctx.config.listen.smtp or ctx.config.listen.submission:
         ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
     ports = []
     for name, sock in sockets.items():
         implicit = name in IMPLICIT_TLS
-        factory = listener_factory(ctx, SessionFactory(SESSIONS[name], ctx, implicit_tls=implicit),
-                                   implicit)
+        session_ctx = smtp_ctx if smtp_ctx and name in ("smtp", "submission") else ctx
+        factory = listener_factory(
+            ctx, SessionFactory(SESSIONS[name], session_ctx, implicit_tls=implicit), implicit)
         ports.append(ctx.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
         sock.close()  # the reactor holds its own duplicate
         host = ports[-1].getHost()

@@ -7,13 +7,16 @@ shown, when no server answers there).
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from passlib.hash import sha512_crypt
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from migrating_proxy.passwords import PasswordHasher, dovecot_form
 from migrating_proxy.store import (
@@ -22,6 +25,7 @@ from migrating_proxy.store import (
     Domain,
     Store,
     StoreError,
+    logins,
     open_store,
 )
 from migrating_proxy.store.copystate import CopyState
@@ -233,6 +237,66 @@ def test_record_login_sets_the_last_login_time(store: Store) -> None:
 def test_record_login_of_an_unknown_account_is_refused(store: Store) -> None:
     with pytest.raises(StoreError, match="unknown account"):
         store.accounts.record_login("nobody@example.com")
+
+
+def test_last_logins_are_written_in_the_background(store: Store) -> None:
+    store.accounts.add_account("alice@example.com", "$6$hash")
+    store.accounts.add_account("bob@example.com", "$6$hash")
+    for address in ("alice@example.com", "bob@example.com", "gone@example.com"):
+        store.last_logins.note(address)  # an account removed meanwhile is skipped
+    store.last_logins.close()  # writes what is pending
+    for address in ("alice@example.com", "bob@example.com"):
+        account = store.accounts.get_account(address)
+        assert account is not None and account.last_login_at is not None
+
+
+class RefusingAccounts:
+    """An account store whose database refuses writes until told otherwise."""
+
+    def __init__(self) -> None:
+        self.refusing = True
+        self.written: dict[str, object] = {}
+
+    def set_last_logins(self, logins: dict[str, object]) -> None:
+        if self.refusing:
+            raise OSError("database is locked")
+        self.written.update(logins)
+
+
+def test_last_logins_wait_while_the_database_refuses_and_never_block_a_login(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logins, "RETRY_FIRST", 0.01)
+    monkeypatch.setattr(logins, "RETRY_MAX", 0.05)
+    accounts = RefusingAccounts()
+    recorder = logins.LastLogins(accounts)  # type: ignore[arg-type]
+    for n in range(50):
+        recorder.note(f"user{n}@example.com")  # returns at once, however the database is
+    accounts.refusing = False
+    deadline = time.monotonic() + 10
+    while len(accounts.written) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    recorder.close()
+    assert len(accounts.written) == 50
+
+
+def test_sqlite_reads_never_wait_for_the_write_lock_and_writes_take_it_at_begin(
+        tmp_path: Path) -> None:
+    """Reads get a snapshot (plain BEGIN); write transactions start with BEGIN IMMEDIATE, so a
+    read-then-write transaction cannot lose its write to another process."""
+    path = tmp_path / "store.db"
+    store = open_store(f"sqlite:///{path}", lock_timeout=0.3)
+    store.accounts.add_account("alice@example.com", "$6$hash")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.accounts.get_account("alice@example.com") is not None
+        with pytest.raises(OperationalError), store.engine.begin() as conn:
+            conn.execute(select(1))  # never reached: BEGIN IMMEDIATE itself waits and fails
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.accounts.record_login("alice@example.com")  # and writes work again
+    store.close()
 
 
 # --- schema versioning --------------------------------------------------------------------

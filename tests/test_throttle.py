@@ -305,12 +305,8 @@ def login_outcomes(proxy: Proxy) -> Counter[str]:
 
 @pytest.fixture(scope="module")
 def module_old_server() -> Iterator[DovecotInstance]:
-    root = dovecot.instance_root("mp-thr-")
-    try:
-        with dovecot.old_server(root, {OLD_USER: OLD_PASSWORD}) as instance:
-            yield instance
-    finally:
-        dovecot.remove_root(root)
+    with dovecot.running_old_server({OLD_USER: OLD_PASSWORD}, "mp-thr-") as instance:
+        yield instance
 
 
 def test_fifty_simultaneous_guesses_from_one_address_get_ten_password_checks(
