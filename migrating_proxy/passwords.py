@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 from passlib.context import CryptContext
 from passlib.registry import get_crypt_handler
+
+from migrating_proxy import lifeline
 
 # passlib scheme -> Dovecot's password scheme name, for the provisioned passwd-file.
 DOVECOT_SCHEMES = {
@@ -64,12 +67,15 @@ def _verify(context: CryptContext, password: str, stored_hash: str) -> Verificat
 
 
 class PasswordHasher:
-    """Hashing and verifying, inline or in a pool of processes.
+    """Hashing and verifying, inline or in pools of processes.
 
     A strong hash costs a few hundred milliseconds of CPU, and crypt() holds the GIL all that
     time: in the proxy process every relayed session would stall for it. With `processes` the
     work runs in child processes and the calling thread waits without holding the GIL. The
     password crosses a local pipe to a child of our own; it is never logged or stored there.
+
+    The processes are started at once, from the constructing thread, and end with their
+    parent (see lifeline.py).
     """
 
     def __init__(self, scheme: str = "sha512_crypt", rounds: int = 0,
@@ -78,10 +84,7 @@ class PasswordHasher:
         self.scheme = scheme
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         if processes:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_child_init, initargs=(scheme, rounds),
-            )
+            self._pool = _start_pool(processes, scheme, rounds)
 
     def hash(self, password: str) -> str:
         if self._pool is None:
@@ -98,11 +101,25 @@ class PasswordHasher:
             self._pool.shutdown(cancel_futures=True)
 
 
+def _start_pool(processes: int, scheme: str, rounds: int
+                ) -> concurrent.futures.ProcessPoolExecutor:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_child_init, initargs=(scheme, rounds, os.getpid()),
+    )
+    # Start every process now, from this thread (lifeline.py: the kernel's parent-death
+    # signal follows the thread that started a child), and not during the first logins.
+    for started in [pool.submit(os.getpid) for _ in range(processes)]:
+        started.result()
+    return pool
+
+
 _child_context: CryptContext | None = None
 
 
-def _child_init(scheme: str, rounds: int) -> None:
+def _child_init(scheme: str, rounds: int, parent_pid: int) -> None:
     global _child_context
+    lifeline.follow(parent_pid)
     _child_context = make_context(scheme, rounds)
 
 

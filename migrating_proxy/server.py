@@ -30,7 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from migrating_proxy import metrics
+from migrating_proxy import lifeline, metrics
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
@@ -141,7 +141,9 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
         # key only root may read are ours now; the rest runs as the state directory's owner.
         become_service_user(config)
-        store = open_store(config.database_url, lock_timeout=LOGIN_LOCK_TIMEOUT)
+        # SQLite in a helper process: a storage fault (SIGBUS) must not take the sessions down.
+        store = open_store(config.database_url, lock_timeout=LOGIN_LOCK_TIMEOUT,
+                           isolate_sqlite=True)
         undo.callback(store.close)
         with files_refused():
             prepare_files(config, store)
@@ -287,7 +289,9 @@ def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
     if config.source is not None:
         command += ["--config", str(config.source)]
     command += ["worker", "--processes", str(config.migration.workers)]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)
+    # The pool ends with us, even if we are killed (lifeline.py).
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0,
+                            env=lifeline.child_environment())
 
 
 def stop_workers(workers: subprocess.Popen[bytes]) -> None:

@@ -15,16 +15,15 @@ import imaplib
 import json
 import smtplib
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.proxy import Proxy
+from tests.support.waiting import eventually
 
 LOCAL, LOCAL_PW = "dora@new.example", "dora-pw"
 NEWCOMER, NEWCOMER_PW = "alice@old.example", "alice-pw"
@@ -69,13 +68,6 @@ def imap_login(port: int, user: str, password: str) -> str:
     return "OK"
 
 
-def eventually(check: Callable[[], Any], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_a_held_write_lock_stalls_neither_local_logins_nor_smtp(
