@@ -131,7 +131,7 @@ class Onboarding:
 
     def complete_hash(self, account: Account, password: str) -> None:
         if account.password_hash == PENDING_HASH and self.store.accounts.set_hash_if_pending(
-                account.address, self.hasher.hash(password)):
+                account.address, self.hasher.hash(password, background=True)):
             self.provisioner.update(account.address)
 
     def finish_onboarding(self, account: Account, password: str) -> None:

@@ -7,6 +7,7 @@ shown, when no server answers there).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -566,3 +567,20 @@ def test_dovecot_form_of_a_real_hash_is_read_back_by_passlib(hasher: PasswordHas
     form = dovecot_form(stored)
     assert form == "{SHA512-CRYPT}" + stored
     assert hasher.verify("correct horse", form.removeprefix("{SHA512-CRYPT}")).ok
+
+
+def test_hashes_nobody_waits_for_run_at_low_cpu_priority() -> None:
+    """A first login's hash is made after its OK: it must not take the CPU from the logins of
+    a burst still waiting for theirs."""
+    hasher = PasswordHasher("sha512_crypt", 5000, processes=1)
+    try:
+        made_later = hasher.hash("correct horse", background=True)
+        assert hasher.verify("correct horse", made_later).ok
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert hasher._pool is not None and hasher._background is not None
+        for pid in hasher._pool._processes:
+            assert os.getpriority(os.PRIO_PROCESS, pid) == ours
+        for pid in hasher._background._processes:
+            assert os.getpriority(os.PRIO_PROCESS, pid) == ours + PasswordHasher.BACKGROUND_NICENESS
+    finally:
+        hasher.close()
