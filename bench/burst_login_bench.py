@@ -11,7 +11,7 @@ any provisioning kind and p99 under 0.5 s, on SQLite and on PostgreSQL.
         [--provision passwd-dir passwd-file] [--database sqlite postgresql]
         [--peers one many]
         [--profile DIR]   # py-spy samples of serve during each burst, summarised at the end
-                          # (pip install py-spy)
+                          # (.venv/bin/pip install -e '.[bench]')
 """
 
 from __future__ import annotations
