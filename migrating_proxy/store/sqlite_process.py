@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import tempfile
 import threading
@@ -66,7 +67,11 @@ class SQLiteProcess:
         with self._lock:
             self._ensure_running()
         connection = HelperConnection(self._channel(), self)
-        connection.call("open", self.database, timeout)
+        try:
+            connection.call("open", self.database, timeout)
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _channel(self) -> Connection:
@@ -129,8 +134,6 @@ class SQLiteProcess:
 
 def _exit_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
-        import signal
-
         name = signal.Signals(-exitcode).name
         if name == "SIGBUS":
             return ("SIGBUS: the database's files stopped being writable (disk full, "
@@ -161,7 +164,10 @@ class HelperConnection:
             raise HelperGone("the database process died") from None
         if kind == "error":
             name, error_args = value
-            raise getattr(sqlite3, name, sqlite3.OperationalError)(*error_args)
+            error = getattr(sqlite3, name, None)
+            if not (isinstance(error, type) and issubclass(error, sqlite3.Error)):
+                error = sqlite3.OperationalError
+            raise error(*error_args)
         return value
 
     @property
@@ -185,7 +191,7 @@ class HelperConnection:
         self.call("create_function", name, narg, bool(kwargs.get("deterministic")))
 
     def commit(self) -> None:
-        if self.in_transaction:
+        if self.in_transaction or self.dead:  # a dead helper committed nothing: say so
             self.call("commit")
 
     def rollback(self) -> None:
