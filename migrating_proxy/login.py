@@ -9,9 +9,7 @@ where a session is served is decided here too, once (`LoginService.placement`).
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -25,6 +23,7 @@ from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.specs import old_server_upstream
 from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
 from migrating_proxy.store.accounts import now
+from migrating_proxy.throttle import FailureThrottle
 from migrating_proxy.upstream import Upstream
 
 log = structlog.get_logger(__name__)
@@ -141,69 +140,6 @@ def by_cutover(backend: BackendConfig, store: Store, process: str,
 JUST_PROVISIONED_GRACE = 5.0
 
 
-class FailureThrottle:
-    """Counts failed logins per peer and per account over a sliding window.
-
-    Per peer stops one host from trying many passwords; per account stops many hosts from
-    trying one account. While throttled, passwords are not even checked, so a guess that would
-    have been right gains nothing. Thread-safe: logins are decided in a thread pool.
-    """
-
-    def __init__(self, window: float, max_per_peer: int, max_per_account: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.window = window
-        self.limits = {"peer": max_per_peer, "account": max_per_account}
-        self.clock = clock
-        self._failures: dict[tuple[str, str], deque[float]] = {}
-        self._lock = threading.Lock()
-        self._swept = clock()
-
-    def blocked(self, peer: str, account: str) -> bool:
-        with self._lock:
-            return any(
-                limit and self._count(key) >= limit for key, limit in self._keys(peer, account)
-            )
-
-    def record_failure(self, peer: str, account: str) -> None:
-        with self._lock:
-            self._sweep()
-            for key, _ in self._keys(peer, account):
-                self._count(key)  # prune first, so the window really slides
-                self._failures.setdefault(key, deque()).append(self.clock())
-
-    def record_success(self, account: str) -> None:
-        # Only the account's count is forgiven: a peer that owns one valid account must not be
-        # able to reset its own counter between guesses at other accounts.
-        with self._lock:
-            self._failures.pop(("account", account), None)
-
-    def _keys(self, peer: str, account: str) -> list[tuple[tuple[str, str], int]]:
-        return [
-            (("peer", peer), self.limits["peer"]),
-            (("account", account), self.limits["account"]),
-        ]
-
-    def _sweep(self) -> None:
-        """Once per window, forget every key whose failures have all expired: a spray of
-        random usernames (each failing once, never looked at again) must not pile up."""
-        if self.clock() - self._swept < self.window:
-            return
-        self._swept = self.clock()
-        for key in list(self._failures):
-            self._count(key)
-
-    def _count(self, key: tuple[str, str]) -> int:
-        stamps = self._failures.get(key)
-        if stamps is None:
-            return 0
-        horizon = self.clock() - self.window
-        while stamps and stamps[0] < horizon:
-            stamps.popleft()
-        if not stamps:  # with _sweep, keeps memory bounded under a spray of random usernames
-            del self._failures[key]
-        return len(stamps)
-
-
 class LoginService:
     """The decision. `onboarding` is None when no migration is configured (plain proxy).
 
@@ -229,21 +165,30 @@ class LoginService:
         try:
             address = normalise(creds.username)
         except AddressError as exc:
-            self.throttle.record_failure(creds.peer, creds.username.lower()[:320])
+            # Counted like a wrong password: a spray of junk names costs the peer too.
+            junk = self.throttle.reserve(creds.peer, creds.username.lower()[:320])
+            if junk is None:
+                return LoginResult(Outcome.THROTTLED, reason="too many recent failures")
+            self.throttle.failed(junk)
             return LoginResult(Outcome.FAILED, reason=f"invalid username: {exc}")
-        key = address.lower()
-        if self.throttle.blocked(creds.peer, key):
+        # The slot is taken before the password is looked at and counts against the limits
+        # until settled: simultaneous guesses cannot slip past them while others are checked.
+        attempt = self.throttle.reserve(creds.peer, address.lower())
+        if attempt is None:
             return LoginResult(Outcome.THROTTLED, address, "too many recent failures")
         try:
             result = self._decide(address, creds)
         except Exception as exc:  # database trouble: don't guess, ask the client to retry
+            self.throttle.cancel(attempt)
             log.error("login_error", address=address, error=type(exc).__name__)
             reason = f"internal error: {type(exc).__name__}"
             return LoginResult(Outcome.UNAVAILABLE, address, reason)
-        if result.outcome is Outcome.FAILED:
-            self.throttle.record_failure(creds.peer, key)
-        elif result.ok:
-            self.throttle.record_success(key)
+        if result.ok:
+            self.throttle.succeeded(attempt)
+        elif result.outcome is Outcome.FAILED:
+            self.throttle.failed(attempt)
+        else:
+            self.throttle.cancel(attempt)  # undecided: no password was found wrong
         return result
 
     def _decide(self, address: str, creds: Credentials) -> LoginResult:
@@ -268,7 +213,7 @@ class LoginService:
             if refused is not None:
                 return refused
             provisioned = True  # the new hash was just provisioned
-        self.accounts.record_login(account.address)
+        self.store.last_logins.note(account.address)  # written in the background
         if migrating and account.migration_state is not None:
             assert self.onboarding is not None and domain is not None
             self.onboarding.maybe_resync(account, domain, password)
@@ -323,6 +268,6 @@ class LoginService:
             # Lost a race against a first login with another password that the old server
             # also accepted moments ago (changed meanwhile): the winner's password stands.
             return LoginResult(Outcome.FAILED, account.address, "concurrent first login")
-        self.accounts.record_login(account.address)
+        self.store.last_logins.note(account.address)  # written in the background
         self.onboarding.hash_in_background(account, password)
         return self._accepted(account, domain, creds, "first login: migration started", True)

@@ -131,7 +131,7 @@ class Onboarding:
 
     def complete_hash(self, account: Account, password: str) -> None:
         if account.password_hash == PENDING_HASH and self.store.accounts.set_hash_if_pending(
-                account.address, self.hasher.hash(password)):
+                account.address, self.hasher.hash(password, background=True)):
             self.provisioner.update(account.address)
 
     def finish_onboarding(self, account: Account, password: str) -> None:
@@ -169,7 +169,18 @@ class Onboarding:
         self.provisioner.update(account.address)
 
     def maybe_resync(self, account: Account, domain: Domain, password: str) -> None:
-        """Queue an incremental pass with this password, at most once per resync_interval."""
+        """Queue an incremental pass with this password, at most once per resync_interval, in
+        the background: the login it comes from never waits for these writes (the database's
+        write lock may be held elsewhere) and never fails because of them."""
+        self._background.submit(self._resync_quietly, account, domain, password)
+
+    def _resync_quietly(self, account: Account, domain: Domain, password: str) -> None:
+        try:
+            self.queue_resync(account, domain, password)
+        except Exception as exc:  # the next login tries again
+            log.warning("resync_not_queued", address=account.address, error=type(exc).__name__)
+
+    def queue_resync(self, account: Account, domain: Domain, password: str) -> None:
         if self.store.jobs.active_job(account.id) is not None:
             return
         last = self._last_pass(account.id)

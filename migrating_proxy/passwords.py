@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 from passlib.context import CryptContext
 from passlib.registry import get_crypt_handler
+
+from migrating_proxy import lifeline
 
 # passlib scheme -> Dovecot's password scheme name, for the provisioned passwd-file.
 DOVECOT_SCHEMES = {
@@ -64,29 +67,37 @@ def _verify(context: CryptContext, password: str, stored_hash: str) -> Verificat
 
 
 class PasswordHasher:
-    """Hashing and verifying, inline or in a pool of processes.
+    """Hashing and verifying, inline or in pools of processes.
 
     A strong hash costs a few hundred milliseconds of CPU, and crypt() holds the GIL all that
     time: in the proxy process every relayed session would stall for it. With `processes` the
     work runs in child processes and the calling thread waits without holding the GIL. The
     password crosses a local pipe to a child of our own; it is never logged or stored there.
+
+    Hashes nobody is waiting for (a first login's, made after its OK) go to one more process at
+    low CPU priority: a burst of first logins would otherwise fill every CPU with hashing while
+    the next logins of the burst wait for theirs. The processes are started at once, from the
+    constructing thread, and end with their parent (see lifeline.py).
     """
+
+    BACKGROUND_NICENESS = 10
 
     def __init__(self, scheme: str = "sha512_crypt", rounds: int = 0,
                  processes: int = 0) -> None:
         self.context = make_context(scheme, rounds)
         self.scheme = scheme
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._background: concurrent.futures.ProcessPoolExecutor | None = None
         if processes:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_child_init, initargs=(scheme, rounds),
-            )
+            self._pool = _start_pool(processes, scheme, rounds, niceness=0)
+            self._background = _start_pool(1, scheme, rounds, self.BACKGROUND_NICENESS)
 
-    def hash(self, password: str) -> str:
-        if self._pool is None:
+    def hash(self, password: str, *, background: bool = False) -> str:
+        """`background`: no client waits for this one; it yields the CPU to those that do."""
+        pool = self._background if background else self._pool
+        if pool is None:
             return self.context.hash(password)
-        return self._pool.submit(_child_hash, password).result()
+        return pool.submit(_child_hash, password).result()
 
     def verify(self, password: str, stored_hash: str) -> Verification:
         if self._pool is None:
@@ -94,15 +105,32 @@ class PasswordHasher:
         return self._pool.submit(_child_verify, password, stored_hash).result()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+        for pool in (self._pool, self._background):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+
+def _start_pool(processes: int, scheme: str, rounds: int,
+                niceness: int) -> concurrent.futures.ProcessPoolExecutor:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_child_init, initargs=(scheme, rounds, os.getpid(), niceness),
+    )
+    # Start every process now, from this thread (lifeline.py: the kernel's parent-death
+    # signal follows the thread that started a child), and not during the first logins.
+    for started in [pool.submit(os.getpid) for _ in range(processes)]:
+        started.result()
+    return pool
 
 
 _child_context: CryptContext | None = None
 
 
-def _child_init(scheme: str, rounds: int) -> None:
+def _child_init(scheme: str, rounds: int, parent_pid: int, niceness: int) -> None:
     global _child_context
+    lifeline.follow(parent_pid)
+    if niceness:
+        os.nice(niceness)
     _child_context = make_context(scheme, rounds)
 
 

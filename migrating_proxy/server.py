@@ -16,6 +16,7 @@ looks alive while listening on nothing):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from migrating_proxy import metrics
+from migrating_proxy import lifeline, metrics
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
@@ -40,18 +41,18 @@ from migrating_proxy.frontends.session import FrontendContext, SessionFactory
 from migrating_proxy.frontends.smtp import SMTPSession
 from migrating_proxy.frontends.submission import SubmissionSession
 from migrating_proxy.frontends.tls import server_options
-from migrating_proxy.login import FailureThrottle, LoginService, Placement, by_cutover
+from migrating_proxy.login import LoginService, Placement, by_cutover
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import make_provisioner
 from migrating_proxy.startup import StartupError, check_files, files_refused
 from migrating_proxy.store import Store, open_store
+from migrating_proxy.throttle import FailureThrottle
 from migrating_proxy.upstream import Upstream
 from migrating_proxy.worker import pid_alive
 
 log = structlog.get_logger(__name__)
 
-LISTEN_BACKLOG = 50  # what Twisted's listenTCP uses
 IMPLICIT_TLS = ("imaps", "pop3s")
 
 
@@ -76,20 +77,31 @@ def build_login_service(config: Config, store: Store,
                         placement=placement or by_cutover(config.backend, store, this_process()))
 
 
+# Blocking work of the front-ends runs in thread pools, one per kind of client, so that logins
+# stuck on a slow database or old server cannot take every thread from the SMTP front-end.
+LOGIN_THREADS = 32  # IMAP and POP3 login decisions: database, old server, hashing processes
+SMTP_THREADS = 16  # SMTP and submission: recipient lookups, next-hop client, submission AUTH
+# A client waits for each login: a lock held elsewhere (an admin import, a backup) makes the
+# login answer "try later" after this many seconds instead of 30 (store.db's default).
+LOGIN_LOCK_TIMEOUT = 5.0
+
+
 def serve(config: Config, placement: Callable[[Placement], Upstream] | None = None) -> int:
     """Run until SIGTERM/SIGINT. `placement`: where accepted logins are served (see
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    ctx, ports, store = acquire(config, reactor, placement)
+    ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
     ports += listen_monitoring(reactor, config, store)
     threadpool = ctx.threadpool
+    pools = (threadpool, smtp_ctx.threadpool)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     leases = ctx.leases
     workers: list[subprocess.Popen[bytes]] = []
 
     def started() -> None:
-        threadpool.start()
+        for pool in pools:
+            pool.start()
         watcher.start()
         leases.start()
         if (pool := start_workers(config)) is not None:
@@ -104,8 +116,9 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
             port.stopListening()
         for pool in workers:
             stop_workers(pool)
-        if threadpool.started:
-            threadpool.stop()
+        for pool in pools:
+            if pool.started:
+                pool.stop()
         ctx.login_service.hasher.close()
         store.close()
 
@@ -117,16 +130,20 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
 
 # -- acquiring ----------------------------------------------------------------------------
 def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstream] | None
-            ) -> tuple[FrontendContext, list[Any], Store]:
-    """Everything serve needs that can be refused, or StartupError with nothing left held."""
+            ) -> tuple[FrontendContext, FrontendContext, list[Any], Store]:
+    """Everything serve needs that can be refused, or StartupError with nothing left held:
+    the contexts of the IMAP/POP3 and of the SMTP sessions (a thread pool each), the ports,
+    the store."""
     with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
-        sockets = bind_listeners(config.listen)
+        sockets = bind_listeners(config.listen, config.limits.listen_backlog)
         undo.callback(close_sockets, sockets)
         tls_options = load_server_tls(config)
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
         # key only root may read are ours now; the rest runs as the state directory's owner.
         become_service_user(config)
-        store = open_store(config.database_url)
+        # SQLite in a helper process: a storage fault (SIGBUS) must not take the sessions down.
+        store = open_store(config.database_url, lock_timeout=LOGIN_LOCK_TIMEOUT,
+                           isolate_sqlite=True)
         undo.callback(store.close)
         with files_refused():
             prepare_files(config, store)
@@ -134,13 +151,16 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         undo.callback(login_service.hasher.close)
         # Old-server sessions of a predecessor killed on this machine died with it.
         store.cutover.drop_dead_leases(socket.gethostname(), pid_alive)
-        threadpool = ThreadPool(minthreads=2, maxthreads=16, name="login")  # started later
+        # The pools are started later.
+        threadpool = ThreadPool(minthreads=2, maxthreads=LOGIN_THREADS, name="login")
         ctx = FrontendContext(reactor=reactor, config=config, login_service=login_service,
                               threadpool=threadpool, tls_options=tls_options,
                               leases=LeaseKeeper(reactor, threadpool, store.cutover))
-        ports = adopt_listeners(ctx, sockets)
+        smtp_ctx = dataclasses.replace(
+            ctx, threadpool=ThreadPool(minthreads=2, maxthreads=SMTP_THREADS, name="smtp"))
+        ports = adopt_listeners(ctx, sockets, smtp_ctx)
         undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
-    return ctx, ports, store
+    return ctx, smtp_ctx, ports, store
 
 
 def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
@@ -158,21 +178,22 @@ def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
     return [listening]
 
 
-def bind_listeners(listen: ListenConfig) -> dict[str, socket.socket]:
-    """Every configured listener's socket, bound and listening, or StartupError (none open)."""
+def bind_listeners(listen: ListenConfig, backlog: int) -> dict[str, socket.socket]:
+    """Every configured listener's socket, bound and listening, or StartupError (none open).
+    `backlog`: connections the kernel queues for accept() (limits.listen_backlog)."""
     bound: dict[str, socket.socket] = {}
     try:
         for name in ListenConfig.addresses():
             address = getattr(listen, name)
             if address is not None:
-                bound[name] = _bind(name, *address)
+                bound[name] = _bind(name, *address, backlog)
     except BaseException:
         close_sockets(bound)
         raise
     return bound
 
 
-def _bind(name: str, host: str, port: int) -> socket.socket:
+def _bind(name: str, host: str, port: int, backlog: int) -> socket.socket:
     where = f"listen.{name}: cannot listen on {host}:{port}"
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -184,7 +205,7 @@ def _bind(name: str, host: str, port: int) -> socket.socket:
         # As Twisted does: a restart must not wait for old connections in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -221,15 +242,18 @@ def prepare_files(config: Config, store: Store) -> None:
     check_files(config)
 
 
-def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket]) -> list[Any]:
-    """Hand the bound sockets to the reactor, each with its protocol's factory."""
+def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket],
+                    smtp_ctx: FrontendContext | None = None) -> list[Any]:
+    """Hand the bound sockets to the reactor, each with its protocol's factory (SMTP and
+    submission sessions with `smtp_ctx`, whose thread pool is their own)."""
     if ctx.config.listen.smtp or ctx.config.listen.submission:
         ctx.config.smtp.banner_name  # noqa: B018 - resolve the FQDN now, not on the reactor
     ports = []
     for name, sock in sockets.items():
         implicit = name in IMPLICIT_TLS
-        factory = listener_factory(ctx, SessionFactory(SESSIONS[name], ctx, implicit_tls=implicit),
-                                   implicit)
+        session_ctx = smtp_ctx if smtp_ctx and name in ("smtp", "submission") else ctx
+        factory = listener_factory(
+            ctx, SessionFactory(SESSIONS[name], session_ctx, implicit_tls=implicit), implicit)
         ports.append(ctx.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
         sock.close()  # the reactor holds its own duplicate
         host = ports[-1].getHost()
@@ -265,7 +289,9 @@ def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
     if config.source is not None:
         command += ["--config", str(config.source)]
     command += ["worker", "--processes", str(config.migration.workers)]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)
+    # The pool ends with us, even if we are killed (lifeline.py).
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0,
+                            env=lifeline.child_environment())
 
 
 def stop_workers(workers: subprocess.Popen[bytes]) -> None:

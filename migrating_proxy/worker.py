@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from migrating_proxy import logs
+from migrating_proxy import lifeline, logs
 from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyProgress, CopyResult, run_copy
 from migrating_proxy.migration.dsync import DSYNC, IMAP, DsyncEngine, Fallback, engine_for
@@ -283,8 +283,9 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat_failed", error=type(exc).__name__)
 
 
-def worker_main(config: Config, number: int) -> None:
+def worker_main(config: Config, number: int, parent_pid: int) -> None:
     """Entry point of one worker process."""
+    lifeline.follow(parent_pid)  # no copying on as an orphan of a killed pool
     logs.configure(config.log.format, config.log.level)
     stop = threading.Event()
     for sig in STOP_SIGNALS:
@@ -349,6 +350,7 @@ def run_pool(config: Config, processes: int) -> int:
     handler only sets `stopping`, no child is started once it is set, and every child that
     exists at the end is signalled and waited for, whenever it was started.
     """
+    lifeline.follow_from_environment()  # started by serve: stop when serve is gone
     context = multiprocessing.get_context("spawn")  # no inherited sockets, threads or engines
     stopping = threading.Event()
     children: dict[int, multiprocessing.process.BaseProcess] = {}
@@ -386,7 +388,8 @@ def _start_worker(context: multiprocessing.context.SpawnContext, config: Config,
     (worker_main), so a stop that reaches it while Python is still starting is held back and
     then handled like any other: no traceback from a half-started interpreter, no job lost.
     """
-    child = context.Process(target=worker_main, args=(config, number), name=f"worker-{number}")
+    child = context.Process(target=worker_main, args=(config, number, os.getpid()),
+                            name=f"worker-{number}")
     # Starting a child first starts multiprocessing's resource tracker if it is not running,
     # and that unblocks SIGTERM and SIGINT behind our back: have it running before we block.
     resource_tracker.ensure_running()

@@ -249,6 +249,8 @@ BAD_CASES = {
     "moved notice missing": (
         '[migration]\nmoved_notice = "nope.txt"\n', "migration.moved_notice",
         "nope.txt is not a readable file"),
+    "listen backlog of zero": (
+        "[limits]\nlisten_backlog = 0\n", "limits.listen_backlog", "must be at least 1"),
     "unknown log format": ('[log]\nformat = "xml"\n', "log.format", "must be"),
     "unknown log level": ('[log]\nlevel = "loud"\n', "log.level", "must be"),
     "unknown copy engine": (

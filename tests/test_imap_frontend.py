@@ -219,17 +219,6 @@ def test_throttling_after_repeated_failures(tmp_path: Path, module_store: Doveco
         assert raw.until_tagged(b"ok")[-1].startswith(b"ok NO [UNAVAILABLE] Too many")
 
 
-def test_account_throttle_spans_peers(tmp_path: Path, module_store: DovecotInstance) -> None:
-    limits = {"max_failures_per_account": 2, "auth_failure_delay": 0.0}
-    with Proxy(tmp_path / "p", module_store, overrides={"limits": limits}) as proxy:
-        proxy.add_account(USER, PASSWORD)
-        for _ in range(2):
-            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
-                imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(USER, "guess")
-        with pytest.raises(imaplib.IMAP4.error, match="Too many failed logins"):
-            imaplib.IMAP4("127.0.0.1", proxy.imap_port).login(USER, PASSWORD)
-
-
 def test_store_down_gives_unavailable_and_closes(tmp_path: Path,
                                                  new_store: DovecotInstance) -> None:
     proxy = Proxy(tmp_path / "p", new_store)

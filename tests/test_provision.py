@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,15 @@ from migrating_proxy.store import Store
 
 def provisioner(kind: str, path: Path, store: Store):  # type: ignore[no-untyped-def]
     return make_provisioner(ProvisionConfig(kind=kind, path=path), store.accounts)
+
+
+def at_once(function: Callable[[str], None], addresses: list[str]) -> None:
+    """function(address) for every address, each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=function, args=(a,)) for a in addresses]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def test_passwd_file_lists_every_account_lower_cased(store: Store, tmp_path: Path) -> None:
@@ -81,10 +92,57 @@ def test_concurrent_updates_end_with_the_database_state(store: Store, tmp_path: 
         store.accounts.add_account(address, "$6$h")
         adapter.update(address)
 
-    threads = [threading.Thread(target=add, args=(a,)) for a in addresses]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    at_once(add, addresses)
     assert sorted(line.split(":")[0] for line in users.read_text().splitlines()) == sorted(
         addresses)
+
+
+def test_passwd_dir_updates_of_many_accounts_at_once_all_land(store: Store,
+                                                               tmp_path: Path) -> None:
+    """Per-account locks: a burst of first logins provisions in parallel, and every entry
+    ends as the database says."""
+    directory = tmp_path / "users"
+    adapter = provisioner("passwd-dir", directory, store)
+    addresses = [f"user{n}@new.example" for n in range(40)]
+
+    def add(address: str) -> None:
+        store.accounts.add_account(address, PENDING_HASH)
+        adapter.update(address)
+        store.accounts.set_password_hash(address, f"$6${address}")
+        adapter.update(address)
+
+    at_once(add, addresses)
+    for address in addresses:
+        entry = directory / "new.example" / address.split("@")[0]
+        assert entry.read_text() == f"{address}:{{SHA512-CRYPT}}$6${address}\n"
+    adapter.sync()  # the lock files are no accounts
+    assert len(list(directory.glob("*/*"))) == 40
+
+
+def test_passwd_file_shares_rewrites_between_simultaneous_updates(store: Store,
+                                                                  tmp_path: Path) -> None:
+    """Forty updates at once cost a few rewrites of the whole file, not forty in a row; each
+    returns only once a rewrite that read the database after its change is on disk."""
+    users = tmp_path / "users"
+    adapter = provisioner("passwd-file", users, store)
+    rewrites = 0
+    rewrite = adapter._rewrite
+
+    def counted() -> None:
+        nonlocal rewrites
+        rewrites += 1
+        time.sleep(0.02)  # a big file takes a while
+        rewrite()
+
+    adapter._rewrite = counted
+    seen_after_update: dict[str, bool] = {}
+
+    def add(address: str) -> None:
+        store.accounts.add_account(address, "$6$h")
+        adapter.update(address)
+        seen_after_update[address] = f"{address}:" in users.read_text()
+
+    addresses = [f"user{n}@new.example" for n in range(40)]
+    at_once(add, addresses)
+    assert all(seen_after_update.values()) and len(seen_after_update) == 40
+    assert rewrites < 20

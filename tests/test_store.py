@@ -1,4 +1,4 @@
-"""The account store on SQLite and PostgreSQL, password hashing, and the failure throttle.
+"""The account store on SQLite and PostgreSQL, and password hashing.
 
 Store tests run once per database (`store_url`): a SQLite file under tmp_path, and a fresh
 PostgreSQL database created for this test session on 127.0.0.1:5432 (skipped, with the reason
@@ -7,18 +7,18 @@ shown, when no server answers there).
 
 from __future__ import annotations
 
-import random
-import string
+import os
+import sqlite3
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import pytest
 from passlib.hash import sha512_crypt
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
-from migrating_proxy.login import FailureThrottle
 from migrating_proxy.passwords import PasswordHasher, dovecot_form
 from migrating_proxy.store import (
     AddressError,
@@ -26,6 +26,7 @@ from migrating_proxy.store import (
     Domain,
     Store,
     StoreError,
+    logins,
     open_store,
 )
 from migrating_proxy.store.copystate import CopyState
@@ -237,6 +238,66 @@ def test_record_login_sets_the_last_login_time(store: Store) -> None:
 def test_record_login_of_an_unknown_account_is_refused(store: Store) -> None:
     with pytest.raises(StoreError, match="unknown account"):
         store.accounts.record_login("nobody@example.com")
+
+
+def test_last_logins_are_written_in_the_background(store: Store) -> None:
+    store.accounts.add_account("alice@example.com", "$6$hash")
+    store.accounts.add_account("bob@example.com", "$6$hash")
+    for address in ("alice@example.com", "bob@example.com", "gone@example.com"):
+        store.last_logins.note(address)  # an account removed meanwhile is skipped
+    store.last_logins.close()  # writes what is pending
+    for address in ("alice@example.com", "bob@example.com"):
+        account = store.accounts.get_account(address)
+        assert account is not None and account.last_login_at is not None
+
+
+class RefusingAccounts:
+    """An account store whose database refuses writes until told otherwise."""
+
+    def __init__(self) -> None:
+        self.refusing = True
+        self.written: dict[str, object] = {}
+
+    def set_last_logins(self, logins: dict[str, object]) -> None:
+        if self.refusing:
+            raise OSError("database is locked")
+        self.written.update(logins)
+
+
+def test_last_logins_wait_while_the_database_refuses_and_never_block_a_login(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logins, "RETRY_FIRST", 0.01)
+    monkeypatch.setattr(logins, "RETRY_MAX", 0.05)
+    accounts = RefusingAccounts()
+    recorder = logins.LastLogins(accounts)  # type: ignore[arg-type]
+    for n in range(50):
+        recorder.note(f"user{n}@example.com")  # returns at once, however the database is
+    accounts.refusing = False
+    deadline = time.monotonic() + 10
+    while len(accounts.written) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    recorder.close()
+    assert len(accounts.written) == 50
+
+
+def test_sqlite_reads_never_wait_for_the_write_lock_and_writes_take_it_at_begin(
+        tmp_path: Path) -> None:
+    """Reads get a snapshot (plain BEGIN); write transactions start with BEGIN IMMEDIATE, so a
+    read-then-write transaction cannot lose its write to another process."""
+    path = tmp_path / "store.db"
+    store = open_store(f"sqlite:///{path}", lock_timeout=0.3)
+    store.accounts.add_account("alice@example.com", "$6$hash")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.accounts.get_account("alice@example.com") is not None
+        with pytest.raises(OperationalError), store.engine.begin() as conn:
+            conn.execute(select(1))  # never reached: BEGIN IMMEDIATE itself waits and fails
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.accounts.record_login("alice@example.com")  # and writes work again
+    store.close()
 
 
 # --- schema versioning --------------------------------------------------------------------
@@ -508,122 +569,18 @@ def test_dovecot_form_of_a_real_hash_is_read_back_by_passlib(hasher: PasswordHas
     assert hasher.verify("correct horse", form.removeprefix("{SHA512-CRYPT}")).ok
 
 
-# --- failure throttle (fake clock) --------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def throttle(clock: FakeClock, per_peer: int = 3, per_account: int = 5,
-             window: float = 300.0) -> FailureThrottle:
-    return FailureThrottle(window, per_peer, per_account, clock=clock)
-
-
-def test_peer_is_blocked_at_its_limit_across_accounts() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, per_account=100)
-    for account in ("a@x.example", "b@x.example"):
-        limiter.record_failure("192.0.2.1", account)
-    assert not limiter.blocked("192.0.2.1", "c@x.example")
-    limiter.record_failure("192.0.2.1", "c@x.example")
-    assert limiter.blocked("192.0.2.1", "d@x.example")
-    assert not limiter.blocked("192.0.2.2", "d@x.example")
-
-
-def test_account_is_blocked_at_its_limit_across_peers() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=100, per_account=3)
-    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
-        assert not limiter.blocked(peer, "a@x.example")
-        limiter.record_failure(peer, "a@x.example")
-    assert limiter.blocked("192.0.2.4", "a@x.example")
-    assert not limiter.blocked("192.0.2.4", "b@x.example")
-
-
-def test_window_slides_one_failure_at_a_time() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, window=300)
-    for _ in range(3):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-        clock.advance(100)
-    # Failures at t0, t0+100, t0+200; now t0+300: all three are still inside the window.
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    clock.advance(1)  # the first one has left the window
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    clock.advance(301)
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-
-
-def test_success_forgives_the_account_but_not_the_peer() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=3, per_account=3)
-    for _ in range(3):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-    limiter.record_success("a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")  # the peer's count stands
-    assert not limiter.blocked("192.0.2.2", "a@x.example")  # the account's is forgiven
-
-
-def test_zero_limits_disable_throttling() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=0)
-    for _ in range(1000):
-        limiter.record_failure("192.0.2.1", "a@x.example")
-    assert not limiter.blocked("192.0.2.1", "a@x.example")
-
-
-def test_zero_peer_limit_keeps_the_account_limit() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=2)
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    limiter.record_failure("192.0.2.1", "a@x.example")
-    assert limiter.blocked("192.0.2.1", "a@x.example")
-    assert not limiter.blocked("192.0.2.1", "b@x.example")
-
-
-def random_name(rng: random.Random) -> str:
-    return "".join(rng.choices(string.ascii_lowercase, k=12)) + "@spray.example"
-
-
-def test_memory_does_not_grow_with_random_usernames_once_the_window_passes() -> None:
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=5, window=60)
-    rng = random.Random(1)
-    sizes = []
-    for _ in range(5):  # five windows' worth of a spray of never-repeated usernames
-        for _ in range(500):
-            limiter.record_failure(f"198.51.100.{rng.randrange(256)}", random_name(rng))
-            clock.advance(0.01)
-        sizes.append(len(limiter._failures))
-        clock.advance(61)
-    # Each spray tracks at most its own 500 accounts and 256 peers; old ones are forgotten.
-    assert max(sizes) <= 500 + 256
-    limiter.record_failure("198.51.100.1", random_name(rng))
-    assert len(limiter._failures) <= 2
-
-
-def test_throttle_is_consistent_under_threads() -> None:
-    """Logins are decided in a thread pool: no failure may be lost between threads."""
-    clock = FakeClock()
-    limiter = throttle(clock, per_peer=0, per_account=400)
-
-    def fail_many() -> None:
-        for _ in range(100):
-            limiter.record_failure("192.0.2.1", "a@x.example")
-
-    threads = [threading.Thread(target=fail_many) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert limiter.blocked("192.0.2.1", "a@x.example")
+def test_hashes_nobody_waits_for_run_at_low_cpu_priority() -> None:
+    """A first login's hash is made after its OK: it must not take the CPU from the logins of
+    a burst still waiting for theirs."""
+    hasher = PasswordHasher("sha512_crypt", 5000, processes=1)
+    try:
+        made_later = hasher.hash("correct horse", background=True)
+        assert hasher.verify("correct horse", made_later).ok
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert hasher._pool is not None and hasher._background is not None
+        for pid in hasher._pool._processes:
+            assert os.getpriority(os.PRIO_PROCESS, pid) == ours
+        for pid in hasher._background._processes:
+            assert os.getpriority(os.PRIO_PROCESS, pid) == ours + PasswordHasher.BACKGROUND_NICENESS
+    finally:
+        hasher.close()

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from migrating_proxy.passwords import dovecot_form
 from migrating_proxy.provision.base import AccountSource
 from migrating_proxy.provision.passwd_file import replace_file
+
+# Accounts are locked in stripes (`DIR/.lock-<n>`): updates of different accounts run in
+# parallel, each with its fsync, instead of queueing behind one lock during a burst of first
+# logins. `sync` takes `DIR/.lock` exclusively; updates hold it shared.
+LOCK_STRIPES = 64
 
 
 class PasswdDirProvisioner:
@@ -35,11 +41,13 @@ class PasswdDirProvisioner:
         return self.directory / domain / local
 
     def update(self, address: str) -> None:
-        with self._locked():  # read and write as one step (see the provision package)
+        # Read and write as one step (see the provision package), per account.
+        stripe = zlib.crc32(address.lower().encode()) % LOCK_STRIPES
+        with self._locked(".lock", fcntl.LOCK_SH), self._locked(f".lock-{stripe}"):
             self._write(address, self.accounts.password_hash_of(address))
 
     def sync(self) -> None:
-        with self._locked():
+        with self._locked(".lock"):
             wanted = {self.entry(a): (a, h) for a, h in self.accounts.all_password_hashes()}
             for address, passlib_hash in wanted.values():
                 self._write(address, passlib_hash)
@@ -59,8 +67,8 @@ class PasswdDirProvisioner:
         replace_file(path, line)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, name: str, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(self.directory / name, "a") as lock:
+            fcntl.flock(lock, mode)
             yield

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from migrating_proxy.endpoints import parse_endpoint
@@ -319,6 +319,18 @@ class AccountStore:
 
     def record_login(self, address: str) -> None:
         self._update_account(address, last_login_at=now())
+
+    def set_last_logins(self, logins: dict[str, datetime]) -> None:
+        """Several accounts' last-login times in one transaction; accounts gone meanwhile are
+        skipped (see store/logins.py)."""
+        if not logins:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(accounts).where(accounts.c.address_key == bindparam("key"))
+                .values(last_login_at=bindparam("stamp")),
+                [{"key": address_key(a), "stamp": stamp} for a, stamp in logins.items()],
+            )
 
     def remove_account(self, address: str) -> None:
         with self.engine.begin() as conn:

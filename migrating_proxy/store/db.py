@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, select, text
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.schema import CreateColumn
 
+from migrating_proxy.store import sqlite
 from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
+from migrating_proxy.store.sqlite_process import HelperGone, SQLiteProcess
 from migrating_proxy.store.views import create_views
 
 
@@ -81,18 +86,37 @@ UPGRADES: dict[int, Callable[[Connection], None]] = {
 }
 
 
-def make_engine(url: str) -> Engine:
-    """Engine with the settings each dialect needs for several processes sharing one database."""
+# Seconds a statement waits for a lock another connection holds (SQLite's busy timeout,
+# PostgreSQL's lock_timeout) before failing. Workers and admin commands can afford to wait;
+# `serve` passes less, because a client is waiting for each login (see server.py).
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+def make_engine(url: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+                sqlite_process: SQLiteProcess | None = None) -> Engine:
+    """Engine with the settings each dialect needs for several processes sharing one database.
+
+    `sqlite_process`: run SQLite's statements in that helper process (see sqlite_process.py)."""
+    # Enough connections for every thread of serve's pools, held only per statement batch.
+    pooling = {"pool_size": 10, "max_overflow": 40, "pool_timeout": lock_timeout}
     if url.startswith("sqlite"):
         _ensure_sqlite_directory(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        if sqlite_process is not None:
+            engine = create_engine(url, creator=lambda: sqlite_process.connect(lock_timeout),
+                                   **pooling)
+            event.listen(engine, "checkout", _replace_dead_connection)
+            event.listen(engine, "handle_error", _lost_helper_is_a_disconnect)
+        else:
+            engine = create_engine(url, connect_args={"timeout": lock_timeout,
+                                                      "check_same_thread": False}, **pooling)
+        sqlite.configure(engine, lock_timeout)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    options = f"-c lock_timeout={int(lock_timeout * 1000)}"
     try:
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        return create_engine(url, pool_pre_ping=True, connect_args={"options": options},
+                             **pooling)
     except ImportError as exc:  # installed without the [postgresql] extra
         raise DatabaseError(f"cannot use {url.split(':', 1)[0]}: the driver is not installed "
                             f"({exc.name}; install migrating-proxy[postgresql])") from None
@@ -100,8 +124,22 @@ def make_engine(url: str) -> Engine:
         raise DatabaseError(f"cannot use the database URL: {_one_line(exc)}") from None
 
 
+def sqlite_path(url: str) -> str:
+    return url.split(":///", 1)[-1]
+
+
+def _replace_dead_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    if getattr(dbapi_connection, "dead", False):  # its helper died since it was last used
+        raise DisconnectionError("the database process died")
+
+
+def _lost_helper_is_a_disconnect(context: ExceptionContext) -> None:
+    if isinstance(context.original_exception, HelperGone):
+        context.is_disconnect = True  # drop the pooled connections to the dead helper
+
+
 def _ensure_sqlite_directory(url: str) -> None:
-    path = url.split(":///", 1)[-1]
+    path = sqlite_path(url)
     if path and path != ":memory:":
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -109,23 +147,6 @@ def _ensure_sqlite_directory(url: str) -> None:
             raise DatabaseError(
                 f"cannot create the directory of {path}: {exc.strerror}"
             ) from None
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-    # pysqlite's own transaction handling would defer BEGIN; we issue it ourselves (below).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def _sqlite_begin_immediate(connection: Connection) -> None:
-    # Take the write lock at BEGIN so read-then-write transactions (claiming a job, creating an
-    # account) cannot deadlock or lose updates between processes.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def ensure_schema(engine: Engine) -> None:

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -500,6 +501,18 @@ def old_server(
                                                                            courier_style)
     inst.config_path.write_text(config + _old_lmtp_config(inst.lmtp_port))
     return inst
+
+
+@contextlib.contextmanager
+def running_old_server(users: dict[str, str], prefix: str = "mp-old-"
+                       ) -> Iterator[DovecotInstance]:
+    """An old server in a directory of its own, running for the block, then removed."""
+    root = instance_root(prefix)
+    try:
+        with old_server(root, users) as instance:
+            yield instance
+    finally:
+        remove_root(root)
 
 
 def _prepare_provisioned_dir(path: Path, ident: _Identity) -> None:
