@@ -7,7 +7,9 @@ does not claim the whole history as its speed.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,13 +96,23 @@ class ProgressDisplay:
 
 def watch(fetch: Callable[[], list[dict[str, Any]]],
           show: Callable[[list[dict[str, Any]]], None], interval: float = 2.0) -> None:
-    """Redraw a view every `interval` seconds until Ctrl-C (terminal only)."""
+    """Redraw a view every `interval` seconds until Ctrl-C (terminal only).
+
+    Ctrl-C only sets a flag, checked between redraws: a KeyboardInterrupt raised in the middle
+    of a database read can leave the connection pool's lock taken, and the command then hung
+    for ever in its clean-up instead of exiting.
+    """
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        while True:
+        while not stop.is_set():
             rows = fetch()
+            if stop.is_set():
+                break
             sys.stdout.write("\x1b[H\x1b[2J")  # home, clear screen
             show(rows)
             sys.stdout.flush()
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
+            stop.wait(interval)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sys.stdout.write("\n")
