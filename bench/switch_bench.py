@@ -120,22 +120,27 @@ def make_changes(proxy: Proxy, address: str, password: str, count: int, seed: in
     rng = random.Random(seed)
     kinds = ["flag", "unflag", "keyword", "expunge", "append", "move"]
     client, since = through(proxy, address, password), dt.datetime.now(dt.UTC)
+    uids: dict[str, list[int]] = {}  # folder -> its UIDs, read once per session
     sessions = []
     for n in range(count):
         try:
-            change(client, kinds[n % len(kinds)], rng, n)
+            change(client, uids, kinds[n % len(kinds)], rng, n)
         except IMAPClient.AbortError:  # closed at the switch: log in again
             client, since = through(proxy, address, password), dt.datetime.now(dt.UTC)
-            change(client, kinds[n % len(kinds)], rng, n)
+            uids.clear()
+            change(client, uids, kinds[n % len(kinds)], rng, n)
         sessions.append(since)
     client.logout()
     return sessions
 
 
-def change(client: IMAPClient, kind: str, rng: random.Random, n: int) -> None:
+def change(client: IMAPClient, uids: dict[str, list[int]], kind: str, rng: random.Random,
+           n: int) -> None:
     folder = rng.choice(FOLDERS[:-1])
     client.select_folder(folder)
-    uid = rng.choice(client.search("ALL"))
+    if folder not in uids:
+        uids[folder] = client.search("ALL")
+    uid = uids[folder].pop(rng.randrange(len(uids[folder])))  # each message changed once
     if kind == "flag":
         client.add_flags([uid], [b"\\Answered"])
     elif kind == "unflag":
@@ -180,8 +185,8 @@ def switch_one(proxy: Proxy, address: str, password: str, args: argparse.Namespa
     for probe in probes:
         probe.start()
     try:
-        while copied(proxy, address)["messages_copied"] < args.messages // 5:
-            time.sleep(0.1)
+        while copied(proxy, address)["messages_copied"] == 0:  # the copy has begun
+            time.sleep(0.05)
         sessions = make_changes(proxy, address, password, args.changes, seed)
         deadline = time.monotonic() + 600
         while (row := copied(proxy, address))["served_by"] != "store":

@@ -16,6 +16,8 @@ from migrating_proxy.migration.folders import (
 from migrating_proxy.migration.messages import (
     batches,
     crlf_size,
+    fetch_range,
+    fetch_responses,
     fingerprint,
     message_fingerprint,
     parse_uid_set,
@@ -244,3 +246,54 @@ def test_error_descriptions_never_quote_what_we_sent() -> None:
         assert describe_error(exc) == "UnicodeEncodeError"
     assert describe_error(ConnectionRefusedError(111, "Connection refused")) == \
         "ConnectionRefusedError: [Errno 111] Connection refused"
+
+
+# --- FETCH responses: only those that name a UID (mirror passes depend on it) ---------------
+
+
+class _FakeImap:
+    """imaplib's side of one UID FETCH: the data it hands back, unsolicited responses too."""
+
+    def __init__(self, data: list) -> None:  # type: ignore[type-arg]
+        self.data = data
+        self.untagged_responses = {"FETCH": [b"9 (FLAGS (\\Deleted))"]}  # from an earlier command
+        self.sent: tuple = ()  # type: ignore[type-arg]
+
+    def uid(self, *args: str) -> tuple[str, list]:  # type: ignore[type-arg]
+        assert "FETCH" not in self.untagged_responses, "stale responses were not dropped"
+        self.sent = args
+        return "OK", self.data
+
+
+class _FakeClient:
+    normalise_times = False
+
+    def __init__(self, data: list) -> None:  # type: ignore[type-arg]
+        self._imap = _FakeImap(data)
+
+    def _checkok(self, *_args: object) -> None:
+        return None
+
+
+def test_unsolicited_fetch_responses_are_never_taken_for_uids() -> None:
+    # Another session of the user flagged the message at sequence number 257 while ours ran
+    # UID FETCH: Dovecot tells us with a FETCH that names no UID. Sequence 257 is not UID 257.
+    data = [
+        (b"3 (UID 257 FLAGS (\\Seen) BODY[] {5}", b"hello"), b")",
+        b"257 (FLAGS (\\Flagged))",
+        b"700 (FLAGS (\\Flagged))",
+        b"258 (UID 612 FLAGS ())",
+        (b"4 (UID 613 BODY[HEADER.FIELDS (SUBJECT)] {4}", b"ab\r\n"),
+        (b" BODY[] {3}", b"xyz"), b" FLAGS (\\Answered))",
+        b"5 (UID 614 BODY[] NIL FLAGS (\\Deleted))",
+    ]
+    client = _FakeClient(data)
+    got = fetch_range(client, "257,612:614", b"BODY.PEEK[] FLAGS",  # type: ignore[arg-type]
+                      "(CHANGEDSINCE 7)")
+    assert client._imap.sent == ("FETCH", "257,612:614", "(BODY.PEEK[] FLAGS)",
+                                 "(CHANGEDSINCE 7)")
+    assert sorted(got) == [257, 612, 613, 614]
+    assert got[257][b"FLAGS"] == (b"\\Seen",) and got[257][b"BODY[]"] == b"hello"
+    assert got[613][b"BODY[]"] == b"xyz" and got[613][b"FLAGS"] == (b"\\Answered",)
+    assert got[614][b"BODY[]"] is None  # expunged by another session meanwhile
+    assert [len(r) for r in fetch_responses(data)] == [2, 1, 1, 1, 3, 1]

@@ -43,6 +43,7 @@ from migrating_proxy.migration.messages import (
     fingerprint,
     header_fields_of,
     message_fingerprint,
+    uid_sets,
 )
 from migrating_proxy.migration.mirror import mirror_messages, reflect_folders, store_uids
 from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
@@ -312,13 +313,14 @@ def _inventory(client: IMAPClient, exists: int) -> dict[int, int]:
 
 
 def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
-    data = client.fetch(uids, _FETCH_ITEMS)
+    data = fetch_range(client, ",".join(uid_sets(uids)),
+                       b" ".join(_FETCH_ITEMS))
     messages = []
     for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
         item = data.get(uid)
-        if item is None or b"BODY[]" not in item:
+        if item is None or item.get(b"BODY[]") is None:  # NIL: expunged by another session
             continue
-        raw = bytes(item[b"BODY[]"] or b"")
+        raw = bytes(item[b"BODY[]"])
         messages.append(OutMessage(
             key=str(uid), raw=raw, flags=copyable_flags(item.get(b"FLAGS", ())),
             date=item.get(b"INTERNALDATE"), fingerprint=message_fingerprint(raw),

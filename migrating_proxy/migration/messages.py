@@ -90,15 +90,47 @@ def header_fields_of(data: dict[bytes, Any]) -> bytes:
     return b""
 
 
-def fetch_range(client: IMAPClient, uid_range: str, items: bytes,
+def fetch_range(client: IMAPClient, uid_set: str, items: bytes,
                 modifiers: str = "") -> dict[int, dict[bytes, Any]]:
-    """UID FETCH over a range such as "17:*" (imapclient's fetch only takes UID lists);
-    `modifiers` such as "(CHANGEDSINCE 42)" follow the items (RFC 7162)."""
+    """UID FETCH of a UID set such as "17:*" or "3:5,9", keyed by UID; `modifiers` such as
+    "(CHANGEDSINCE 42)" follow the items (RFC 7162).
+
+    Only responses that carry a UID count. imaplib hands back every FETCH response the server
+    sent since it was last asked, including unsolicited ones (another session of the user
+    changed flags: `* 57 FETCH (FLAGS (...))`) that name a message by its sequence number only;
+    imapclient would take that number for a UID, and flags of one message would be copied to
+    another.
+    """
+    client._imap.untagged_responses.pop("FETCH", None)  # left from earlier commands
     arguments = ["(" + items.decode() + ")"] + ([modifiers] if modifiers else [])
-    typ, data = client._imap.uid("FETCH", uid_range, *arguments)
+    typ, data = client._imap.uid("FETCH", uid_set, *arguments)
     client._checkok("fetch", typ, data)  # imaplib already picked the FETCH responses
-    data = [d for d in data if d is not None]
-    return parse_fetch_response(data, client.normalise_times, True)
+    by_uid: dict[int, dict[bytes, Any]] = {}
+    for response in fetch_responses(data):
+        for item in parse_fetch_response(response, client.normalise_times, False).values():
+            if b"UID" in item:
+                by_uid[int(item[b"UID"])] = item
+    return by_uid
+
+
+_RESPONSE_START = re.compile(rb"^\d+ \(")
+
+
+def fetch_responses(data: Sequence[Any]) -> Iterator[list[Any]]:
+    """imaplib's FETCH data split into one list per FETCH response: a response starts with
+    "<n> (" (a line, or the head of a literal); what follows until the next one (more literals,
+    the closing ")") belongs to it."""
+    response: list[Any] = []
+    for element in data:
+        if element is None:
+            continue
+        head = element[0] if isinstance(element, tuple) else element
+        if _RESPONSE_START.match(head) and response:
+            yield response
+            response = []
+        response.append(element)
+    if response:
+        yield response
 
 
 def uid_sets(uids: Iterable[int], max_length: int = 4000) -> Iterator[str]:

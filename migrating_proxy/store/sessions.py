@@ -3,7 +3,7 @@
 Sessions live in the `serve` processes (frontends/registry.py keeps them per account); the
 database is the only thing those processes, and the workers and admin commands that may want a
 session closed, all share. So a request is a row: `request_close(address, reason)` from any
-process on any machine, and each `serve` polls `requests_since` about once a second (as a
+process on any machine, and each `serve` polls `requests_since` four times a second (as a
 running copy polls its job's pause), then closes the account's sessions it holds.
 
 Polling by time, not by id: on PostgreSQL ids are handed out before commit, so a request with a
