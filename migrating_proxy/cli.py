@@ -8,7 +8,6 @@ configuration, 2 on a usage error (argparse's own).
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
 from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import Config, ConfigError
-from migrating_proxy.console import CommandError, print_rows
+from migrating_proxy.console import CommandError, print_rows, read_password
 from migrating_proxy.endpoints import EndpointError, parse_endpoint
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
@@ -243,21 +242,6 @@ def _provision_or_undo(provisioner: Provisioner, address: str,
     except OSError as exc:
         undo()
         raise CommandError(f"cannot write the store's user file: {exc.strerror}") from None
-
-
-def read_password() -> str:
-    """One line from stdin when piped; otherwise a prompt, typed twice."""
-    if not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise CommandError("passwords do not match")
-    if not password:
-        raise CommandError("empty password")
-    if any(ch in password for ch in "\0\r\n"):
-        raise CommandError("password contains control characters")
-    return password
 
 
 # -- status -------------------------------------------------------------------------------

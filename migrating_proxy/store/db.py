@@ -7,7 +7,14 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 
-from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
+from migrating_proxy.store.schema import (
+    SCHEMA_VERSION,
+    WEB_TABLES,
+    close_requests,
+    jobs_by_account,
+    metadata,
+    schema_info,
+)
 
 
 class DatabaseError(Exception):
@@ -24,10 +31,18 @@ def _add_close_requests(conn: Connection) -> None:
     close_requests.create(conn, checkfirst=True)
 
 
+def _add_web_console(conn: Connection) -> None:
+    """Version 4: the web console's admin users, tokens, sessions and the audit trail."""
+    for table in WEB_TABLES:
+        table.create(conn, checkfirst=True)
+    jobs_by_account.create(conn, checkfirst=True)
+
+
 # version -> step that brings a database from version-1 to version.
 UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: _add_domain_source_ca,
     3: _add_close_requests,
+    4: _add_web_console,
 }
 
 

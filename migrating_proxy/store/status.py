@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, select
 
 from migrating_proxy.store.accounts import address_key
 from migrating_proxy.store.jobs import ACTIVE
@@ -22,6 +23,25 @@ STATUS_KEYS = (
 COUNTERS = STATUS_KEYS[2:8]
 
 
+SORTABLE = ("address", "state", "progress", *COUNTERS, "last_error", "started_at",
+            "finished_at", "last_pass_at")
+STATES = ("NEW", "PENDING", "ERROR", "COMPLETED")
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """Which status rows, in which order: what the console's accounts page asks for."""
+
+    domain: str | None = None
+    addresses: tuple[str, ...] = ()
+    state: str | None = None  # one of STATES
+    search: str = ""  # part of the address, any letter case
+    sort: str = "address"  # one of SORTABLE
+    descending: bool = False
+    limit: int | None = None  # None: every row
+    offset: int = 0
+
+
 def migration_status(engine: Engine, addresses: list[str] | None = None,
                      domain: str | None = None) -> list[dict[str, Any]]:
     """One dict per account that is (or was) migrating, or per address asked for.
@@ -29,24 +49,90 @@ def migration_status(engine: Engine, addresses: list[str] | None = None,
     `job_state` is the active job's state: queued, running, paused, or "pausing" while a
     paused job's worker is still finishing its batch; None without an active job.
     """
+    return status_page(engine, StatusQuery(domain, tuple(addresses or ())))[1]
+
+
+def status_page(engine: Engine, ask: StatusQuery) -> tuple[int, list[dict[str, Any]]]:
+    """(how many rows match, the rows of the page asked for). Filtering, sorting and paging
+    happen in the database, so a page of a 100,000-account domain costs a page's worth."""
+    source = accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id)
+    where = _conditions(ask)
     query = (
         select(accounts.c.id, accounts.c.address, accounts.c.migration_state,
                *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
                migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at)
-        .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
-        .order_by(accounts.c.address_key)
+        .select_from(source).where(*where)
+        .order_by(*_order(ask)).offset(ask.offset).limit(ask.limit)
     )
-    if addresses:
-        query = query.where(accounts.c.address_key.in_([address_key(a) for a in addresses]))
-    else:
-        query = query.where(accounts.c.migration_state.is_not(None))
-    if domain:
-        query = query.where(accounts.c.domain == domain.lower())
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+        if ask.limit is None and not ask.offset:
+            total = len(rows)
+        else:
+            total = conn.execute(select(func.count()).select_from(source).where(*where)
+                                 ).scalar_one()
         job_errors = _latest_job_errors(conn, [row.id for row in rows])
         job_states = _active_job_states(conn, [row.id for row in rows])
-    return [_status(row, job_errors.get(row.id), job_states.get(row.id)) for row in rows]
+    return total, [_status(row, job_errors.get(row.id), job_states.get(row.id)) for row in rows]
+
+
+def _conditions(ask: StatusQuery) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if ask.addresses:
+        where.append(accounts.c.address_key.in_([address_key(a) for a in ask.addresses]))
+    else:
+        where.append(accounts.c.migration_state.is_not(None))
+    if ask.domain:
+        where.append(accounts.c.domain == ask.domain.lower())
+    if ask.state:
+        where.append(accounts.c.migration_state == ask.state)
+    if ask.search:
+        literal = "".join(f"\\{ch}" if ch in "\\%_" else ch for ch in ask.search.lower())
+        where.append(accounts.c.address_key.like(f"%{literal}%", escape="\\"))
+    return where
+
+
+def _order(ask: StatusQuery) -> list[Any]:
+    if ask.sort not in SORTABLE:
+        raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
+    if ask.sort == "address":
+        key: Any = accounts.c.address_key
+    elif ask.sort == "state":
+        key = accounts.c.migration_state
+    elif ask.sort == "progress":
+        done = (func.coalesce(migrations.c.messages_copied, 0)
+                + func.coalesce(migrations.c.messages_skipped, 0))
+        key = case((func.coalesce(migrations.c.messages_total, 0) == 0, 0.0),
+                   else_=cast(done, Float) / migrations.c.messages_total)
+    else:
+        key = migrations.c[ask.sort]
+    key = key.desc() if ask.descending else key.asc()
+    # NULLs (never started) last either way; the address breaks ties, so paging is stable.
+    return [key.nulls_last(), accounts.c.address_key]
+
+
+def empty_totals() -> dict[str, Any]:
+    return {"accounts": 0, "states": dict.fromkeys(STATES, 0), **dict.fromkeys(COUNTERS, 0)}
+
+
+def domain_totals(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per domain: accounts in each state and the sums of the progress counters."""
+    query = (
+        select(accounts.c.domain, accounts.c.migration_state, func.count(),
+               *(func.coalesce(func.sum(migrations.c[name]), 0) for name in COUNTERS))
+        .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
+        .where(accounts.c.migration_state.is_not(None))
+        .group_by(accounts.c.domain, accounts.c.migration_state)
+    )
+    totals: dict[str, dict[str, Any]] = {}
+    with engine.connect() as conn:
+        for domain, state, count, *sums in conn.execute(query):
+            entry = totals.setdefault(domain, empty_totals())
+            entry["accounts"] += count
+            entry["states"][state] = entry["states"].get(state, 0) + count
+            for name, value in zip(COUNTERS, sums, strict=True):
+                entry[name] += int(value)
+    return totals
 
 
 def _active_job_states(conn, account_ids: list[int]) -> dict[int, str]:  # type: ignore[no-untyped-def]
