@@ -14,17 +14,18 @@ from typing import Any
 
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
+from migrating_proxy.admin import Actor, domains
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
+from migrating_proxy.admin.views import status_rows
 from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import Config, ConfigError
 from migrating_proxy.console import CommandError, print_rows, read_password
-from migrating_proxy.endpoints import EndpointError, parse_endpoint
+from migrating_proxy.endpoints import EndpointError
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
-from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
+from migrating_proxy.store import AddressError, DatabaseError, Store, StoreError, open_store
 from migrating_proxy.store.accounts import DOMAIN_TYPES
-from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import VaultKeyError
 
 
@@ -46,7 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     _domain_commands(commands.add_parser("domain", help="manage migrating domains"))
     _account_commands(commands.add_parser("account", help="manage local accounts"))
     _admin_commands(commands)
+    _web_commands(commands)
     return parser
+
+
+def _web_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    web = commands.add_parser("web", help="run the web console and its JSON API")
+    web.add_argument("--listen", metavar="HOST:PORT",
+                     help="address to serve on (default: web.listen, else 127.0.0.1:8080)")
+    users = commands.add_parser("admin-user", help="admin users of the web console and API")
+    sub = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "create (password from stdin or a prompt)"),
+                         ("passwd", "set a new password (stdin or prompt); ends sessions"),
+                         ("remove", "delete, with the user's tokens and sessions")):
+        sub.add_parser(action, help=text).add_argument("name")
+    token = sub.add_parser("token", help="print a new API token for scripts (shown once)")
+    token.add_argument("name")
+    token.add_argument("--revoke", action="store_true", help="revoke all the user's tokens")
+    sub.add_parser("list").add_argument("--json", action="store_true")
+    trail = commands.add_parser("audit", help="the audit trail of admin actions, newest first")
+    trail.add_argument("--action", metavar="ACTION", help="only this action (e.g. finish)")
+    trail.add_argument("--limit", type=int, default=50, metavar="N")
+    trail.add_argument("--json", action="store_true")
 
 
 def _admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -153,6 +175,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if processes < 1:
             raise CommandError("--processes must be at least 1")
         return run_pool(config, processes)
+    if args.command == "web":
+        from migrating_proxy.web.server import WebStartError, run_web
+
+        try:
+            return run_web(config, args.listen)
+        except WebStartError as exc:
+            raise CommandError(str(exc)) from None
     # Imported only for the admin commands: `serve` and `worker` need none of it.
     from migrating_proxy.admin import cli as admin_cli
 
@@ -167,6 +196,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "start": admin_cli.pass_command,
         "finish": admin_cli.finish_command,
         "export": admin_cli.export_command,
+        "admin-user": admin_cli.admin_user_command,
+        "audit": admin_cli.audit_command,
     }[args.command]
     store = open_store(config.database_url)
     try:
@@ -177,35 +208,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 # -- domain -------------------------------------------------------------------------------
 def domain_command(args: argparse.Namespace, config: Config, store: Store) -> int:
-    accounts = store.accounts
+    actor = Actor.command_line()
     if args.action == "add":
-        accounts.add_domain(_domain_from_args(args))
+        domains.add_domain(store, actor, domains.build_domain(
+            args.name, args.source, args.relay, args.type, args.source_user,
+            args.subscribed_only, args.disabled, notice=not args.no_notice,
+            verify_tls=not args.no_verify_tls, source_ca=source_ca_from_args(args) or None))
     elif args.action in ("enable", "disable"):
-        accounts.set_domain_migrating(args.name, args.action == "enable")
+        domains.set_migrating(store, actor, args.name, args.action == "enable")
     elif args.action == "remove":
-        accounts.remove_domain(args.name)
+        domains.remove_domain(store, actor, args.name)
     elif args.action == "list":
-        rows = [domain.__dict__ for domain in accounts.list_domains()]
-        print_rows(rows, args.json, ["name", "migrating", "source_url", "relay_url", "type"])
+        print_rows(domains.domain_rows(store), args.json, domains.DOMAIN_COLUMNS)
     return 0
-
-
-def _domain_from_args(args: argparse.Namespace) -> Domain:
-    source = parse_endpoint(args.source, allowed=("imap", "pop3"))
-    relay = parse_endpoint(args.relay, allowed=("smtp", "lmtp")).url if args.relay else None
-    template = args.source_user
-    if "%" in template.replace("%u", "").replace("%n", "").replace("%d", ""):
-        raise CommandError("--source-user may only use %u, %n and %d")
-    if "@" in args.name or not args.name.strip(". ") or " " in args.name:
-        raise CommandError(f"{args.name!r} is not a domain name")
-    if args.source_ca and args.no_verify_tls:
-        raise CommandError("--source-ca and --no-verify-tls contradict each other")
-    return Domain(
-        name=args.name.lower(), source_url=source.url, migrating=not args.disabled,
-        relay_url=relay, type=args.type, source_user=template,
-        subscribed_only=args.subscribed_only, notice=not args.no_notice,
-        verify_tls=not args.no_verify_tls, source_ca=source_ca_from_args(args) or None,
-    )
 
 
 # -- account ------------------------------------------------------------------------------
@@ -246,8 +261,6 @@ def _provision_or_undo(provisioner: Provisioner, address: str,
 
 # -- status -------------------------------------------------------------------------------
 def status_command(args: argparse.Namespace, config: Config, store: Store) -> int:
-    if args.domain is not None and store.accounts.get_domain(args.domain) is None:
-        raise CommandError(f"unknown domain {args.domain}")
     rows = status_rows(store, args.addresses, args.domain)
     if args.json:
         print_rows(rows, True, [])
@@ -256,15 +269,6 @@ def status_command(args: argparse.Namespace, config: Config, store: Store) -> in
     else:
         print_status(rows)
     return 0
-
-
-def status_rows(store: Store, addresses: list[str], domain: str | None) -> list[dict[str, Any]]:
-    rows = migration_status(store.engine, addresses or None, domain)
-    known = {row["address"].lower() for row in rows}
-    unknown = [a for a in addresses if a.lower() not in known]
-    if unknown:
-        raise CommandError(f"unknown account {unknown[0]}")
-    return rows
 
 
 def print_status(rows: list[dict[str, Any]]) -> None:

@@ -36,8 +36,9 @@ def require_domain(store: Store, name: str) -> Domain:
 def build_domain(name: str, source: str, relay: str | None = None, type: str = "default",
                  source_user: str = "%u", subscribed_only: bool = False,
                  disabled: bool = False, notice: bool = True,
-                 verify_tls: bool = True) -> Domain:
-    """A domain from an admin's options (the flags of `domain add`), validated."""
+                 verify_tls: bool = True, source_ca: str | None = None) -> Domain:
+    """A domain from an admin's options (the flags of `domain add`), validated.
+    `source_ca` is the PEM text of the old server's CA (cacerts.read_ca_file)."""
     source_url = parse_endpoint(source, allowed=("imap", "pop3")).url
     relay_url = parse_endpoint(relay, allowed=("smtp", "lmtp")).url if relay else None
     if "%" in source_user.replace("%u", "").replace("%n", "").replace("%d", ""):
@@ -46,10 +47,12 @@ def build_domain(name: str, source: str, relay: str | None = None, type: str = "
         raise StoreError(f"--type must be one of {', '.join(DOMAIN_TYPES)}")
     if "@" in name or not name.strip(". ") or any(ch.isspace() for ch in name):
         raise StoreError(f"{name!r} is not a domain name")
+    if source_ca and not verify_tls:
+        raise StoreError("--source-ca and --no-verify-tls contradict each other")
     return Domain(
         name=name.lower(), source_url=source_url, migrating=not disabled, relay_url=relay_url,
         type=type, source_user=source_user, subscribed_only=subscribed_only, notice=notice,
-        verify_tls=verify_tls,
+        verify_tls=verify_tls, source_ca=source_ca,
     )
 
 

@@ -1,0 +1,99 @@
+"""The console's FastAPI application: routers, static files, headers, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from migrating_proxy.endpoints import EndpointError
+from migrating_proxy.store import AddressError, DatabaseError, StoreError
+from migrating_proxy.web import api, auth, pages
+from migrating_proxy.web.console import Console
+
+log = structlog.get_logger(__name__)
+
+# Scripts and styles only from this site (none inline), no framing, no referrer leaks.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(console: Console) -> FastAPI:
+    app = FastAPI(
+        title="migrating-proxy", version="1",
+        description="The admin API of migrating-proxy: the CLI's commands and their `--json` "
+                    "answers. Authenticate with a login session (and its CSRF token in "
+                    "`X-CSRF-Token` for changes) or `Authorization: Bearer <token>` "
+                    "(`migrating-proxy admin-user token NAME`).",
+        openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None,
+    )
+    app.state.console = console
+    app.include_router(auth.router)
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), "static")
+    app.middleware("http")(_headers)
+    _error_handlers(app)
+    return app
+
+
+async def _headers(request: Request,
+                   call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    response = await call_next(request)
+    response.headers.update(SECURITY_HEADERS)
+    if not request.url.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _error_handlers(app: FastAPI) -> None:
+    def error(request: Request, status: int, message: str) -> Response:
+        if _wants_json(request):
+            return JSONResponse({"error": message}, status)
+        return pages.render(request, "error.html", {"status": status, "message": message},
+                            status)
+
+    @app.exception_handler(auth.NotAuthenticated)
+    def not_authenticated(request: Request, exc: auth.NotAuthenticated) -> Response:
+        if _wants_json(request) or request.method != "GET":
+            return JSONResponse({"error": "log in, or send an API token"}, 401)
+        return auth.login_form(request, 401, "", request.url.path)
+
+    @app.exception_handler(auth.CSRFRefused)
+    def csrf_refused(request: Request, exc: auth.CSRFRefused) -> Response:
+        log.warning("web_csrf_refused", path=request.url.path)
+        return error(request, 403, "missing or wrong CSRF token; reload the page")
+
+    @app.exception_handler(api.UnknownDomain)
+    def unknown_domain(request: Request, exc: api.UnknownDomain) -> Response:
+        return error(request, 404, str(exc))
+
+    @app.exception_handler(StoreError)
+    @app.exception_handler(AddressError)
+    @app.exception_handler(EndpointError)
+    def refused(request: Request, exc: Exception) -> Response:
+        status = 404 if request.url.path.startswith("/domains/") else 400
+        return error(request, status, str(exc))
+
+    @app.exception_handler(DatabaseError)
+    def database_down(request: Request, exc: DatabaseError) -> Response:
+        return error(request, 503, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    def malformed(request: Request, exc: RequestValidationError) -> Response:
+        details = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(details) or "malformed request"}, 422)

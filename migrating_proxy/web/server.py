@@ -1,0 +1,83 @@
+"""`migrating-proxy web`: the console's own process (uvicorn, one asyncio loop, no Twisted).
+
+The socket is bound before anything else, so a port in use or a bad address is one line and
+exit 1 at start-up. SIGTERM and SIGINT end it gracefully (uvicorn's own handlers); `serve`
+starts it as a child when `[web] listen` is set and stops it with its workers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import structlog
+import uvicorn
+
+from migrating_proxy.config import Config, WebConfig
+from migrating_proxy.endpoints import EndpointError, parse_listen
+from migrating_proxy.web.app import create_app
+from migrating_proxy.web.console import Console
+
+log = structlog.get_logger(__name__)
+
+
+class WebStartError(Exception):
+    """The console cannot start (address in use, not an address)."""
+
+
+def listen_address(config: Config, override: str | None) -> tuple[str, int]:
+    if override is not None:
+        try:
+            address = parse_listen(override)
+        except EndpointError as exc:
+            raise WebStartError(f"--listen: {exc}") from None
+        if address is None:
+            raise WebStartError("--listen: expected host:port")
+        return address
+    return config.web.listen or WebConfig.DEFAULT_LISTEN
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise WebStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_web(config: Config, listen_override: str | None = None) -> int:
+    host, port = listen_address(config, listen_override)
+    sock = bind(host, port)
+    tls = config.tls
+    if not is_loopback(host) and not tls.enabled:
+        log.warning("web_without_tls", host=host,
+                    reason="passwords and session cookies would cross the network in clear; "
+                           "set [tls] cert and key")
+    console = Console.open(config)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(console), log_config=None, access_log=False, server_header=False,
+        ssl_certfile=str(tls.cert) if tls.cert else None,
+        ssl_keyfile=str(tls.key) if tls.key else None,
+        timeout_graceful_shutdown=5,
+    ))
+    scheme = "https" if tls.enabled else "http"
+    log.info("web_started", url=f"{scheme}://{host}:{sock.getsockname()[1]}/")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        console.close()
+        sock.close()
+    return 0
