@@ -66,12 +66,14 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     watcher.start()
     workers = start_workers(config)
+    console = start_web(config)
 
     def shutdown() -> None:
         log.info("stopping", listeners=len(ports))
         watcher.stop()
         for port in ports:
             port.stopListening()
+        stop_child(console, "web")
         stop_workers(workers)
         threadpool.stop()
         ctx.login_service.hasher.close()
@@ -83,27 +85,42 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     return 0
 
 
+def start_child(config: Config, *args: str) -> subprocess.Popen[bytes]:
+    """`migrating-proxy [--config F] ARGS...` as a child process of this one."""
+    command = [sys.executable, "-m", "migrating_proxy"]
+    if config.source is not None:
+        command += ["--config", str(config.source)]
+    return subprocess.Popen([*command, *args], stdin=subprocess.DEVNULL)
+
+
+def stop_child(child: subprocess.Popen[bytes] | None, name: str, timeout: float = 30) -> None:
+    """SIGTERM, then wait (briefly) for the child to finish what it is doing."""
+    if child is None or child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning(f"{name}_killed", reason=f"did not stop within {timeout:.0f} s")
+        child.kill()
+
+
 def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
     """The copy workers run in their own processes (`migrating-proxy worker`), never here."""
     if config.migration.workers < 1:
         return None
-    command = [sys.executable, "-m", "migrating_proxy"]
-    if config.source is not None:
-        command += ["--config", str(config.source)]
-    command += ["worker", "--processes", str(config.migration.workers)]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    return start_child(config, "worker", "--processes", str(config.migration.workers))
 
 
 def stop_workers(workers: subprocess.Popen[bytes] | None) -> None:
     """Workers hand their jobs back at the next batch boundary; wait for that, briefly."""
-    if workers is None or workers.poll() is not None:
-        return
-    workers.send_signal(signal.SIGTERM)
-    try:
-        workers.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        log.warning("workers_killed", reason="did not stop within 30 s")
-        workers.kill()
+    stop_child(workers, "workers")
+
+
+def start_web(config: Config) -> subprocess.Popen[bytes] | None:
+    """The web console, with `[web] listen`: a process of its own (its own event loop, never
+    this reactor), like the workers."""
+    return None if config.web.listen is None else start_child(config, "web")
 
 
 def listen_all(ctx: FrontendContext) -> list:

@@ -8,6 +8,7 @@ starts it as a child when `[web] listen` is set and stops it with its workers.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 
 import structlog
@@ -58,6 +59,10 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_web(config: Config, listen_override: str | None = None) -> int:
     host, port = listen_address(config, listen_override)
     sock = bind(host, port)
@@ -73,6 +78,10 @@ def run_web(config: Config, listen_override: str | None = None) -> int:
         ssl_keyfile=str(tls.key) if tls.key else None,
         timeout_graceful_shutdown=5,
     ))
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found: this one, so the process ends with status 0 as `serve` does.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     scheme = "https" if tls.enabled else "http"
     log.info("web_started", url=f"{scheme}://{host}:{sock.getsockname()[1]}/")
     try:
