@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import imaplib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from pathlib import Path
 
 from imapclient import IMAPClient
 
@@ -192,3 +194,21 @@ def can_log_in(port: int, address: str, password: str) -> bool:
             return False
         client.logout()
         return True
+
+
+def write_maildir(root: Path, messages: Iterable[bytes]) -> int:
+    """Put messages straight into the Maildir INBOX at `root` (its cur/, read), owned like the
+    instance's mail directory above it: thousands in a second, where APPEND takes a minute.
+    Dovecot indexes them at the first SELECT. Returns how many were written."""
+    owner = next(parent for parent in root.parents if parent.exists()).stat()
+    created = [p for p in [*reversed(root.parents), root] if not p.exists()]
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, raw in enumerate(messages, start=1):
+        (root / "cur" / f"{1_700_000_000 + count}.M{count}P1.test,S={len(raw)}:2,S"
+         ).write_bytes(raw)
+    for path in [*created, *(root / sub for sub in ("cur", "new", "tmp")),
+                 *(root / "cur").iterdir()]:
+        os.chown(path, owner.st_uid, owner.st_gid)
+    return count
