@@ -20,6 +20,7 @@ from migrating_proxy.store.accounts import StoreError, now
 from migrating_proxy.store.schema import admin_tokens, admin_users, web_sessions
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+TOUCH_EVERY = timedelta(seconds=60)  # how stale a token's last_used_at may get
 TOKEN_PREFIX = "mpt_"  # makes a leaked token easy to recognise (and to grep for)
 
 
@@ -112,16 +113,21 @@ class AdminStore:
                 delete(admin_tokens).where(admin_tokens.c.user_id == user.id)).rowcount)
 
     def user_for_token(self, token: str) -> AdminUser | None:
-        with self.engine.begin() as conn:
+        """The token's user. `last_used_at` is refreshed once a minute at most: a script
+        polling the API must not cost a database write per request."""
+        with self.engine.connect() as conn:
             row = conn.execute(
-                select(admin_users).join(admin_tokens,
-                                         admin_tokens.c.user_id == admin_users.c.id)
+                select(admin_users, admin_tokens.c.last_used_at)
+                .join(admin_tokens, admin_tokens.c.user_id == admin_users.c.id)
                 .where(admin_tokens.c.token_hash == digest(token))).first()
-            if row is not None:
+        if row is None:
+            return None
+        if row.last_used_at is None or now() - _aware(row.last_used_at) > TOUCH_EVERY:
+            with self.engine.begin() as conn:
                 conn.execute(update(admin_tokens)
                              .where(admin_tokens.c.token_hash == digest(token))
                              .values(last_used_at=now()))
-        return _user(row) if row else None
+        return _user(row)
 
     # -- login sessions ------------------------------------------------------------------
     def open_session(self, user: AdminUser, lifetime: float) -> tuple[str, WebSession]:

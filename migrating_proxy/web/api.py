@@ -18,7 +18,7 @@ from migrating_proxy.admin import domains, views
 from migrating_proxy.admin.cutover import export, finish
 from migrating_proxy.admin.imports import ImportRefused, import_users
 from migrating_proxy.admin.operations import Outcome, select_accounts
-from migrating_proxy.store import StoreError
+from migrating_proxy.store import AddressError, StoreError
 from migrating_proxy.store import audit as audit_trail
 from migrating_proxy.store.status import SORTABLE, STATES, StatusQuery
 from migrating_proxy.web import models
@@ -32,18 +32,31 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "malformed request"},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": models.Error, "description": "no such domain"}}
+    404: {"model": models.Error, "description": "no such domain or account"}}
 
 
 
-class UnknownDomain(StoreError):
-    """A domain named in the request does not exist: 404."""
+class NotFound(StoreError):
+    """A domain or account named in the request does not exist: 404."""
 
 
 def known_domain(request: Request, name: str) -> str:
     if console_of(request).store.accounts.get_domain(name) is None:
-        raise UnknownDomain(f"unknown domain {name}")
+        raise NotFound(f"unknown domain {name}")
     return name
+
+
+def known_accounts(request: Request, addresses: list[str]) -> list[str]:
+    """The addresses, if each is an account (one that cannot be an address is none either)."""
+    accounts = console_of(request).store.accounts
+    for address in addresses:
+        try:
+            found = accounts.get_account(address)
+        except AddressError:
+            found = None
+        if found is None:
+            raise NotFound(f"unknown account {address}")
+    return addresses
 
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(admin)], responses=ERRORS)
@@ -102,10 +115,12 @@ def domain_totals(request: Request) -> dict[str, dict[str, Any]]:
 
 
 # -- status -------------------------------------------------------------------------------
-@router.get("/status", response_model=list[models.StatusRow], tags=["accounts"])
+@router.get("/status", response_model=list[models.StatusRow], tags=["accounts"],
+            responses=NOT_FOUND)
 def status(request: Request, response: Response,
            domain: models.Name | None = None,
-           address: Annotated[list[models.Address], Query(max_length=1000)] = [],  # noqa: B006
+           # A few in the URL (its length is bounded); more: by domain, state or search.
+           address: Annotated[list[models.Address], Query(max_length=20)] = [],  # noqa: B006
            state: Literal[STATES] | None = None,  # type: ignore[valid-type]
            q: Annotated[str, Query(max_length=320, pattern=models.NO_CONTROLS)] = "",
            sort: SortKey = "address",  # type: ignore[valid-type]
@@ -113,7 +128,10 @@ def status(request: Request, response: Response,
            offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> list[dict[str, Any]]:
     """`status [ADDRESS...] [--domain D] --json`; filtered (`state`, `q`: part of the address),
     sorted (`sort`, `-` first for descending) and paged (`limit`, `offset`) on request."""
-    ask = StatusQuery(domain=domain, addresses=tuple(address), state=state, search=q,
+    if domain is not None:
+        known_domain(request, domain)
+    ask = StatusQuery(domain=domain, addresses=tuple(known_accounts(request, address)),
+                      state=state, search=q,
                       sort=sort.lstrip("-"), descending=sort.startswith("-"), limit=limit,
                       offset=offset)
     total, rows = views.status_query(console_of(request).store, ask)
@@ -125,7 +143,10 @@ def status(request: Request, response: Response,
 def _run(request: Request, caller: Principal, action: str,
          body: models.Selection) -> list[dict[str, Any]]:
     console = console_of(request)
-    targets = select_accounts(console.store, body.addresses, body.domain, body.all)
+    if body.domain is not None:
+        known_domain(request, body.domain)
+    targets = select_accounts(console.store, known_accounts(request, body.addresses),
+                              body.domain, body.all)
     outcomes: list[Outcome] = getattr(console.operations(caller.actor), action)(targets)
     return [outcome.as_dict() for outcome in outcomes]
 
@@ -148,6 +169,7 @@ def _pass_route(action: str) -> Callable[..., list[dict[str, Any]]]:
 for _action, _description in PASS_ACTIONS.items():
     router.add_api_route(f"/{_action}", _pass_route(_action), methods=["POST"], name=_action,
                          response_model=list[models.OutcomeOut], tags=["actions"],
+                         responses=NOT_FOUND,
                          summary=_action.capitalize(), description=_description)
 
 
@@ -182,7 +204,9 @@ def finish_domain(body: models.FinishRequest, request: Request,
     return finish(console.operations(caller.actor), body.domain)
 
 
-@router.get("/export", response_class=PlainTextResponse, tags=["actions"], responses=NOT_FOUND)
+@router.get("/export", tags=["actions"], responses={
+    **NOT_FOUND, 200: {"description": "the accounts, as a file",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def export_domain(domain: models.Name, format: models.ExportFormat, request: Request,
                   caller: Caller) -> Response:
     """`export DOMAIN --format F`: every account and its password hash, as a download."""

@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from migrating_proxy.endpoints import EndpointError
 from migrating_proxy.store import AddressError, DatabaseError, StoreError
@@ -56,6 +58,15 @@ async def _headers(request: Request,
     return response
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
@@ -78,9 +89,18 @@ def _error_handlers(app: FastAPI) -> None:
         log.warning("web_csrf_refused", path=request.url.path)
         return error(request, 403, "missing or wrong CSRF token; reload the page")
 
-    @app.exception_handler(api.UnknownDomain)
-    def unknown_domain(request: Request, exc: api.UnknownDomain) -> Response:
+    @app.exception_handler(api.NotFound)
+    def not_found(request: Request, exc: api.NotFound) -> Response:
         return error(request, 404, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (no such route, wrong method, unreadable body), worded
+        like ours: {"error": ...}, and a 405's `Allow` naming every method of the path."""
+        answer = error(request, exc.status_code, str(exc.detail))
+        if exc.status_code == 405:
+            answer.headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return answer
 
     @app.exception_handler(StoreError)
     @app.exception_handler(AddressError)

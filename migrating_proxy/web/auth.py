@@ -21,6 +21,7 @@ from urllib.parse import quote
 import structlog
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from migrating_proxy.admin import Actor
 from migrating_proxy.admin.users import check_login
@@ -74,7 +75,17 @@ def authenticate(request: Request) -> Principal | None:
     return Principal(session.user, "web", session.csrf_token) if session else None
 
 
-def admin(request: Request) -> Principal:
+# Declared for the OpenAPI document (the security schemes); `authenticate` reads both itself.
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="token",
+                           description="`migrating-proxy admin-user token NAME`")
+cookie_scheme = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, scheme_name="session",
+                             description="a login session (POST /login); state changes also "
+                                         f"need its CSRF token in `{CSRF_HEADER}`")
+
+
+def admin(request: Request,
+          _token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+          _session: Annotated[str | None, Depends(cookie_scheme)]) -> Principal:
     """The dependency of every protected route (sync: FastAPI runs it in a thread)."""
     principal = authenticate(request)
     if principal is None:

@@ -133,7 +133,7 @@ class BadLineOut(Open):
 
 
 class ImportRefusal(Error):
-    bad_lines: list[BadLineOut]
+    bad_lines: list[BadLineOut] = Field(default_factory=list)
 
 
 class FinishReport(Open):
