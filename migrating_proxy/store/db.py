@@ -9,9 +9,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 
 from migrating_proxy.store.schema import (
     SCHEMA_VERSION,
+    WEB_INDEXES,
     WEB_TABLES,
     close_requests,
-    jobs_by_account,
     metadata,
     schema_info,
 )
@@ -35,7 +35,8 @@ def _add_web_console(conn: Connection) -> None:
     """Version 4: the web console's admin users, tokens, sessions and the audit trail."""
     for table in WEB_TABLES:
         table.create(conn, checkfirst=True)
-    jobs_by_account.create(conn, checkfirst=True)
+    for index in WEB_INDEXES:
+        index.create(conn, checkfirst=True)
 
 
 # version -> step that brings a database from version-1 to version.

@@ -188,7 +188,11 @@ admin_actions = Table(
     Column("details", Text, nullable=False),  # JSON: accounts, domain, result counts...
 )
 
-# Per-account lookups of the job queue (the console's pages of status rows).
-jobs_by_account = Index("ix_jobs_account_id", jobs.c.account_id)
+# For the console's pages of status rows: a domain's accounts in address order, and each
+# account's jobs.
+WEB_INDEXES = (
+    Index("ix_accounts_domain_address_key", accounts.c.domain, accounts.c.address_key),
+    Index("ix_jobs_account_id", jobs.c.account_id),
+)
 
 WEB_TABLES = (admin_users, admin_tokens, web_sessions, admin_actions)

@@ -68,8 +68,8 @@ def status_page(engine: Engine, ask: StatusQuery) -> tuple[int, list[dict[str, A
         rows = conn.execute(query).all()
         if ask.limit is None and not ask.offset:
             total = len(rows)
-        else:
-            total = conn.execute(select(func.count()).select_from(source).where(*where)
+        else:  # every condition is on `accounts`: no join needed to count
+            total = conn.execute(select(func.count()).select_from(accounts).where(*where)
                                  ).scalar_one()
         job_errors = _latest_job_errors(conn, [row.id for row in rows])
         job_states = _active_job_states(conn, [row.id for row in rows])
@@ -95,10 +95,11 @@ def _conditions(ask: StatusQuery) -> list[ColumnElement[bool]]:
 def _order(ask: StatusQuery) -> list[Any]:
     if ask.sort not in SORTABLE:
         raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
-    if ask.sort == "address":
-        key: Any = accounts.c.address_key
-    elif ask.sort == "state":
-        key = accounts.c.migration_state
+    if ask.sort == "address":  # never NULL: plain order, so the (domain, address) index serves
+        key = accounts.c.address_key
+        return [key.desc() if ask.descending else key.asc()]
+    if ask.sort == "state":
+        key: Any = accounts.c.migration_state
     elif ask.sort == "progress":
         done = (func.coalesce(migrations.c.messages_copied, 0)
                 + func.coalesce(migrations.c.messages_skipped, 0))

@@ -110,8 +110,9 @@ def remove_domain(name: models.Name, request: Request, caller: Caller) -> Respon
 
 @router.get("/totals", response_model=dict[str, models.Totals], tags=["domains"])
 def domain_totals(request: Request) -> dict[str, dict[str, Any]]:
-    """Per domain: accounts in each state and the progress counters summed."""
-    return views.totals(console_of(request).store)
+    """Per domain: accounts in each state and the progress counters summed (recomputed at
+    most every 2 seconds)."""
+    return console_of(request).totals()
 
 
 # -- status -------------------------------------------------------------------------------

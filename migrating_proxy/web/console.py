@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from migrating_proxy.admin import Actor
+from migrating_proxy.admin import Actor, views
 from migrating_proxy.admin.operations import Operations
 from migrating_proxy.config import Config
 from migrating_proxy.login import FailureThrottle
@@ -12,6 +15,8 @@ from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.admins import AdminStore
 from migrating_proxy.store.vault import Vault, load_or_create_key
+
+TOTALS_MAX_AGE = 2.0  # seconds
 
 
 @dataclass
@@ -24,6 +29,8 @@ class Console:
     hasher: PasswordHasher
     # Failed logins counted per peer and per user, with the mail front-ends' limits.
     throttle: FailureThrottle
+    _totals: tuple[float, dict[str, dict[str, Any]]] | None = field(default=None, repr=False)
+    _totals_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, config: Config) -> Console:
@@ -43,6 +50,20 @@ class Console:
 
     def operations(self, actor: Actor) -> Operations:
         return Operations(self.config, self.store, self.vault, actor)
+
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """Per-domain totals, recomputed at most every TOTALS_MAX_AGE seconds: summing a
+        100,000-account domain costs a table scan, and every open page asks as often as it
+        refreshes (POLL_MS in app.js), so viewers share one computation."""
+        with self._totals_lock:
+            if self._totals is None or time.monotonic() - self._totals[0] > TOTALS_MAX_AGE:
+                self._totals = (time.monotonic(), views.totals(self.store))
+            return self._totals[1]
+
+    def forget_totals(self) -> None:
+        """After a change an admin will want to see at once (a domain added or switched)."""
+        with self._totals_lock:
+            self._totals = None
 
     def close(self) -> None:
         self.hasher.close()

@@ -40,7 +40,10 @@ def listen_address(config: Config, override: str | None) -> tuple[str, int]:
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not implied: asyncio sets TCP_NODELAY on accepted connections only
+    # when the listening socket says TCP, and without it every answer written in two parts
+    # (headers, body) waits out the client's delayed ACK, 40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
