@@ -228,8 +228,9 @@ def test_api_answers_with_the_cli_json(console: WebConsole, session: Session,
 
 @pytest.mark.parametrize(("path", "body", "status", "message"), [
     ("/api/v1/migrate", {}, 400, "name accounts, or give --domain DOMAIN or --all"),
-    ("/api/v1/migrate", {"domain": "nope.example"}, 400, "unknown domain nope.example"),
-    ("/api/v1/resync", {"addresses": ["nobody@old.example"]}, 400, "unknown account"),
+    ("/api/v1/migrate", {"domain": "nope.example"}, 404, "unknown domain nope.example"),
+    ("/api/v1/resync", {"addresses": ["nobody@old.example"]}, 404, "unknown account"),
+    ("/api/v1/stop", {"addresses": ["not an address"]}, 404, "unknown account"),
     ("/api/v1/finish", {"domain": DOMAIN}, 400, "not confirmed; nothing changed"),
     ("/api/v1/finish", {"domain": "nope.example", "confirm": True}, 404, "unknown domain"),
     ("/api/v1/domains", {"name": "x.example", "source": "ftp://h"}, 400, "scheme must be"),
