@@ -11,6 +11,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -331,3 +332,27 @@ def test_passwords_never_reach_the_logs(console: WebConsole) -> None:
         assert secret not in text
     assert subprocess.run(["grep", "-r", "-l", ADMIN_PW, str(console.directory)],
                           capture_output=True).stdout == b""
+
+
+# -- configuration ------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "message"), [
+    ('[web]\nlisten = "8080"\n', "web.listen: '8080': expected host:port"),
+    ("[web]\nsession_lifetime = 0\n", "web.session_lifetime: must be positive"),
+    ('[web]\nsession_lifetime = "1h"\n', "web.session_lifetime: must be a float"),
+    ('[web]\nport = 8080\n', "web.port: unknown key"),
+])
+def test_bad_web_settings_are_one_line(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "mp.toml"
+    path.write_text(body + '[provision]\nkind = "none"\n')
+    result = subprocess.run([sys.executable, "-m", "migrating_proxy", "--config", str(path),
+                             "web"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == f"migrating-proxy: error: {path}: {message}\n"
+
+
+def test_the_example_configuration_documents_the_web_section() -> None:
+    example = (Path(__file__).resolve().parents[1] / "config" /
+               "migrating-proxy.example.toml").read_text()
+    section = example[example.index("[web]"):example.index("[log]")]
+    for key in ("listen", "session_lifetime"):
+        assert f"\n{key} = " in section
