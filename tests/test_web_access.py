@@ -200,6 +200,14 @@ def test_logout_ends_the_session(session: Session) -> None:
     assert session.get("/api/v1/domains").status_code == 401
 
 
+def test_pages_of_unknown_domains_and_paths(session: Session) -> None:
+    page = session.get("/domains/nope.example")
+    assert page.status_code == 404 and "unknown domain nope.example" in page.text
+    assert session.get("/api/v1/nothing-here").json() == {"error": "Not Found"}
+    wrong_method = session.http.put("/api/v1/domains", headers={"X-CSRF-Token": session.csrf})
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET, HEAD, POST"
+
+
 def test_only_local_paths_after_login(console: WebConsole) -> None:
     session = Session(console.url)
     form = session.http.get("/login?next=//evil.example/x")

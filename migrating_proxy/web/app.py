@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -11,12 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from migrating_proxy.endpoints import EndpointError
 from migrating_proxy.store import AddressError, DatabaseError, StoreError
 from migrating_proxy.web import api, auth, pages
 from migrating_proxy.web.console import Console
+from migrating_proxy.web.render import render
 
 log = structlog.get_logger(__name__)
 
@@ -68,13 +69,13 @@ async def _fresh_totals_after_changes(
     return response
 
 
-def allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in app.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method of an API path, from the OpenAPI document (FastAPI caches it)."""
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            methods = {method.upper() for method in operations}
+            return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
+    return []
 
 
 def _wants_json(request: Request) -> bool:
@@ -85,8 +86,7 @@ def _error_handlers(app: FastAPI) -> None:
     def error(request: Request, status: int, message: str) -> Response:
         if _wants_json(request):
             return JSONResponse({"error": message}, status)
-        return pages.render(request, "error.html", {"status": status, "message": message},
-                            status)
+        return render(request, "error.html", {"status": status, "message": message}, status)
 
     @app.exception_handler(auth.NotAuthenticated)
     def not_authenticated(request: Request, exc: auth.NotAuthenticated) -> Response:
@@ -109,15 +109,16 @@ def _error_handlers(app: FastAPI) -> None:
         like ours: {"error": ...}, and a 405's `Allow` naming every method of the path."""
         answer = error(request, exc.status_code, str(exc.detail))
         if exc.status_code == 405:
-            answer.headers["Allow"] = ", ".join(allowed_methods(app, request))
+            methods = allowed_methods(app, request.url.path)
+            answer.headers["Allow"] = (", ".join(methods) if methods else
+                                       (exc.headers or {}).get("Allow", ""))
         return answer
 
     @app.exception_handler(StoreError)
     @app.exception_handler(AddressError)
     @app.exception_handler(EndpointError)
     def refused(request: Request, exc: Exception) -> Response:
-        status = 404 if request.url.path.startswith("/domains/") else 400
-        return error(request, status, str(exc))
+        return error(request, 400, str(exc))
 
     @app.exception_handler(DatabaseError)
     def database_down(request: Request, exc: DatabaseError) -> Response:

@@ -27,6 +27,7 @@ from migrating_proxy.admin import Actor
 from migrating_proxy.admin.users import check_login
 from migrating_proxy.store.admins import AdminUser
 from migrating_proxy.web.console import Console
+from migrating_proxy.web.render import render
 
 log = structlog.get_logger(__name__)
 
@@ -115,8 +116,6 @@ def login_form(request: Request, status: int = 200, error: str = "",
                next_path: str = "/") -> Response:
     """The login page, with a fresh double-submit token (also the answer to a page request
     without a session: 401 with the form, so the browser shows it in place)."""
-    from migrating_proxy.web.pages import render
-
     console = console_of(request)
     token = secrets.token_urlsafe(32)
     response = render(request, "login.html", {"csrf_token": token, "error": error,

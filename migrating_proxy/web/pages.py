@@ -6,25 +6,19 @@ CSRF token); every figure on it comes from the same API calls a script would mak
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from fastapi.templating import Jinja2Templates
 
-from migrating_proxy.admin.domains import require_domain
 from migrating_proxy.store.accounts import DOMAIN_TYPES
 from migrating_proxy.store.status import STATES
-from migrating_proxy.web.auth import Principal, admin, console_of
+from migrating_proxy.web.api import known_domain
+from migrating_proxy.web.auth import Principal, admin
+from migrating_proxy.web.render import render
 
-templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 router = APIRouter(include_in_schema=False)
 Caller = Annotated[Principal, Depends(admin)]
-
-
-def render(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
-    return templates.TemplateResponse(request, name, context, status_code=status)
 
 
 def _page(request: Request, principal: Principal, name: str, **context: Any) -> Response:
@@ -40,8 +34,8 @@ def domains_page(request: Request, principal: Caller) -> Response:
 @router.get("/domains/{name}")
 def accounts_page(name: str, request: Request,
                   principal: Caller) -> Response:
-    domain = require_domain(console_of(request).store, name)
-    return _page(request, principal, "accounts.html", title=domain.name, domain=domain.name,
+    domain = known_domain(request, name).lower()
+    return _page(request, principal, "accounts.html", title=domain, domain=domain,
                  states=STATES)
 
 
