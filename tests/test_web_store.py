@@ -13,7 +13,7 @@ from migrating_proxy.store import Store, StoreError, open_store
 from migrating_proxy.store import audit as audit_trail
 from migrating_proxy.store.accounts import AccountStore, Domain, now
 from migrating_proxy.store.admins import AdminStore, digest
-from migrating_proxy.store.db import make_engine
+from migrating_proxy.store.db import UPGRADES, make_engine
 from migrating_proxy.store.schema import (
     SCHEMA_VERSION,
     WEB_INDEXES,
@@ -26,16 +26,18 @@ from migrating_proxy.store.schema import (
 )
 from migrating_proxy.store.status import StatusQuery, domain_totals, status_page
 
+WEB_CONSOLE_VERSION = next(v for v, step in UPGRADES.items() if step.__name__ == "_add_web_console")
 
-def test_a_version_1_database_is_upgraded_in_place(store_url: str) -> None:
+
+def test_a_database_without_the_console_is_upgraded_in_place(store_url: str) -> None:
     engine = make_engine(store_url)
     try:
-        with engine.begin() as conn:  # the database as version 1 left it
+        with engine.begin() as conn:  # the database as the version before the console left it
             tables = [t for t in metadata.sorted_tables if t not in WEB_TABLES]
             metadata.create_all(conn, tables=tables)
             for index in WEB_INDEXES:
                 index.drop(conn)
-            conn.execute(schema_info.insert().values(id=1, version=1))
+            conn.execute(schema_info.insert().values(id=1, version=WEB_CONSOLE_VERSION - 1))
         AccountStore(engine).add_domain(Domain("old.example", "imap://h:143"))
         AccountStore(engine).add_account("alice@old.example", "$6$x", migration_state="NEW")
     finally:

@@ -139,10 +139,14 @@ function domainSwitch(domain, onChange) {
   }, on ? "on" : "off");
 }
 
-// Options a domain carries beyond the columns of the table: whatever its JSON holds.
+// Options a domain carries beyond the columns of the table: whatever its JSON holds (long
+// values, a CA certificate say, shortened; the whole value in the tooltip).
 function domainOptions(domain) {
-  return Object.entries(domain).filter(([key]) => !DOMAIN_KEYS.has(key))
-    .map(([key, value]) => el("div", { class: "opt" }, `${key}: ${Array.isArray(value) ? value.join(", ") : value}`));
+  return Object.entries(domain).filter(([key]) => !DOMAIN_KEYS.has(key)).map(([key, value]) => {
+    const text = String(Array.isArray(value) ? value.join(", ") : value);
+    const short = text.length > 40 ? `${text.slice(0, 37).split("\n")[0]}…` : text;
+    return el("div", { class: "opt", title: text }, `${key}: ${short}`);
+  });
 }
 
 function stateCounts(totals) {
