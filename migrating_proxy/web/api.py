@@ -35,7 +35,6 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": models.Error, "description": "no such domain or account"}}
 
 
-
 class NotFound(StoreError):
     """A domain or account named in the request does not exist: 404."""
 
