@@ -20,7 +20,7 @@ from sqlalchemy import inspect, select, update
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.accounts import now
 from migrating_proxy.store.db import make_engine
-from migrating_proxy.store.schema import close_requests, metadata, schema_info
+from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
 from migrating_proxy.store.sessions import OVERLAP, RETAIN
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
@@ -60,7 +60,7 @@ def test_a_version_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
         assert inspect(store.engine).has_table("close_requests")
         store.sessions.request_close(CAROL, REASON)
         with store.engine.connect() as conn:
-            assert conn.execute(select(schema_info.c.version)).scalar() == 3
+            assert conn.execute(select(schema_info.c.version)).scalar() == SCHEMA_VERSION
     finally:
         store.close()
 
