@@ -8,36 +8,28 @@ configuration, 2 on a usage error (argparse's own).
 from __future__ import annotations
 
 import argparse
-import getpass
 import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
+from migrating_proxy.admin import Actor, domains
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
+from migrating_proxy.admin.views import status_rows
 from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import ENGINES, Config, ConfigError
-from migrating_proxy.console import CommandError, print_rows
-from migrating_proxy.endpoints import EndpointError, parse_endpoint
+from migrating_proxy.console import CommandError, print_rows, read_password
+from migrating_proxy.endpoints import EndpointError
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.startup import StartupError, check_worker_start
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
-from migrating_proxy.store.accounts import (
-    CUTOVER_MODES,
-    DOMAIN_TYPES,
-    PASSTHROUGH,
-    arrange_sources,
-    check_domain,
-    utc_iso,
-)
-from migrating_proxy.store.status import migration_status
+from migrating_proxy.store.accounts import CUTOVER_MODES, DOMAIN_TYPES, utc_iso
 from migrating_proxy.store.vault import VaultKeyError
 
 
@@ -87,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         parser_class=OneLineUsageErrors))
     _account_commands(commands.add_group("account", help="manage local accounts"))
     _admin_commands(commands)
+    _web_commands(commands)
     return parser
 
 
@@ -128,6 +121,25 @@ class _Subcommands:
         parser = self.add(name, help)
         return _Subcommands(parser.add_subparsers(dest="action", required=True,
                                                   metavar="ACTION", parser_class=parser_class))
+
+
+def _web_commands(commands: _Subcommands) -> None:
+    web = commands.add("web", help="run the web console and its JSON API")
+    web.add_argument("--listen", metavar="HOST:PORT",
+                     help="address to serve on (default: web.listen, else 127.0.0.1:8080)")
+    users = commands.add_group("admin-user", help="admin users of the web console and API")
+    for action, text in (("add", "create (password from stdin or a prompt)"),
+                         ("passwd", "set a new password (stdin or prompt); ends sessions"),
+                         ("remove", "delete, with the user's tokens and sessions")):
+        users.add(action, help=text).add_argument("name")
+    token = users.add("token", help="print a new API token for scripts (shown once)")
+    token.add_argument("name")
+    token.add_argument("--revoke", action="store_true", help="revoke all the user's tokens")
+    users.add("list", help="every admin user").add_argument("--json", action="store_true")
+    trail = commands.add("audit", help="the audit trail of admin actions, newest first")
+    trail.add_argument("--action", metavar="ACTION", help="only this action (e.g. finish)")
+    trail.add_argument("--limit", type=int, default=50, metavar="N")
+    trail.add_argument("--json", action="store_true")
 
 
 def _admin_commands(commands: _Subcommands) -> None:
@@ -282,6 +294,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
             raise CommandError("--processes must be at least 1")
         check_worker_start(config)  # else each child would fail the same way, again and again
         return run_pool(config, processes)
+    if args.command == "web":
+        from migrating_proxy.web.server import WebStartError, run_web
+
+        try:
+            return run_web(config, args.listen)
+        except WebStartError as exc:
+            raise CommandError(str(exc)) from None
     # Imported only for the admin commands: `serve` and `worker` need none of it.
     from migrating_proxy.admin import cli as admin_cli
 
@@ -296,6 +315,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "start": admin_cli.pass_command,
         "finish": admin_cli.finish_command,
         "export": admin_cli.export_command,
+        "admin-user": admin_cli.admin_user_command,
+        "audit": admin_cli.audit_command,
     }[args.command]
     store = open_store(config.database_url)
     try:
@@ -306,73 +327,41 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 # -- domain -------------------------------------------------------------------------------
 def domain_command(args: argparse.Namespace, config: Config, store: Store) -> int:
-    accounts = store.accounts
+    actor = Actor.command_line()
     if args.action == "add":
         domain = domain_from_args(args)
-        check_engine(domain, config)
-        accounts.add_domain(domain)
+        domains.add_domain(store, config, actor, domain)
     elif args.action == "set":
-        current = accounts.get_domain(args.name)
-        if current is None:
-            raise CommandError(f"unknown domain {args.name}")
-        changes = domain_changes(args)
-        check_engine(replace(current, **changes), config)
-        accounts.update_domain(args.name, **changes)
+        domains.update_domain(store, config, actor, args.name, domain_changes(args))
     elif args.action in ("enable", "disable"):
-        accounts.set_domain_migrating(args.name, args.action == "enable")
+        domains.set_migrating(store, actor, args.name, args.action == "enable")
     elif args.action == "remove":
-        accounts.remove_domain(args.name)
+        domains.remove_domain(store, actor, args.name)
     elif args.action == "list":
-        rows = [{**domain.__dict__, "sources": list(domain.sources)}
-                for domain in accounts.list_domains()]
-        print_rows(rows, args.json,
-                   ["name", "migrating", "source_url", "relay_url", "type", "cutover"])
+        print_rows(domains.domain_rows(store), args.json, domains.DOMAIN_COLUMNS)
     return 0
 
 
-DOMAIN_DEFAULTS = {"type": "default", "source_user": "%u", "subscribed_only": False,
-                   "notice": True, "verify_tls": True, "cutover": PASSTHROUGH}
+# The domain options live in admin/domains.py, shared with the web console; these names stay.
+DOMAIN_DEFAULTS = domains.DOMAIN_DEFAULTS
 
 
 def domain_from_args(args: argparse.Namespace) -> Domain:
-    return Domain(name=check_domain(args.name), migrating=not args.disabled,
-                  **DOMAIN_DEFAULTS | domain_changes(args))  # type: ignore[arg-type]
+    return domains.build_domain(args.name, _domain_options(args), disabled=args.disabled)
 
 
 def domain_changes(args: argparse.Namespace) -> dict[str, Any]:
     """Domain fields from the options given (validated); options not given are left out."""
-    changes: dict[str, Any] = {}
-    if args.source is not None:
-        urls = [parse_endpoint(url, allowed=("imap", "pop3")).url for url in args.source]
-        changes["source_url"], changes["pop3_source_url"] = arrange_sources(urls)
-    if args.relay is not None:
-        changes["relay_url"] = parse_endpoint(args.relay, allowed=("smtp", "lmtp")).url
-    if args.source_user is not None:
-        if "%" in args.source_user.replace("%u", "").replace("%n", "").replace("%d", ""):
-            raise CommandError("--source-user may only use %u, %n and %d")
-        changes["source_user"] = args.source_user
-    if args.source_ca is not None:
-        if args.source_ca and args.verify_tls is False:
-            raise CommandError("--source-ca and --no-verify-tls contradict each other")
-        changes["source_ca"] = source_ca_from_args(args) or None
-    for name in ("type", "cutover", "engine", "subscribed_only", "notice", "verify_tls"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    return changes
+    return domains.domain_changes(_domain_options(args))
+
+
+def _domain_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {**vars(args), "source_ca": source_ca_from_args(args)}
 
 
 def check_engine(domain: Domain, config: Config) -> None:
     """dsync only where nothing writes to the store before the switch, and only configured."""
-    if domain.engine != "dsync":
-        return
-    if domain.cutover != PASSTHROUGH:
-        raise CommandError(
-            "--engine dsync needs --cutover passthrough: with immediate the store mailbox is "
-            "written to before the last pass, and dsync's backup would undo those writes")
-    if config.migration.dsync_credentials is None:
-        raise CommandError("--engine dsync needs migration.dsync_credentials in the "
-                           "configuration (and deploy/dovecot/migrating-proxy-dsync.conf on "
-                           "the store)")
+    domains.check_engine(domain, config)
 
 
 # -- account ------------------------------------------------------------------------------
@@ -410,25 +399,8 @@ def _provision_or_undo(provisioner: Provisioner, address: str,
         raise CommandError(f"cannot write the store's user file: {exc.strerror}") from None
 
 
-def read_password() -> str:
-    """One line from stdin when piped; otherwise a prompt, typed twice."""
-    if not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise CommandError("passwords do not match")
-    if not password:
-        raise CommandError("empty password")
-    if any(ch in password for ch in "\0\r\n"):
-        raise CommandError("password contains control characters")
-    return password
-
-
 # -- status -------------------------------------------------------------------------------
 def status_command(args: argparse.Namespace, config: Config, store: Store) -> int:
-    if args.domain is not None and store.accounts.get_domain(args.domain) is None:
-        raise CommandError(f"unknown domain {args.domain}")
     rows = status_rows(store, args.addresses, args.domain)
     if args.json:
         print_rows(rows, True, [])
@@ -437,15 +409,6 @@ def status_command(args: argparse.Namespace, config: Config, store: Store) -> in
     else:
         print_status(rows)
     return 0
-
-
-def status_rows(store: Store, addresses: list[str], domain: str | None) -> list[dict[str, Any]]:
-    rows = migration_status(store.engine, addresses or None, domain)
-    known = {row["address"].lower() for row in rows}
-    unknown = [a for a in addresses if a.lower() not in known]
-    if unknown:
-        raise CommandError(f"unknown account {unknown[0]}")
-    return rows
 
 
 def print_status(rows: list[dict[str, Any]]) -> None:

@@ -190,6 +190,17 @@ def machine_fqdn() -> str:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web console and its JSON API (`migrating-proxy web`, or a child of `serve`)."""
+
+    # None: `serve` starts no console; `migrating-proxy web` then serves on DEFAULT_LISTEN.
+    listen: tuple[str, int] | None = None
+    session_lifetime: float = 3600.0  # seconds without a request before a login expires
+
+    DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "auto"  # auto | json | console
     level: str = "info"
@@ -214,6 +225,7 @@ class Config:
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def vault_key_path(self) -> Path:
@@ -289,6 +301,7 @@ class _Reader:
         "migration": set(MigrationConfig.__dataclass_fields__),
         "smtp": set(SMTPConfig.__dataclass_fields__),
         "metrics": {"listen"},
+        "web": {"listen", "session_lifetime"},
     }
 
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
@@ -313,6 +326,7 @@ class _Reader:
             migration=self._migration(),
             smtp=self._smtp(),
             metrics=MetricsConfig(listen=self._address("metrics", "listen", None)),
+            web=self._web(),
         )
         for name in ("imaps", "pop3s"):
             if getattr(config.listen, name) and not config.tls.enabled:
@@ -547,6 +561,16 @@ class _Reader:
         if values["switch_hold"] < 1:
             raise self.fail("migration.switch_hold", "must be at least 1 (seconds)")
         return MigrationConfig(**values)
+
+    def _web(self) -> WebConfig:
+        try:
+            listen = parse_listen(self.get("web", "listen", str, ""))
+        except EndpointError as exc:
+            raise self.fail("web.listen", str(exc)) from None
+        lifetime = self.get("web", "session_lifetime", float, WebConfig.session_lifetime)
+        if lifetime <= 0:
+            raise self.fail("web.session_lifetime", "must be positive")
+        return WebConfig(listen=listen, session_lifetime=lifetime)
 
     def _log(self) -> LogConfig:
         log = LogConfig(

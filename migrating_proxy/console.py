@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from typing import Any
@@ -22,6 +23,21 @@ def print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) ->
     for line in [columns, *table]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
               .rstrip())
+
+
+def read_password() -> str:
+    """One line from stdin when piped; otherwise a prompt, typed twice."""
+    if not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("passwords do not match")
+    if not password:
+        raise CommandError("empty password")
+    if any(ch in password for ch in "\0\r\n"):
+        raise CommandError("password contains control characters")
+    return password
 
 
 def _cell(value: Any) -> str:

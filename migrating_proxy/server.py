@@ -97,7 +97,7 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     pools = (threadpool, smtp_ctx.threadpool)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
     leases = ctx.leases
-    workers: list[subprocess.Popen[bytes]] = []
+    children: list[tuple[subprocess.Popen[bytes], str]] = []  # stopped in reverse order
 
     def started() -> None:
         for pool in pools:
@@ -105,7 +105,9 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
         watcher.start()
         leases.start()
         if (pool := start_workers(config)) is not None:
-            workers.append(pool)
+            children.append((pool, "workers"))
+        if (console := start_web(config)) is not None:
+            children.append((console, "web"))
         log.info("started", listeners=[f"{p.getHost().host}:{p.getHost().port}" for p in ports])
 
     def shutdown() -> None:
@@ -114,8 +116,8 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
         leases.stop()
         for port in ports:
             port.stopListening()
-        for pool in workers:
-            stop_workers(pool)
+        for child, name in reversed(children):
+            stop_child(child, name)
         for pool in pools:
             if pool.started:
                 pool.stop()
@@ -276,33 +278,48 @@ def listener_factory(ctx: FrontendContext, sessions: SessionFactory,
     return factory
 
 
-# -- the copy workers ---------------------------------------------------------------------
-def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
-    """The copy workers run in their own processes (`migrating-proxy worker`), never here.
+# -- child processes (the copy workers, the web console) -----------------------------------
+def start_child(config: Config, *args: str) -> subprocess.Popen[bytes]:
+    """`migrating-proxy [--config F] ARGS...` as a child process of this one.
 
     In a process group of their own: a Ctrl-C on a terminal reaches `serve` alone, which
     stops them in order; and should they ever have to be killed, the whole group goes.
     """
-    if config.migration.workers < 1:
-        return None
     command = [sys.executable, "-m", "migrating_proxy"]
     if config.source is not None:
         command += ["--config", str(config.source)]
-    command += ["worker", "--processes", str(config.migration.workers)]
-    # The pool ends with us, even if we are killed (lifeline.py).
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0,
+    # The child ends with us, even if we are killed (lifeline.py).
+    return subprocess.Popen([*command, *args], stdin=subprocess.DEVNULL, process_group=0,
                             env=lifeline.child_environment())
+
+
+def stop_child(child: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
+    """SIGTERM, then wait (briefly) for the child to finish what it is doing."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning(f"{name}_killed", reason=f"did not stop within {timeout:.0f} s")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def start_workers(config: Config) -> subprocess.Popen[bytes] | None:
+    """The copy workers run in their own processes (`migrating-proxy worker`), never here."""
+    if config.migration.workers < 1:
+        return None
+    return start_child(config, "worker", "--processes", str(config.migration.workers))
 
 
 def stop_workers(workers: subprocess.Popen[bytes]) -> None:
     """Workers hand their jobs back at the next batch boundary; wait for that, briefly."""
-    if workers.poll() is not None:
-        return
-    workers.send_signal(signal.SIGTERM)
-    try:
-        workers.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        log.warning("workers_killed", reason="did not stop within 30 s")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(workers.pid, signal.SIGKILL)
-        workers.wait()
+    stop_child(workers, "workers")
+
+
+def start_web(config: Config) -> subprocess.Popen[bytes] | None:
+    """The web console, with `[web] listen`: a process of its own (its own event loop, never
+    this reactor), like the workers."""
+    return None if config.web.listen is None else start_child(config, "web")

@@ -328,12 +328,13 @@ def recover_dead_claims(config: Config) -> None:
 
 def queue_due_resyncs(config: Config) -> None:
     """Automatic incremental passes (with kept credentials); never lets the pool die."""
+    from migrating_proxy.admin import Actor
     from migrating_proxy.admin.operations import Operations
 
     try:
         store = open_store(config.database_url)
         try:
-            queued = Operations.open(config, store).resync_due()
+            queued = Operations.open(config, store, Actor("workers", "auto")).resync_due()
         finally:
             store.close()
     except Exception as exc:  # the database may be briefly unreachable: try next time

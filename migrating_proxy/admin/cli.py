@@ -12,20 +12,17 @@ import json
 import sys
 from typing import Any
 
-from migrating_proxy.admin import audit
+from migrating_proxy.admin import Actor, users
 from migrating_proxy.admin.cutover import export, finish
-from migrating_proxy.admin.imports import (
-    apply_import,
-    decode,
-    existing_states,
-    parse_import,
-)
+from migrating_proxy.admin.imports import ImportRefused, import_users
 from migrating_proxy.admin.operations import Operations, Outcome, select_accounts
 from migrating_proxy.admin.progress import ProgressDisplay
 from migrating_proxy.config import Config
-from migrating_proxy.console import CommandError, print_rows
-from migrating_proxy.provision import make_provisioner
+from migrating_proxy.console import CommandError, print_rows, read_password
+from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.store import AccountState, Store
+from migrating_proxy.store import audit as audit_trail
+from migrating_proxy.store.admins import AdminStore
 
 OUTCOME_COLUMNS = ["address", "result", "reason"]
 WAIT_COLUMNS = [*OUTCOME_COLUMNS, "state", "messages_copied", "messages_skipped",
@@ -35,25 +32,16 @@ WAIT_COLUMNS = [*OUTCOME_COLUMNS, "state", "messages_copied", "messages_skipped"
 # -- import -------------------------------------------------------------------------------
 def import_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     try:
-        text = decode(args.file.read())  # cli.InputFile
+        data = args.file.read()  # cli.InputFile, read before privileges were dropped
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise CommandError(f"{args.file}: {exc}; nothing imported") from None
-    domains = {d.name: d for d in store.accounts.list_domains()}
-    plan = parse_import(text, domains, existing_states(store))
-    if plan.errors:
-        for bad in plan.errors:  # every bad line first, then the one-line verdict
+    try:
+        summary = import_users(Operations.open(config, store), data, str(args.file),
+                               args.dry_run)
+    except ImportRefused as refused:
+        for bad in refused.bad_lines:  # every bad line first, then the one-line verdict
             print(f"{args.file}: {bad}", file=sys.stderr)
-        raise CommandError(f"{args.file}: {len(plan.errors)} bad line(s); nothing imported")
-    created = sum(not row.existing for row in plan.rows)
-    if not args.dry_run:
-        operations = Operations.open(config, store)
-        created, _ = apply_import(store, operations.vault,
-                                  make_provisioner(config.provision, store.accounts), plan.rows)
-    summary = {"file": str(args.file), "dry_run": args.dry_run, "created": created,
-               "updated": len(plan.rows) - created}
-    audit("import", **summary, accounts=[row.address for row in plan.rows])
+        raise CommandError(str(refused)) from None
     _print_summary(summary, args.json)
     return 0
 
@@ -145,4 +133,37 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def export_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     sys.stdout.write(export(store, args.domain, args.format))
+    return 0
+
+
+# -- admin users and the audit trail ------------------------------------------------------
+def admin_user_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    actor = Actor.command_line()
+    if args.action in ("add", "passwd"):
+        if args.action == "passwd":
+            AdminStore(store.engine).require_user(args.name)  # before asking for a password
+        change = users.add_user if args.action == "add" else users.set_password
+        hasher = PasswordHasher(config.provision.scheme, config.provision.rounds)
+        change(store, hasher, actor, args.name, read_password())
+    elif args.action == "remove":
+        users.remove_user(store, actor, args.name)
+    elif args.action == "token" and args.revoke:
+        print(f"revoked {users.revoke_tokens(store, actor, args.name)} token(s)")
+    elif args.action == "token":
+        print(users.new_token(store, actor, args.name))  # the only time it is ever shown
+    elif args.action == "list":
+        rows = [{"name": user.name, "created_at": user.created_at.isoformat()}
+                for user in AdminStore(store.engine).list_users()]
+        print_rows(rows, args.json, ["name", "created_at"])
+    return 0
+
+
+def audit_command(args: argparse.Namespace, config: Config, store: Store) -> int:
+    if args.limit < 1:
+        raise CommandError("--limit must be at least 1")
+    _, entries = audit_trail.entries(store.engine, args.limit, 0, args.action)
+    if not args.json:
+        entries = [{**entry, "details": json.dumps(entry["details"], sort_keys=True)}
+                   for entry in entries]
+    print_rows(entries, args.json, ["at", "who", "via", "action", "details"])
     return 0

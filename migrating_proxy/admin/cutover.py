@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from migrating_proxy.admin import audit
+from migrating_proxy.admin import Actor, audit
 from migrating_proxy.admin.operations import NO_PASSWORD, Operations
 from migrating_proxy.passwords import PENDING_HASH, dovecot_form
 from migrating_proxy.store import Account, AccountState, Store, StoreError
@@ -43,7 +43,7 @@ def finish(ops: Operations, domain_name: str,
     report["no_final_pass"] = [o.address for o in finals if o.reason == NO_PASSWORD]
     report["vault_entries_erased"] = erased
     report["switched_without_final_pass"] = unswitched
-    audit("finish", domain=domain.name, accounts=len(accounts),
+    audit(ops.store.engine, ops.actor, "finish", domain=domain.name, accounts=len(accounts),
           migrated=len(report["migrated"]), errors=len(report["errors"]))
     return report
 
@@ -93,7 +93,7 @@ def _report(store: Store, domain: str, accounts: list[Account],
     }
 
 
-def export(store: Store, domain: str, fmt: str) -> str:
+def export(store: Store, domain: str, fmt: str, actor: Actor | None = None) -> str:
     """The domain's accounts and hashes, for loading into the new store directly.
 
     Accounts whose hash is still pending (imported, never migrated) get Dovecot's locked
@@ -104,7 +104,8 @@ def export(store: Store, domain: str, fmt: str) -> str:
     if fmt not in EXPORT_FORMATS:
         raise StoreError(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
     accounts = store.accounts.list_accounts(domain)
-    audit("export", domain=domain.lower(), format=fmt, accounts=len(accounts))
+    audit(store.engine, actor or Actor.command_line(), "export", domain=domain.lower(),
+          format=fmt, accounts=len(accounts))
     if fmt == "dovecot-passwd":
         return "".join(f"{a.address.lower()}:{dovecot_form(a.password_hash)}\n"
                        for a in accounts)

@@ -18,15 +18,20 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from migrating_proxy.admin import audit
 from migrating_proxy.endpoints import Endpoint, EndpointError, parse_endpoint
 from migrating_proxy.passwords import PENDING_HASH
-from migrating_proxy.provision import Provisioner
+from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.specs import source_login_name
-from migrating_proxy.store import AddressError, Domain, Store, normalise
+from migrating_proxy.store import AddressError, Domain, Store, StoreError, normalise
 from migrating_proxy.store.accounts import DOMAIN_TYPES, address_key
 from migrating_proxy.store.vault import Vault
+
+if TYPE_CHECKING:
+    from migrating_proxy.admin.operations import Operations
 
 HOSTED_COLUMNS = ("login_source", "pass_source", "host_source", "type_messagerie",
                   "login_destination", "subscribed_only")
@@ -44,6 +49,17 @@ class BadLine:
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.column}: {self.reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "column": self.column, "reason": self.reason}
+
+
+class ImportRefused(StoreError):
+    """Nothing was imported: the file is not text, or some lines are bad (all listed)."""
+
+    def __init__(self, message: str, bad_lines: list[BadLine]) -> None:
+        super().__init__(message)
+        self.bad_lines = bad_lines
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,31 @@ def _bare_host(text: str, own: Endpoint) -> Endpoint:
 
 
 # -- the import ---------------------------------------------------------------------------
+def import_users(ops: Operations, data: bytes, name: str, dry_run: bool) -> dict[str, Any]:
+    """`import FILE [--dry-run]` and the console's upload: validate every line, then (unless
+    a dry run) import them all in one transaction. The summary is `import --json`'s."""
+    try:
+        text = decode(data)
+    except ValueError as exc:
+        raise ImportRefused(f"{name}: {exc}; nothing imported", []) from None
+    store = ops.store
+    domains = {d.name: d for d in store.accounts.list_domains()}
+    plan = parse_import(text, domains, existing_states(store))
+    if plan.errors:
+        raise ImportRefused(f"{name}: {len(plan.errors)} bad line(s); nothing imported",
+                            plan.errors)
+    created = sum(not row.existing for row in plan.rows)
+    if not dry_run:
+        created, _ = apply_import(store, ops.vault,
+                                  make_provisioner(ops.config.provision, store.accounts),
+                                  plan.rows)
+    summary = {"file": name, "dry_run": dry_run, "created": created,
+               "updated": len(plan.rows) - created}
+    audit(store.engine, ops.actor, "import", **summary,
+          accounts=[row.address for row in plan.rows])
+    return summary
+
+
 def existing_states(store: Store) -> dict[str, str | None]:
     return {address_key(a.address): a.migration_state for a in store.accounts.list_accounts()}
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from migrating_proxy.admin import audit
+from migrating_proxy.admin import Actor, audit
 from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
     SourceAuthError,
@@ -67,10 +67,12 @@ class Operations:
     config: Config
     store: Store
     vault: Vault
+    actor: Actor = field(default_factory=Actor.command_line)
 
     @classmethod
-    def open(cls, config: Config, store: Store) -> Operations:
-        return cls(config, store, Vault(store.engine, load_or_create_key(config.vault_key_path)))
+    def open(cls, config: Config, store: Store, actor: Actor | None = None) -> Operations:
+        vault = Vault(store.engine, load_or_create_key(config.vault_key_path))
+        return cls(config, store, vault, actor or Actor.command_line())
 
     # -- migrate -------------------------------------------------------------------------
     def migrate(self, targets: list[Account]) -> list[Outcome]:
@@ -198,7 +200,8 @@ class Operations:
         counts: dict[str, int] = {}
         for outcome in ordered:
             counts[outcome.result] = counts.get(outcome.result, 0) + 1
-        audit(action, accounts=[a.address for a in targets], results=counts)
+        audit(self.store.engine, self.actor, action, accounts=[a.address for a in targets],
+              results=counts)
         return ordered
 
 

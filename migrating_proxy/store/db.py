@@ -12,7 +12,14 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.schema import CreateColumn
 
 from migrating_proxy.store import sqlite
-from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
+from migrating_proxy.store.schema import (
+    SCHEMA_VERSION,
+    WEB_INDEXES,
+    WEB_TABLES,
+    close_requests,
+    metadata,
+    schema_info,
+)
 from migrating_proxy.store.sqlite_process import HelperGone, SQLiteProcess
 from migrating_proxy.store.views import create_views
 
@@ -74,6 +81,12 @@ def _v5_copy_engines(conn: Connection) -> None:
 def _add_dovecot_users_view(conn: Connection) -> None:
     """Version 6: the dovecot_users view (store/views.py) for Dovecot's SQL passdb."""
     create_views(conn)
+def _add_web_console(conn: Connection) -> None:
+    """Version 7: the web console's admin users, tokens, sessions and the audit trail."""
+    for table in WEB_TABLES:
+        table.create(conn, checkfirst=True)
+    for index in WEB_INDEXES:
+        index.create(conn, checkfirst=True)
 
 
 # version -> step that brings a database from version-1 to version.
@@ -83,6 +96,7 @@ UPGRADES: dict[int, Callable[[Connection], None]] = {
     4: _v4_transparent_cutover,
     5: _v5_copy_engines,
     6: _add_dovecot_users_view,
+    7: _add_web_console,
 }
 
 

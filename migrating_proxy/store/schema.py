@@ -27,7 +27,7 @@ from sqlalchemy import (
 
 from migrating_proxy.store.views import drop_views_with
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = MetaData()
 
@@ -183,3 +183,58 @@ old_sessions = Table(
 
 # Views (store/views.py) depend on these tables: drop_all() drops them first.
 drop_views_with(metadata)
+
+# -- the web console (schema version 7) --------------------------------------------------------
+# Admin accounts of the web console and the API. Passwords are passlib hashes; API tokens and
+# session ids are random 256-bit values stored as their SHA-256 (a leaked table opens nothing).
+admin_users = Table(
+    "admin_users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("password_hash", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("admin_users.id", ondelete="CASCADE"), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),  # SHA-256, hex
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),  # SHA-256 of the cookie's value, hex
+    Column("user_id", Integer, ForeignKey("admin_users.id", ondelete="CASCADE"), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # slides with each request
+)
+
+# The audit trail: one row per admin action, from the CLI and the web alike.
+admin_actions = Table(
+    "admin_actions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("who", String(255), nullable=False),  # OS user (CLI) or admin user (web, API)
+    Column("via", String(8), nullable=False),  # cli | web | api | auto (the workers)
+    Column("action", String(32), nullable=False),
+    Column("details", Text, nullable=False),  # JSON: accounts, domain, result counts...
+)
+
+# For the console's pages of status rows: a domain's accounts in address order, with their
+# state, so that counting, filtering by state and paging read the index alone; and each
+# account's jobs.
+WEB_INDEXES = (
+    Index("ix_accounts_domain_address_state", accounts.c.domain, accounts.c.address_key,
+          accounts.c.migration_state),
+    Index("ix_jobs_account_id", jobs.c.account_id),
+)
+
+WEB_TABLES = (admin_users, admin_tokens, web_sessions, admin_actions)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, select
 
 from migrating_proxy.store.accounts import address_key, utc_iso
 from migrating_proxy.store.jobs import ACTIVE
@@ -26,6 +27,25 @@ STATUS_KEYS = (
 COUNTERS = STATUS_KEYS[2:8]
 
 
+SORTABLE = ("address", "state", "progress", *COUNTERS, "last_error", "started_at",
+            "finished_at", "last_pass_at")
+STATES = ("NEW", "PENDING", "ERROR", "COMPLETED")
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """Which status rows, in which order: what the console's accounts page asks for."""
+
+    domain: str | None = None
+    addresses: tuple[str, ...] = ()
+    state: str | None = None  # one of STATES
+    search: str = ""  # part of the address, any letter case
+    sort: str = "address"  # one of SORTABLE
+    descending: bool = False
+    limit: int | None = None  # None: every row
+    offset: int = 0
+
+
 def migration_status(engine: Engine, addresses: list[str] | None = None,
                      domain: str | None = None) -> list[dict[str, Any]]:
     """One dict per account that is (or was) migrating, or per address asked for.
@@ -33,26 +53,102 @@ def migration_status(engine: Engine, addresses: list[str] | None = None,
     `job_state` is the active job's state: queued, running, paused, or "pausing" while a
     paused job's worker is still finishing its batch; None without an active job.
     """
-    query = (
-        select(accounts.c.id, accounts.c.address, accounts.c.migration_state,
-               accounts.c.served_by, accounts.c.switched_at,
-               *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
-               migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at,
-               migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept)
-        .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
-        .order_by(accounts.c.address_key)
-    )
-    if addresses:
-        query = query.where(accounts.c.address_key.in_([address_key(a) for a in addresses]))
+    return status_page(engine, StatusQuery(domain, tuple(addresses or ())))[1]
+
+
+def status_page(engine: Engine, ask: StatusQuery) -> tuple[int, list[dict[str, Any]]]:
+    """(how many rows match, the rows of the page asked for). Filtering, sorting and paging
+    happen in the database, so a page of a 100,000-account domain costs a page's worth."""
+    where, order = _conditions(ask), _order(ask)
+    joined = accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id)
+    if ask.sort in ("address", "state"):
+        # Page through `accounts` alone (an index walk), then join only the page's rows: a
+        # late page need not look up the progress of every account before it.
+        page = (select(accounts.c.id).where(*where).order_by(*order)
+                .offset(ask.offset).limit(ask.limit).subquery())
+        source = page.join(accounts, accounts.c.id == page.c.id).outerjoin(
+            migrations, migrations.c.account_id == accounts.c.id)
+        query = select(*_COLUMNS).select_from(source).order_by(*order)
     else:
-        query = query.where(accounts.c.migration_state.is_not(None))
-    if domain:
-        query = query.where(accounts.c.domain == domain.lower())
+        query = (select(*_COLUMNS).select_from(joined).where(*where).order_by(*order)
+                 .offset(ask.offset).limit(ask.limit))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+        if ask.limit is None and not ask.offset:
+            total = len(rows)
+        else:  # every condition is on `accounts`: no join needed to count
+            total = conn.execute(select(func.count()).select_from(accounts).where(*where)
+                                 ).scalar_one()
         job_errors = _latest_job_errors(conn, [row.id for row in rows])
         job_states = _active_job_states(conn, [row.id for row in rows])
-    return [_status(row, job_errors.get(row.id), job_states.get(row.id)) for row in rows]
+    return total, [_status(row, job_errors.get(row.id), job_states.get(row.id)) for row in rows]
+
+
+_COLUMNS = (accounts.c.id, accounts.c.address, accounts.c.migration_state,
+            accounts.c.served_by, accounts.c.switched_at,
+            *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
+            migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at,
+            migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept)
+
+
+def _conditions(ask: StatusQuery) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if ask.addresses:
+        where.append(accounts.c.address_key.in_([address_key(a) for a in ask.addresses]))
+    else:
+        where.append(accounts.c.migration_state.is_not(None))
+    if ask.domain:
+        where.append(accounts.c.domain == ask.domain.lower())
+    if ask.state:
+        where.append(accounts.c.migration_state == ask.state)
+    if ask.search:
+        literal = "".join(f"\\{ch}" if ch in "\\%_" else ch for ch in ask.search.lower())
+        where.append(accounts.c.address_key.like(f"%{literal}%", escape="\\"))
+    return where
+
+
+def _order(ask: StatusQuery) -> list[Any]:
+    if ask.sort not in SORTABLE:
+        raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
+    if ask.sort == "address":  # never NULL: plain order, so the (domain, address) index serves
+        key = accounts.c.address_key
+        return [key.desc() if ask.descending else key.asc()]
+    if ask.sort == "state":
+        key: Any = accounts.c.migration_state
+    elif ask.sort == "progress":
+        done = (func.coalesce(migrations.c.messages_copied, 0)
+                + func.coalesce(migrations.c.messages_skipped, 0))
+        key = case((func.coalesce(migrations.c.messages_total, 0) == 0, 0.0),
+                   else_=cast(done, Float) / migrations.c.messages_total)
+    else:
+        key = migrations.c[ask.sort]
+    key = key.desc() if ask.descending else key.asc()
+    # NULLs (never started) last either way; the address breaks ties, so paging is stable.
+    return [key.nulls_last(), accounts.c.address_key]
+
+
+def empty_totals() -> dict[str, Any]:
+    return {"accounts": 0, "states": dict.fromkeys(STATES, 0), **dict.fromkeys(COUNTERS, 0)}
+
+
+def domain_totals(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per domain: accounts in each state and the sums of the progress counters."""
+    query = (
+        select(accounts.c.domain, accounts.c.migration_state, func.count(),
+               *(func.coalesce(func.sum(migrations.c[name]), 0) for name in COUNTERS))
+        .select_from(accounts.outerjoin(migrations, migrations.c.account_id == accounts.c.id))
+        .where(accounts.c.migration_state.is_not(None))
+        .group_by(accounts.c.domain, accounts.c.migration_state)
+    )
+    totals: dict[str, dict[str, Any]] = {}
+    with engine.connect() as conn:
+        for domain, state, count, *sums in conn.execute(query):
+            entry = totals.setdefault(domain, empty_totals())
+            entry["accounts"] += count
+            entry["states"][state] = entry["states"].get(state, 0) + count
+            for name, value in zip(COUNTERS, sums, strict=True):
+                entry[name] += int(value)
+    return totals
 
 
 def _active_job_states(conn, account_ids: list[int]) -> dict[int, str]:  # type: ignore[no-untyped-def]

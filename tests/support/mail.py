@@ -6,12 +6,14 @@ import base64
 import datetime as dt
 import hashlib
 import imaplib
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from pathlib import Path
 
 from imapclient import IMAPClient
 
@@ -245,3 +247,21 @@ def add_old_user(server: DovecotInstance, address: str, password: str,
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} cannot log in to the old server")
         time.sleep(0.2)
+
+
+def write_maildir(root: Path, messages: Iterable[bytes]) -> int:
+    """Put messages straight into the Maildir INBOX at `root` (its cur/, read), owned like the
+    instance's mail directory above it: thousands in a second, where APPEND takes a minute.
+    Dovecot indexes them at the first SELECT. Returns how many were written."""
+    owner = next(parent for parent in root.parents if parent.exists()).stat()
+    created = [p for p in [*reversed(root.parents), root] if not p.exists()]
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, raw in enumerate(messages, start=1):
+        (root / "cur" / f"{1_700_000_000 + count}.M{count}P1.test,S={len(raw)}:2,S"
+         ).write_bytes(raw)
+    for path in [*created, *(root / sub for sub in ("cur", "new", "tmp")),
+                 *(root / "cur").iterdir()]:
+        os.chown(path, owner.st_uid, owner.st_gid)
+    return count
