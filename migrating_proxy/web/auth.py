@@ -136,16 +136,21 @@ def login(request: Request, name: Annotated[str, Form()] = "",
     console = console_of(request)
     check_csrf(request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(), csrf_token)
     peer, key = peer_of(request), name.lower()[:64]
-    if console.throttle.blocked(peer, key):
+    attempt = console.throttle.reserve(peer, key)  # before the password is looked at
+    if attempt is None:
         log.warning("web_login", user=name[:64], peer=peer, result="throttled")
         return login_form(request, 429, "Too many failed logins: try again later.", next)
-    user = check_login(console.store, console.hasher, name, password) if name else None
+    try:
+        user = check_login(console.store, console.hasher, name, password) if name else None
+    except BaseException:
+        console.throttle.cancel(attempt)  # undecided: no password was found wrong
+        raise
     if user is None:
-        console.throttle.record_failure(peer, key)
+        console.throttle.failed(attempt)
         log.warning("web_login", user=name[:64], peer=peer, result="failed")
         time.sleep(console.config.limits.auth_failure_delay)  # the same wait for every failure
         return login_form(request, 401, "Wrong name or password.", next)
-    console.throttle.record_success(key)
+    console.throttle.succeeded(attempt)
     session_id, _ = console.admins.open_session(user, console.config.web.session_lifetime)
     log.info("web_login", user=user.name, peer=peer, result="ok")
     response = RedirectResponse(safe_next(next), status_code=303)

@@ -10,11 +10,11 @@ from typing import Any
 from migrating_proxy.admin import Actor, views
 from migrating_proxy.admin.operations import Operations
 from migrating_proxy.config import Config
-from migrating_proxy.login import FailureThrottle
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.admins import AdminStore
 from migrating_proxy.store.vault import Vault, load_or_create_key
+from migrating_proxy.throttle import FailureThrottle
 
 TOTALS_MAX_AGE = 2.0  # seconds
 
