@@ -283,9 +283,10 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat_failed", error=type(exc).__name__)
 
 
-def worker_main(config: Config, number: int, parent_pid: int) -> None:
-    """Entry point of one worker process."""
-    lifeline.follow(parent_pid)  # no copying on as an orphan of a killed pool
+def worker_main(config: Config, number: int, parent_pid: int | None = None) -> None:
+    """Entry point of one worker process (`parent_pid`: the pool it must not outlive)."""
+    if parent_pid is not None:
+        lifeline.follow(parent_pid)  # no copying on as an orphan of a killed pool
     logs.configure(config.log.format, config.log.level)
     stop = threading.Event()
     for sig in STOP_SIGNALS:
