@@ -11,7 +11,6 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.schema import CreateColumn
 
-from migrating_proxy.store import sqlite
 from migrating_proxy.store.schema import (
     SCHEMA_VERSION,
     WEB_INDEXES,
@@ -20,6 +19,7 @@ from migrating_proxy.store.schema import (
     metadata,
     schema_info,
 )
+from migrating_proxy.store.sqlite import configure as configure_sqlite
 from migrating_proxy.store.sqlite_process import HelperGone, SQLiteProcess
 from migrating_proxy.store.views import create_views
 
@@ -123,7 +123,7 @@ def make_engine(url: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         else:
             engine = create_engine(url, connect_args={"timeout": lock_timeout,
                                                       "check_same_thread": False}, **pooling)
-        sqlite.configure(engine, lock_timeout)
+        configure_sqlite(engine, lock_timeout)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
