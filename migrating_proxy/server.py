@@ -143,6 +143,7 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
         # key only root may read are ours now; the rest runs as the state directory's owner.
         become_service_user(config)
+        check_files(config)  # cheap, and as this user: before the database and its helper
         # SQLite in a helper process: a storage fault (SIGBUS) must not take the sessions down.
         store = open_store(config.database_url, lock_timeout=LOGIN_LOCK_TIMEOUT,
                            isolate_sqlite=True)
@@ -239,9 +240,8 @@ def _openssl_reason(exc: Exception) -> str:
 
 
 def prepare_files(config: Config, store: Store) -> None:
-    """Repair the store's user files; read now the files that are read later, on demand."""
+    """Repair the store's user files from the database."""
     make_provisioner(config.provision, store.accounts).sync()
-    check_files(config)
 
 
 def adopt_listeners(ctx: FrontendContext, sockets: dict[str, socket.socket],
