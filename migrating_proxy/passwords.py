@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from passlib.context import CryptContext
 from passlib.registry import get_crypt_handler
 
-from migrating_proxy import lifeline
+from migrating_proxy import lifeline, stopsignals
 
 # passlib scheme -> Dovecot's password scheme name, for the provisioned passwd-file.
 DOVECOT_SCHEMES = {
@@ -118,8 +118,13 @@ def _start_pool(processes: int, scheme: str, rounds: int,
     )
     # Start every process now, from this thread (lifeline.py: the kernel's parent-death
     # signal follows the thread that started a child), and not during the first logins.
-    for started in [pool.submit(os.getpid) for _ in range(processes)]:
-        started.result()
+    try:
+        with stopsignals.starting_a_child():
+            for started in [pool.submit(os.getpid) for _ in range(processes)]:
+                started.result()
+    except BaseException:  # a stop during start-up included: no process left behind
+        pool.shutdown(cancel_futures=True)
+        raise
     return pool
 
 

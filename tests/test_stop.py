@@ -123,6 +123,39 @@ def test_serve_stops_at_any_moment(tmp_path: Path) -> None:
     assert settled.status == 0 and '"event": "stopping"' in settled.output
 
 
+# `serve` with SIGTERM sent to itself at the narrowest moment of start-up: a `spawn` child (the
+# SQLite helper, the hashing processes) exists but has not yet been given its start-up data.
+# Python's default action, or a handler raising there, leaves the child to die with
+# "EOFError: Ran out of input"; stopsignals.py holds the stop back until the child has it.
+STOP_WHILE_SPAWNING = """
+import os, signal, sys
+from multiprocessing import util
+spawn = util.spawnv_passfds
+def spawn_then_stop(path, args, passfds):
+    pid = spawn(path, args, passfds)
+    if "spawn_main" in repr(args):  # a child, not the resource tracker
+        os.kill(os.getpid(), signal.SIGTERM)
+    return pid
+util.spawnv_passfds = spawn_then_stop
+from migrating_proxy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_serve_stopped_while_starting_a_child(tmp_path: Path, database: str,
+                                              postgres_url: str) -> None:
+    config = write_config(tmp_path)
+    if database == "postgresql":  # no SQLite helper: the stop lands in the hashing pool
+        config.write_text(config.read_text().replace(
+            f"sqlite:///{tmp_path / 'proxy.db'}", postgres_url))
+    command = [sys.executable, "-c", STOP_WHILE_SPAWNING, "--config", str(config), "serve"]
+    result = run_tree(command, tmp_path / "serve.log", timeout=120)
+    assert result.status == 0, (result.status, result.output[-3000:])
+    assert result.left == [], result.left
+    assert "Traceback" not in result.output, result.output[-3000:]
+
+
 @pytest.mark.parametrize("delay", [0.5, 1.5, 3.0, 5.0])
 def test_demo_stops_at_any_moment(tmp_path: Path, delay: float) -> None:
     """The demo brings up two Dovecot instances and the proxy (which starts workers)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from migrating_proxy import lifeline
+from migrating_proxy import lifeline, stopsignals
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +124,8 @@ class SQLiteProcess:
         self._process = context.Process(
             target=_helper_main, args=(self.address, self._authkey, os.getpid()),
             name="sqlite", daemon=True)
-        self._process.start()
+        with stopsignals.starting_a_child():
+            self._process.start()
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.address):  # bound (listening follows at once)
             if not self._process.is_alive() or time.monotonic() > deadline:
