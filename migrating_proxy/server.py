@@ -30,7 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from migrating_proxy import lifeline, metrics
+from migrating_proxy import lifeline, metrics, stopsignals
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
@@ -91,8 +91,9 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
-    ports += listen_monitoring(reactor, config, store)
+    # Until the reactor handles them, a stop signal ends start-up cleanly (stopsignals.py).
+    with stopsignals.end_startup_on_stop():
+        ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
     threadpool = ctx.threadpool
     pools = (threadpool, smtp_ctx.threadpool)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)
@@ -139,6 +140,8 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
     with contextlib.ExitStack() as undo:  # on any failure below, release what was acquired
         sockets = bind_listeners(config.listen, config.limits.listen_backlog)
         undo.callback(close_sockets, sockets)
+        monitoring = bind_monitoring(config)  # a privileged port, too, is bound before the drop
+        undo.callback(close_sockets, monitoring)
         tls_options = load_server_tls(config)
         # Started by root (by hand: the units start it as its user), the ports below 1024 and a
         # key only root may read are ours now; the rest runs as the state directory's owner.
@@ -162,22 +165,34 @@ def acquire(config: Config, reactor: Any, placement: Callable[[Placement], Upstr
         smtp_ctx = dataclasses.replace(
             ctx, threadpool=ThreadPool(minthreads=2, maxthreads=SMTP_THREADS, name="smtp"))
         ports = adopt_listeners(ctx, sockets, smtp_ctx)
+        ports += adopt_monitoring(reactor, config, store, monitoring)
         undo.pop_all()  # acquired: from here on, serve's shutdown() releases everything
     return ctx, smtp_ctx, ports, store
 
 
-def listen_monitoring(reactor: Any, config: Config, store: Store) -> list[Any]:
-    """`[metrics] listen`: /metrics, /healthz, /readyz; the metric hooks count from now on."""
+def bind_monitoring(config: Config) -> dict[str, socket.socket]:
+    """`[metrics] listen`'s socket, bound now (StartupError if it cannot be), or none."""
     if config.metrics.listen is None:
+        return {}
+    host, port = config.metrics.listen
+    return {"metrics": _bind("metrics.listen", host, port, config.limits.listen_backlog)}
+
+
+def adopt_monitoring(reactor: Any, config: Config, store: Store,
+                     sockets: dict[str, socket.socket]) -> list[Any]:
+    """/metrics, /healthz, /readyz on the bound socket; the metric hooks count from now on."""
+    if not sockets:
         return []
     from migrating_proxy.monitoring import monitoring_site
 
     metrics.enable()
     metrics.REGISTRY.register(metrics.DatabaseFigures(store.engine))
-    host, port = config.metrics.listen
-    listening = reactor.listenTCP(port, monitoring_site(reactor, config, store.engine),
-                                  interface=host)
-    log.info("listening", protocol="metrics", host=host, port=listening.getHost().port)
+    sock = sockets["metrics"]
+    listening = reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                        monitoring_site(reactor, config, store.engine))
+    sock.close()  # the reactor holds its own duplicate
+    log.info("listening", protocol="metrics", host=listening.getHost().host,
+             port=listening.getHost().port)
     return [listening]
 
 
@@ -189,15 +204,15 @@ def bind_listeners(listen: ListenConfig, backlog: int) -> dict[str, socket.socke
         for name in ListenConfig.addresses():
             address = getattr(listen, name)
             if address is not None:
-                bound[name] = _bind(name, *address, backlog)
+                bound[name] = _bind(f"listen.{name}", *address, backlog)
     except BaseException:
         close_sockets(bound)
         raise
     return bound
 
 
-def _bind(name: str, host: str, port: int, backlog: int) -> socket.socket:
-    where = f"listen.{name}: cannot listen on {host}:{port}"
+def _bind(key: str, host: str, port: int, backlog: int) -> socket.socket:
+    where = f"{key}: cannot listen on {host}:{port}"
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]

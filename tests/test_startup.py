@@ -122,9 +122,13 @@ def test_a_port_already_taken(home: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         # imap binds first, then pop3 fails: the imap socket must be released too.
-        run_cases(home, [Case("taken", f"listen.pop3: cannot listen on 127.0.0.1:{port}: "
-                                       "Address already in use",
-                              {"listen": {"pop3": f"127.0.0.1:{port}"}})])
+        run_cases(home, [
+            Case("taken", f"listen.pop3: cannot listen on 127.0.0.1:{port}: "
+                          "Address already in use", {"listen": {"pop3": f"127.0.0.1:{port}"}}),
+            # Bound with the others, before the privileges are dropped, and named by its key.
+            Case("metrics", f"metrics.listen: cannot listen on 127.0.0.1:{port}: "
+                            "Address already in use", {"metrics": {"listen": f"127.0.0.1:{port}"}}),
+        ])
 
 
 def test_an_address_that_is_not_this_machines(home: Path) -> None:
