@@ -22,10 +22,14 @@ from pathlib import Path
 import pytest
 from imapclient import IMAPClient
 
+from migrating_proxy.store.db import make_engine
+from migrating_proxy.store.schema import metadata
+from migrating_proxy.switch import MOVED_BYE
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import (
     SeedMessage,
+    UidView,
     add_old_user,
     imap_login,
     make_message,
@@ -69,18 +73,28 @@ def _message(subject: str) -> SeedMessage:
     return SeedMessage(make_message(subject, f"{subject}\n", when), (), when)
 
 
-def dsync_proxy(directory: Path, old: DovecotInstance, store: DovecotInstance) -> Proxy:
+def dsync_proxy(directory: Path, old: DovecotInstance, store: DovecotInstance, *,
+                database: str | None = None, add_domain: bool = True) -> Proxy:
+    """A proxy machine reaching the store's doveadm over HTTP; `database`: a PostgreSQL URL
+    shared with other machines (and then their vault key, beside the database's name)."""
     assert store.doveadm_key_file is not None and store.dsync_users is not None
     smtp_port = free_port()
-    proxy = Proxy(directory, store, overrides={
+    migration: dict[str, object] = {"workers": 0, "engine": "dsync",
+                                    "dsync_credentials": str(store.dsync_users)}
+    overrides: dict[str, dict[str, object]] = {
         "listen": {"smtp": f"127.0.0.1:{smtp_port}"},
         "backend": {"delivery": f"lmtp://127.0.0.1:{store.lmtp_port}",
                     "doveadm_url": f"http://127.0.0.1:{store.doveadm_port}/doveadm/v1",
                     "doveadm_api_key_file": str(store.doveadm_key_file)},
-        "migration": {"workers": 0, "engine": "dsync",
-                      "dsync_credentials": str(store.dsync_users)},
-    })
+        "migration": migration,
+    }
+    if database is not None:
+        overrides["database"] = {"url": database}
+        migration["vault_key_file"] = str(directory.parent / "shared-vault.key")
+    proxy = Proxy(directory, store, overrides=overrides)
     proxy.ports["smtp"] = smtp_port
+    if not add_domain:  # another machine added it to the shared database
+        return proxy
     # The old server offers POP3 too: every pass also runs pop3c + pop3_migration.
     proxy.cli("domain", "add", "old.example", "--source", f"imap://127.0.0.1:{old.imap_port}",
               "--source", f"pop3://127.0.0.1:{old.pop3_port}",
@@ -270,3 +284,56 @@ def test_a_refused_doveadm_call_is_a_recorded_error_and_the_account_stays_on_the
         with imap_login(store, user.address) as client:  # dsync never got to copy anything
             client.select_folder("INBOX", readonly=True)
             assert client.search("ALL") == []
+
+
+@pytest.fixture
+def shared_database(postgres_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database, emptied afterwards for the next user of it."""
+    yield postgres_url
+    engine = make_engine(postgres_url)
+    try:
+        metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+def test_two_proxies_each_driving_the_store_s_doveadm_over_http(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path,
+        shared_database: str) -> None:
+    """Two `serve` machines on one PostgreSQL database, the store's doveadm reached over HTTP
+    from both: each user's session is on one machine, the copy run by the other machine's
+    worker, and every switch keeps every UID and closes the session on the other machine."""
+    first = dsync_proxy(tmp_path / "a", old, store, database=shared_database)
+    second = dsync_proxy(tmp_path / "b", old, store, database=shared_database,
+                         add_domain=False)
+    users = {"a": User(old), "b": User(old)}
+    with first, second:
+        serving = {"a": first, "b": second}
+        copying = {"a": second, "b": first}  # the other machine's worker
+        for name, user in users.items():  # one after the other: one queued job at a time
+            before = old_view(old, user)
+            idling = through(serving[name], user)  # the first login: account, job
+            idling.select_folder("INBOX")
+            idling.idle()
+            row = work_until_settled(copying[name], user.address, timeout=120)
+            assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
+            assert (row["engine"], row["uids_kept"], row["last_error"]) == \
+                ("dsync", True, None)
+            assert idling.idle_check(timeout=15) == [(b"BYE", *MOVED_BYE.encode().split())]
+            with through(serving[name], user) as client:
+                after = uid_view(client)
+            assert {n: f for n, f in after.items() if n != "INBOX"} == \
+                {n: f for n, f in before.items() if n != "INBOX"}
+            validity, uidnext, inbox = after["INBOX"]
+            old_validity, old_uidnext, old_inbox = before["INBOX"]
+            assert (validity, uidnext) == (old_validity, old_uidnext + 1)  # + the notice
+            assert {u: m for u, m in inbox.items() if u != old_uidnext} == old_inbox
+        for proxy, name in ((second, "a"), (first, "b")):
+            assert events(proxy, "switch_done"), name  # each machine's worker did one
+    for user in users.values():
+        assert user.password not in first.log_text() + second.log_text()
+
+
+def old_view(old: DovecotInstance, user: User) -> UidView:
+    with imap_login(old, user.address, user.password) as client:
+        return uid_view(client)
