@@ -103,6 +103,18 @@ def postgres_url() -> Iterator[str]:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
+@pytest.fixture
+def shared_database(postgres_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database for machines that share it (several `serve`
+    processes), emptied afterwards for the next test that uses it."""
+    yield postgres_url
+    engine = make_engine(postgres_url)
+    try:
+        metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database: a new SQLite file, or the session's PostgreSQL database emptied."""

@@ -19,8 +19,7 @@ from sqlalchemy import inspect, select, update
 
 from migrating_proxy.store import Store, open_store
 from migrating_proxy.store.accounts import now
-from migrating_proxy.store.db import make_engine
-from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, metadata, schema_info
+from migrating_proxy.store.schema import SCHEMA_VERSION, close_requests, schema_info
 from migrating_proxy.store.sessions import OVERLAP, RETAIN
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
@@ -62,16 +61,6 @@ def test_a_version_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
 
 
 # -- two serve processes -------------------------------------------------------------------------
-@pytest.fixture
-def shared_database(postgres_url: str) -> Iterator[str]:
-    yield postgres_url
-    engine = make_engine(postgres_url)
-    try:
-        metadata.drop_all(engine)  # the session's database, as the `store` fixture leaves it
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
 def two_proxies(tmp_path: Path, module_store: DovecotInstance,
                 shared_database: str) -> Iterator[tuple[Proxy, Proxy]]:

@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 from imapclient import IMAPClient
 
-from migrating_proxy.store.db import make_engine
-from migrating_proxy.store.schema import metadata
 from migrating_proxy.switch import MOVED_BYE
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
@@ -284,17 +282,6 @@ def test_a_refused_doveadm_call_is_a_recorded_error_and_the_account_stays_on_the
         with imap_login(store, user.address) as client:  # dsync never got to copy anything
             client.select_folder("INBOX", readonly=True)
             assert client.search("ALL") == []
-
-
-@pytest.fixture
-def shared_database(postgres_url: str) -> Iterator[str]:
-    """The session's PostgreSQL database, emptied afterwards for the next user of it."""
-    yield postgres_url
-    engine = make_engine(postgres_url)
-    try:
-        metadata.drop_all(engine)
-    finally:
-        engine.dispose()
 
 
 def test_two_proxies_each_driving_the_store_s_doveadm_over_http(

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,19 +260,6 @@ def test_changes_made_before_the_switch_are_on_the_store_and_sessions_move_there
 
 
 # --- two proxies ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shared_database(postgres_url: str) -> Iterator[str]:
-    yield postgres_url
-    from migrating_proxy.store.db import make_engine
-    from migrating_proxy.store.schema import metadata
-
-    engine = make_engine(postgres_url)
-    try:
-        metadata.drop_all(engine)
-    finally:
-        engine.dispose()
 
 
 def test_a_session_on_another_proxy_is_closed_at_the_switch(
