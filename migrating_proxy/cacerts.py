@@ -28,16 +28,22 @@ def read_ca_file(path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not a PEM file"
         raise CAFileError(f"cannot read CA file {path}: {reason}") from None
+    return checked_ca_pem(text, path)
+
+
+def checked_ca_pem(text: str, where: str) -> str:
+    """The PEM certificates in `text` (a file's, or the web console's field: `where`),
+    checked and normalised; a private key is refused, not stored."""
     if "PRIVATE KEY-----" in text:
-        raise CAFileError(f"{path} holds a private key: give only the CA's certificate(s)")
+        raise CAFileError(f"{where} holds a private key: give only the CA's certificate(s)")
     blocks = _CERTIFICATE.findall(text)
     if not blocks:
-        raise CAFileError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        raise CAFileError(f"{where} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
     pem = "\n".join(block.replace("\r\n", "\n") for block in blocks) + "\n"
     try:
         ssl.create_default_context().load_verify_locations(cadata=pem)
     except (ssl.SSLError, ValueError) as exc:
-        raise CAFileError(f"{path}: not a usable certificate ({exc.args[-1]})") from None
+        raise CAFileError(f"{where}: not a usable certificate ({exc.args[-1]})") from None
     return pem
 
 

@@ -26,6 +26,7 @@ from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import sample_corpus, seed_mailbox, write_maildir
 from tests.support.proxy import Proxy
+from tests.support.tls import make_test_ca
 from tests.support.web import ADMIN, ADMIN_PW, chromium, wait_for_log
 
 DOMAIN = "old.example"
@@ -160,6 +161,38 @@ def test_add_a_domain(page: Page, old: DovecotInstance) -> None:
     added = page.locator(f"#domains tr[data-domain='{DOMAIN}']")
     expect(added).to_contain_text(f"imap://127.0.0.1:{old.imap_port}")
     expect(added.locator("button[role=switch]")).to_have_text("off")
+
+
+def test_add_a_domain_with_every_option_and_a_bad_ca_refused(page: Page, proxy: Proxy,
+                                                             tmp_path: Path) -> None:
+    """The form's options beyond the basics: a POP3 source beside the IMAP one, the cut-over
+    mode, the copy engine and the old server's private CA (PEM pasted in)."""
+    name, tls = "tls.example", make_test_ca(tmp_path / "ca")
+    form = "#add-domain"
+    page.fill(f"{form} input[name=name]", name)
+    page.fill(f"{form} input[name=source]", "imaps://mail.tls.example")
+    page.fill(f"{form} input[name=pop3_source]", "pop3s://mail.tls.example")
+    page.select_option(f"{form} select[name=cutover]", "immediate")
+    page.select_option(f"{form} select[name=engine]", "imap")
+    # A private key pasted by mistake: refused in one line, nothing added.
+    page.fill(f"{form} textarea[name=source_ca]", tls.key.read_text())
+    page.click(f"{form} button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text("holds a private key")
+    assert name not in [d["name"] for d in cli_domains(proxy)]
+
+    page.fill(f"{form} textarea[name=source_ca]", tls.ca_cert.read_text())
+    page.click(f"{form} button[type=submit]")
+    expect(page.locator(f"#domains tr[data-domain='{name}']")).to_contain_text(
+        "imaps://mail.tls.example")
+    [added] = [d for d in cli_domains(proxy) if d["name"] == name]
+    assert (added["sources"], added["cutover"], added["engine"]) == \
+        (["imaps://mail.tls.example:993", "pop3s://mail.tls.example:995"], "immediate", "imap")
+    assert added["source_ca"] == tls.ca_cert.read_text().strip() + "\n"
+    proxy.cli("domain", "remove", name)  # the afternoon goes on with one domain
+
+
+def cli_domains(proxy: Proxy) -> list[dict[str, Any]]:
+    return json.loads(proxy.cli("domain", "list", "--json").stdout)  # type: ignore[no-any-return]
 
 
 def test_switch_on_and_watch_a_first_login_complete(page: Page, proxy: Proxy,

@@ -18,6 +18,7 @@ from migrating_proxy.admin import domains, views
 from migrating_proxy.admin.cutover import export, finish
 from migrating_proxy.admin.imports import ImportRefused, import_users
 from migrating_proxy.admin.operations import Outcome, select_accounts
+from migrating_proxy.cacerts import CAFileError, checked_ca_pem
 from migrating_proxy.store import AddressError, StoreError
 from migrating_proxy.store import audit as audit_trail
 from migrating_proxy.store.status import SORTABLE, STATES, StatusQuery
@@ -75,12 +76,23 @@ def add_domain(body: models.DomainAdd, request: Request, caller: Caller) -> dict
     """`domain add`."""
     console = console_of(request)
     domain = domains.build_domain(body.name, {
-        "source": [body.source], "relay": body.relay, "type": body.type,
-        "source_user": body.source_user, "subscribed_only": body.subscribed_only,
-        "notice": not body.no_notice, "verify_tls": not body.no_verify_tls,
+        "source": [url for url in (body.source, body.pop3_source) if url], "relay": body.relay,
+        "type": body.type, "source_user": body.source_user,
+        "subscribed_only": body.subscribed_only, "notice": not body.no_notice,
+        "verify_tls": not body.no_verify_tls, "cutover": body.cutover, "engine": body.engine,
+        "source_ca": _source_ca(body.source_ca),
     }, disabled=body.disabled)
     return domains.domain_dict(domains.add_domain(console.store, console.config, caller.actor,
                                                   domain))
+
+
+def _source_ca(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return checked_ca_pem(text, "source_ca")
+    except CAFileError as exc:
+        raise StoreError(str(exc)) from None
 
 
 @router.post("/domains/{name}/enable", response_model=models.DomainOut, tags=["domains"],

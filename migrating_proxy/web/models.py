@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
-from migrating_proxy.store.accounts import DOMAIN_TYPES
+from migrating_proxy.config import ENGINES
+from migrating_proxy.store.accounts import CUTOVER_MODES, DOMAIN_TYPES
 
 
 def _no_surrogates(value: str) -> str:
@@ -27,7 +28,11 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO
                  AfterValidator(_no_surrogates)]
 Address = Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=NO_CONTROLS),
                     AfterValidator(_no_surrogates)]
+# PEM text (a CA's certificates): lines of printable ASCII.
+Pem = Annotated[str, StringConstraints(max_length=65536, pattern=r"^[\x20-\x7e\r\n]*$")]
 DomainType = Literal[DOMAIN_TYPES]  # type: ignore[valid-type]
+CutoverMode = Literal[CUTOVER_MODES]  # type: ignore[valid-type]
+Engine = Literal[ENGINES]  # type: ignore[valid-type]
 ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]
 
 
@@ -53,6 +58,16 @@ class DomainAdd(Strict):
     disabled: bool = Field(False, description="add with migration switched off")
     no_notice: bool = False
     no_verify_tls: bool = False
+    pop3_source: Text | None = Field(
+        None, description="the old server's POP3 service beside an IMAP source (`domain add "
+                          "--source` given twice): pop3:// pop3+starttls:// pop3s://")
+    cutover: CutoverMode | None = Field(
+        None, description="passthrough (default): sessions at the old server until the copy "
+                          "is complete, then one switch; immediate: at the store at once")
+    engine: Engine | None = Field(None, description="copy engine (default: migration.engine)")
+    source_ca: Pem | None = Field(
+        None, description="PEM certificate(s) of the private CA that signed the old server's "
+                          "certificate (`--source-ca`'s file content)")
 
 
 class Selection(Strict):

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from migrating_proxy.store.accounts import DOMAIN_TYPES
+from migrating_proxy.config import ENGINES
+from migrating_proxy.store.accounts import CUTOVER_MODES, DOMAIN_TYPES
 from migrating_proxy.store.status import STATES
 from migrating_proxy.web.api import known_domain
 from migrating_proxy.web.auth import Principal, admin
@@ -28,7 +29,8 @@ def _page(request: Request, principal: Principal, name: str, **context: Any) -> 
 
 @router.get("/")
 def domains_page(request: Request, principal: Caller) -> Response:
-    return _page(request, principal, "domains.html", title="Domains", types=DOMAIN_TYPES)
+    return _page(request, principal, "domains.html", title="Domains", types=DOMAIN_TYPES,
+                 cutover_modes=CUTOVER_MODES, engines=ENGINES)
 
 
 @router.get("/domains/{name}")

@@ -179,7 +179,9 @@ function domainsPage() {
     const form = event.target;
     const value = (name) => form.elements[name].value.trim();
     const body = { name: value("name"), source: value("source"), type: value("type"), source_user: value("source_user") || "%u" };
-    if (value("relay")) body.relay = value("relay");
+    for (const optional of ["relay", "pop3_source", "cutover", "engine", "source_ca"]) {
+      if (value(optional)) body[optional] = value(optional);
+    }
     for (const flag of ["subscribed_only", "no_notice", "no_verify_tls", "disabled"]) body[flag] = form.elements[flag].checked;
     try {
       await api("POST", "/api/v1/domains", body);
