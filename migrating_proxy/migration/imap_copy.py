@@ -255,7 +255,10 @@ class ImapCopier:
         if self.mirror:
             mirror_messages(self.state, client, writer, current, sizes, since, self.reporter)
         known = self.state.known_keys(folder.id)
-        pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
+        # Newest first, so a user working on the store while it fills sees new mail first;
+        # but nobody sees a mirrored (passthrough) account's store before its switch, so that
+        # goes oldest first: the old order, which POP3 message numbers follow (pop3_uidls.py).
+        pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=not self.mirror)
         log.info("folder_copy_started", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
         groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
@@ -316,7 +319,7 @@ def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
     data = fetch_range(client, ",".join(uid_sets(uids)),
                        b" ".join(_FETCH_ITEMS))
     messages = []
-    for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
+    for uid in uids:  # keep the batch's order; a UID expunged meanwhile is absent
         item = data.get(uid)
         if item is None or item.get(b"BODY[]") is None:  # NIL: expunged by another session
             continue

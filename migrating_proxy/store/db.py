@@ -81,6 +81,17 @@ def _v5_copy_engines(conn: Connection) -> None:
 def _add_dovecot_users_view(conn: Connection) -> None:
     """Version 6: the dovecot_users view (store/views.py) for Dovecot's SQL passdb."""
     create_views(conn)
+
+
+def _v8_pop3_continuity(conn: Connection) -> None:
+    """Version 8: POP3 continuity (pop3_uidls.position and store_uidl, migrations.pop3_uidls)."""
+    from migrating_proxy.store.schema import migrations, pop3_uidls
+
+    add_column(conn, pop3_uidls.c.position)
+    add_column(conn, pop3_uidls.c.store_uidl)
+    add_column(conn, migrations.c.pop3_uidls)
+
+
 def _add_web_console(conn: Connection) -> None:
     """Version 7: the web console's admin users, tokens, sessions and the audit trail."""
     for table in WEB_TABLES:
@@ -97,6 +108,7 @@ UPGRADES: dict[int, Callable[[Connection], None]] = {
     5: _v5_copy_engines,
     6: _add_dovecot_users_view,
     7: _add_web_console,
+    8: _v8_pop3_continuity,
 }
 
 
