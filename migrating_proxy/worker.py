@@ -227,10 +227,21 @@ class _Passes:
         pop3 = self.pop3_source()
         if pop3 is None or self._engine() == DSYNC:
             return mirror
+        continuity = self._continuity(pop3)
+        continuity.prepare()  # the slow part (headers) before the hold, not inside it
 
         def run(deadline: float | None) -> CopyResult:
             result = mirror(deadline)
-            return self._keep_uidls(pop3, result) if result.state == "completed" else result
+            if result.state != "completed":
+                return result
+            try:
+                continuity.keep()
+            except SourceAuthError as exc:  # no POP3 client of the user has UIDLs to keep
+                log.info("pop3_uidls_not_read", reason=str(exc)[:300])
+            except Exception as exc:  # the old server's POP3 or the store: switch later
+                error = f"POP3 UIDLs not read: {type(exc).__name__}: {exc}"[:500]
+                return CopyResult("error", result.progress, error, error_kind="unavailable")
+            return result
 
         return run
 
@@ -241,21 +252,13 @@ class _Passes:
             return None
         return source_spec(domain, self.account, self.account.address, self.password, "pop3")
 
-    def _keep_uidls(self, pop3: SourceSpec, result: CopyResult) -> CopyResult:
+    def _continuity(self, pop3: SourceSpec) -> Pop3Continuity:
         config, address = self.worker.config, self.account.address
         store_pop3 = replace(store_spec(config, address), host=config.backend.pop3.host,
                              port=config.backend.pop3.port, tls=config.backend.pop3.tls)
-        continuity = Pop3Continuity(CopyState(self.worker.store.engine, self.account.id), pop3,
-                                    store_spec(config, address), store_pop3,
-                                    config.migration.source_timeout)
-        try:
-            continuity.keep()
-        except SourceAuthError as exc:  # no POP3 client of this user can have UIDLs to keep
-            log.info("pop3_uidls_not_read", reason=str(exc)[:300])
-        except Exception as exc:  # the old server's POP3 or the store: try the switch later
-            error = f"POP3 UIDLs not read: {type(exc).__name__}: {exc}"[:500]
-            return CopyResult("error", result.progress, error, error_kind="unavailable")
-        return result
+        return Pop3Continuity(CopyState(self.worker.store.engine, self.account.id), pop3,
+                              store_spec(config, address), store_pop3,
+                              config.migration.source_timeout)
 
     def _engine(self) -> str:
         """dsync for a passthrough domain that asks for it, until the account fell back."""

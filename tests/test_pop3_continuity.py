@@ -12,11 +12,10 @@ tests/test_dsync_cutover.py.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import smtplib
-import time
 from pathlib import Path
 
-import pytest
 import sqlalchemy
 
 from tests.support.cutover import (
@@ -29,22 +28,16 @@ from tests.support.cutover import (
     worker,
 )
 from tests.support.dovecot import DovecotInstance
-from tests.support.mail import can_log_in, make_message, sample_corpus, seed_mailbox
-from tests.support.pop3 import Fetchmail, LeaveOnServer, pop3_listing
+from tests.support.mail import make_message, sample_corpus, seed_mailbox
+from tests.support.pop3 import (
+    Fetchmail,
+    LeaveOnServer,
+    add_user_with_uidl_format,
+    pop3_listing,
+)
 from tests.support.proxy import Proxy
 
 HOST = "127.0.0.1"
-
-
-@pytest.fixture
-def old(module_old: DovecotInstance, module_store: DovecotInstance) -> DovecotInstance:
-    """The module's old server (with its store): each test adds its own users."""
-    return module_old
-
-
-@pytest.fixture
-def store(old: DovecotInstance, module_store: DovecotInstance) -> DovecotInstance:
-    return module_store
 
 
 def send_with_x_uidl(proxy: Proxy, recipient: str, subject: str, x_uidl: str) -> None:
@@ -62,7 +55,8 @@ def store_listing(store: DovecotInstance, address: str) -> list[str]:
 
 
 def test_imap_sourced_pop3_users_download_nothing_twice(
-        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+        module_old: DovecotInstance, module_store: DovecotInstance, tmp_path: Path) -> None:
+    old, store = module_old, module_store  # shared by the module: each test adds its users
     user = User(old, store)
     proxy = passthrough_proxy(tmp_path / "proxy", old, store)
     fetchmail = Fetchmail(tmp_path / "fetchmail", user.address, user.password)
@@ -103,7 +97,8 @@ def test_imap_sourced_pop3_users_download_nothing_twice(
 
 
 def test_pop3_sourced_accounts_download_nothing_twice(
-        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+        module_old: DovecotInstance, module_store: DovecotInstance, tmp_path: Path) -> None:
+    old, store = module_old, module_store  # shared by the module: each test adds its users
     user = User(old, store, "pop.example")
     proxy = passthrough_proxy(tmp_path / "proxy", old, store)
     proxy.cli("domain", "add", "pop.example", "--source", f"pop3://{HOST}:{old.pop3_port}",
@@ -123,15 +118,9 @@ class OpaqueUidlUser:
     the Maildir file name, set for this user alone): matching falls back to the headers."""
 
     def __init__(self, old: DovecotInstance) -> None:
-        self.address = f"opaque-{time.monotonic_ns() % 10**9}@old.example"
-        self.password = "pw-opaque"
-        with old.users_file.open("a") as users:
-            users.write(f"{self.address}:{{PLAIN}}{self.password}::::::"
-                        "userdb_pop3_uidl_format=%%g\n")
-        deadline = time.monotonic() + 5
-        while not can_log_in(old.imap_port, self.address, self.password):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        self.address = f"opaque-{secrets.token_hex(3)}@old.example"
+        self.password = "pw-" + secrets.token_hex(6)
+        add_user_with_uidl_format(old, self.address, self.password)
         seed_mailbox(old.host, old.imap_port, self.address, self.password, sample_corpus())
 
 
@@ -156,7 +145,8 @@ def spoil_fingerprint(proxy: Proxy, address: str, position: int) -> None:
 
 
 def test_an_unmatched_message_is_reported_and_downloaded_once_more_never_lost(
-        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+        module_old: DovecotInstance, module_store: DovecotInstance, tmp_path: Path) -> None:
+    old, store = module_old, module_store  # shared by the module: each test adds its users
     user = OpaqueUidlUser(old)
     proxy = passthrough_proxy(tmp_path / "proxy", old, store,
                               overrides={"migration": {"switch_hold": 2}})

@@ -27,7 +27,7 @@ import poplib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -125,18 +125,22 @@ def old_listing(conn: poplib.POP3) -> list[OldMessage]:
     return sorted(listing, key=lambda m: m.position)
 
 
-def header_fingerprints(conn: SourcePOP3, messages: list[OldMessage]) -> dict[int, str]:
+def header_fingerprints(conn: SourcePOP3, messages: list[OldMessage],
+                        known: dict[str, str]) -> dict[int, str]:
     """TOP n 0 of each message, fingerprinted as the copy records are; a server without TOP
-    (it is optional, RFC 1939) leaves them unmatched."""
+    (it is optional, RFC 1939) leaves them unmatched. `known`: UIDL -> fingerprint read
+    before (a UIDL names one message for good), completed here."""
     found = {}
     for message in messages:
-        try:
-            with conn.message_lines(message.size):
-                lines = conn.top(message.position, 0)[1]
-        except poplib.error_proto as exc:
-            log.info("pop3_top_refused", position=message.position, reason=str(exc)[:200])
-            continue
-        found[message.position] = fingerprint(b"\r\n".join(lines) + b"\r\n", message.size)
+        if message.uidl not in known:
+            try:
+                with conn.message_lines(message.size):
+                    lines = conn.top(message.position, 0)[1]
+            except poplib.error_proto as exc:
+                log.info("pop3_top_refused", position=message.position, reason=str(exc)[:200])
+                continue
+            known[message.uidl] = fingerprint(b"\r\n".join(lines) + b"\r\n", message.size)
+        found[message.position] = known[message.uidl]
     return found
 
 
@@ -170,24 +174,20 @@ class Pop3Continuity:
     store_imap: StoreSpec
     store_pop3: StoreSpec
     timeout: float
+    # UIDL -> header fingerprint, read by `prepare` before the hold: the hold then reads the
+    # headers of messages that arrived since, not of a whole mailbox whose UIDLs reveal no UID.
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        """Match once before the hold, keeping what was read; failures wait for `keep`."""
+        try:
+            self._match()
+        except Exception as exc:  # the old server's POP3 service: `keep` tries again
+            log.info("pop3_uidls_prepare_failed", error=type(exc).__name__)
 
     def keep(self) -> str:
         """Keep the UIDLs; the status summary (`kept` or `unmatched: N`)."""
-        folder = next((f for f in self.state.folders()
-                       if f.source_name in ("INBOX", POP3_FOLDER)), None)
-        by_uidl = self.pop3_source.protocol == "pop3" and folder is not None \
-            and folder.source_name == POP3_FOLDER
-        copies = [Copy(r.source_key, r.dest_uid, r.fingerprint)
-                  for r in (self.state.records(folder.id, COPIED) if folder else [])
-                  if r.dest_uid is not None]
-        source = connect_source_pop3(self.pop3_source, self.timeout)
-        try:
-            old = old_listing(source)
-            matched = match(old, copies, by_uidl=by_uidl,
-                            uidvalidity=folder.uidvalidity if folder else None,
-                            fingerprints=lambda rest: header_fingerprints(source, rest))
-        finally:
-            close_quietly(source)
+        old, matched = self._match()
         store_uidls = self._store_uidls()
         entries = [KeptUidl(m.position, m.uidl, m.size, store_uidls.get(matched.get(m.position)))
                    for m in old]
@@ -196,6 +196,23 @@ class Pop3Continuity:
         Pop3Uidls(self.state.engine).keep(self.state.account_id, entries, summary)
         _log_kept(entries, matched, unmatched)
         return summary
+
+    def _match(self) -> tuple[list[OldMessage], dict[int, int]]:
+        """The old listing, and old position -> store UID of each matched copy."""
+        folder = next((f for f in self.state.folders()
+                       if f.source_name in ("INBOX", POP3_FOLDER)), None)
+        copies = [Copy(r.source_key, r.dest_uid, r.fingerprint)
+                  for r in (self.state.records(folder.id, COPIED) if folder else [])
+                  if r.dest_uid is not None]
+        source = connect_source_pop3(self.pop3_source, self.timeout)
+        try:
+            old = old_listing(source)
+            return old, match(
+                old, copies, by_uidl=folder is not None and folder.source_name == POP3_FOLDER,
+                uidvalidity=folder.uidvalidity if folder else None,
+                fingerprints=lambda rest: header_fingerprints(source, rest, self.fingerprints))
+        finally:
+            close_quietly(source)
 
     def _store_uidls(self) -> dict[int | None, str]:
         """INBOX UID -> the store's POP3 UIDL (its n-th message is the n-th UID)."""

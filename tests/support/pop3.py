@@ -7,11 +7,30 @@ from __future__ import annotations
 import os
 import poplib
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from tests.support.dovecot import DovecotInstance
+from tests.support.mail import can_log_in
+
 HOST = "127.0.0.1"
+# Dovecot's `%g`: the Maildir file name, a UIDL that reveals no IMAP UID (escaped for the
+# passwd-file, which expands variables in its fields).
+OPAQUE_UIDLS = "%%g"
+
+
+def add_user_with_uidl_format(old: DovecotInstance, address: str, password: str,
+                              uidl_format: str = OPAQUE_UIDLS) -> None:
+    """A user of the old server whose POP3 UIDLs have a format of their own (a userdb field
+    from the passwd-file), once the user can log in."""
+    with old.users_file.open("a") as users:
+        users.write(f"{address}:{{PLAIN}}{password}::::::userdb_pop3_uidl_format={uidl_format}\n")
+    deadline = time.monotonic() + 5
+    while not can_log_in(old.imap_port, address, password):
+        assert time.monotonic() < deadline, f"{address} cannot log in to the old server"
+        time.sleep(0.2)
 
 
 class Listed(NamedTuple):
