@@ -82,7 +82,7 @@ class UidlTranslator:
         self.expected.extend(answer_kind(line.rstrip(b"\r")) for line in lines)
 
     def from_server(self, data: bytes) -> bytes:
-        out = bytearray()
+        out: list[bytes] = []  # a body chunk passes as it came: join() of one part copies none
         while data:
             if self.state == "body":
                 data = self._skip_body(data, out)
@@ -93,8 +93,8 @@ class UidlTranslator:
                     break
                 line, data = self.line + data[:end + 1], data[end + 1:]
                 self.line = b""
-                out += self._status(line) if self.state == "status" else self._listing(line)
-        return bytes(out)
+                out.append(self._status(line) if self.state == "status" else self._listing(line))
+        return b"".join(out)
 
     def _status(self, line: bytes) -> bytes:
         kind = self.expected.popleft() if self.expected else SINGLE
@@ -123,15 +123,22 @@ class UidlTranslator:
         old = self.uidls.translate(uidl.strip().decode("ascii", "replace"))
         return number + b" " + old.encode("ascii", "replace") + line[len(body):]
 
-    def _skip_body(self, data: bytes, out: bytearray) -> bytes:
+    def _skip_body(self, data: bytes, out: list[bytes]) -> bytes:
         """Pass a multi-line answer's body on; what follows its terminator is returned."""
-        window = self.tail + data
-        found = window.find(TERMINATOR)
-        if found < 0:
-            out += data
-            self.tail = window[-(len(TERMINATOR) - 1):]
-            return b""
-        end = found + len(TERMINATOR) - len(self.tail)  # the terminator's end, in `data`
-        out += data[:end]
+        keep = len(TERMINATOR) - 1
+        # A terminator split between chunks is in the seam; any other one is in `data` alone
+        # (searched without copying a chunk that may be 64 KB of a large message).
+        seam = self.tail + data[:keep]
+        found = seam.find(TERMINATOR)
+        if found >= 0:
+            end = found + len(TERMINATOR) - len(self.tail)  # the terminator's end, in `data`
+        else:
+            found = data.find(TERMINATOR)
+            if found < 0:
+                out.append(data)
+                self.tail = (self.tail + data)[-keep:] if len(data) < keep else data[-keep:]
+                return b""
+            end = found + len(TERMINATOR)
+        out.append(data[:end])
         self.state, self.tail = "status", b""
         return data[end:]
