@@ -1,12 +1,17 @@
-"""POP3 continuity without servers: the relay's UIDL translation byte by byte, and the matching
-of the old server's listing to the store's copies (issue 10). The end-to-end proof, with real
-Dovecot servers, poplib and fetchmail, is tests/test_pop3_continuity.py."""
+"""POP3 continuity without mail servers: the relay's UIDL translation byte by byte, the
+matching of the old server's listing to the store's copies, and what is kept in the account
+store (issue 10). The end-to-end proof, with real Dovecot servers, poplib and fetchmail, is
+tests/test_pop3_continuity.py."""
 
 from __future__ import annotations
 
 from migrating_proxy.frontends.uidl import UidlMap, UidlTranslator, answer_kind
 from migrating_proxy.migration.messages import message_fingerprint
 from migrating_proxy.migration.pop3_uidls import Copy, OldMessage, match, uid_in_uidl
+from migrating_proxy.store import Store
+from migrating_proxy.store.copystate import CopyState
+from migrating_proxy.store.pop3uidls import KeptUidl, Pop3Uidls, unmatched_summary
+from migrating_proxy.store.status import migration_status
 
 UIDLS = UidlMap({"S1": "old-a", "S2": "old-b", "S3": "old-c"})
 
@@ -128,3 +133,25 @@ def test_a_pop3_source_matches_by_uidl_alone() -> None:
 
     assert match(old, copies, by_uidl=True, uidvalidity=None, fingerprints=no_headers) == {
         1: 8, 2: 7}
+
+
+# --- what the switch keeps, in the account store (SQLite and PostgreSQL) ----------------------
+
+
+def test_kept_uidls_replace_earlier_ones_and_become_the_relays_table(store: Store) -> None:
+    account = store.accounts.add_account("pop@example.com", "x", migration_state="PENDING")
+    CopyState(store.engine, account.id).write_progress()  # the migrations row of a copy
+    uidls = Pop3Uidls(store.engine)
+    uidls.keep(account.id, [KeptUidl(1, "gone", 5, "S0")], "kept")
+    entries = [KeptUidl(1, "old-a", 10, "S1"), KeptUidl(2, "old-b", 20, None),
+               KeptUidl(3, "old-c", 30, "S3")]
+    uidls.keep(account.id, entries, unmatched_summary(1))
+    assert uidls.kept(account.id) == entries
+    table = uidls.translation(account.id)
+    assert table == UidlMap({"S1": "old-a", "S3": "old-c"}, frozenset({"old-a", "old-b",
+                                                                       "old-c"}))
+    [row] = migration_status(store.engine, ["pop@example.com"])
+    assert row["pop3_uidls"] == "unmatched: 1"
+    other = store.accounts.add_account("none@example.com", "x", migration_state="PENDING")
+    assert uidls.translation(other.id) is None
+    assert migration_status(store.engine, ["none@example.com"])[0]["pop3_uidls"] == "none"

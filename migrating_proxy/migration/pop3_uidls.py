@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from migrating_proxy.cacerts import client_context
 from migrating_proxy.migration.connections import (
     SourcePOP3,
     SourceSpec,
@@ -146,13 +147,15 @@ def header_fingerprints(conn: SourcePOP3, messages: list[OldMessage],
 
 def connect_store_pop3(store: StoreSpec, timeout: float) -> poplib.POP3:
     """The store's POP3 service as store.address (AUTH PLAIN with an authzid for a master)."""
+    context = client_context(store.verify_tls, None)
     try:
         if store.tls == "implicit":
-            conn: poplib.POP3 = poplib.POP3_SSL(store.host, store.port, timeout=timeout)
+            conn: poplib.POP3 = poplib.POP3_SSL(store.host, store.port, timeout=timeout,
+                                                context=context)
         else:
             conn = poplib.POP3(store.host, store.port, timeout=timeout)
             if store.tls == "starttls":
-                conn.stls()
+                conn.stls(context)
         if store.master_user:
             token = f"{store.address}\0{store.master_user}\0{store.master_password or ''}"
             conn._shortcmd("AUTH PLAIN " + base64.b64encode(token.encode()).decode())
