@@ -144,7 +144,8 @@ class CopyWorker:
             if outcome.state == "switched":
                 state.write_progress(uids_kept=state.copy_engine() == DSYNC)
                 if state.copy_engine() == DSYNC and passes.pop3_source() is not None:
-                    # pop3_migration gave the store the old UIDLs, or the backup failed.
+                    # The store keeps them itself: pop3_migration fails a backup whose
+                    # messages it cannot match, so a switched account has every one.
                     Pop3Uidls(self.store.engine).set_summary(account.id, KEPT)
             # Mail still on its way to the old server when the final pass read its folder
             # (an ordinary pass: the store is the user's mailbox now).
