@@ -124,10 +124,11 @@ class ImapCopier:
     """Copies one account from an IMAP source, up to `parallel_folders` folders at a time.
 
     Each lane (a source and a store connection) copies whole folders; INBOX is handed out
-    first, and inside a folder the newest message goes first. A folder the servers refuse to
-    handle (a NO that retrying won't change) is recorded and the others are copied; the run
-    then raises FoldersFailed. Any other failure (login, connection, after retries) stops the
-    other lanes at their next batch boundary, and the run reports it.
+    first, and inside a folder the newest message goes first (the oldest in a mirror pass:
+    see copy_folder). A folder the servers refuse to handle (a NO that retrying won't change)
+    is recorded and the others are copied; the run then raises FoldersFailed. Any other
+    failure (login, connection, after retries) stops the other lanes at their next batch
+    boundary, and the run reports it.
     """
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,

@@ -1,4 +1,5 @@
-"""Copying a POP3 source: every message into INBOX, newest first, keyed by UIDL.
+"""Copying a POP3 source: every message into INBOX, newest first (mirrored: oldest first), keyed
+by UIDL.
 
 POP3 has no folders, flags or arrival dates:
 * the date is the message's Date: header (the time of the copy when missing or unparsable);
