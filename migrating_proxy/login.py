@@ -23,6 +23,7 @@ from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.specs import old_server_upstream
 from migrating_proxy.store import Account, AddressError, Domain, Store, normalise
 from migrating_proxy.store.accounts import now
+from migrating_proxy.store.pop3uidls import Pop3Uidls
 from migrating_proxy.throttle import FailureThrottle
 from migrating_proxy.upstream import Upstream
 
@@ -123,6 +124,9 @@ def by_cutover(backend: BackendConfig, store: Store, process: str,
                 break
             account = current
         upstream = upstream or on_store(replace(placement, account=account))
+        if upstream.served_by == "store" and creds.protocol == "pop3" and account.switched_at:
+            # The old server's UIDLs, kept at the switch, for the relay to answer UIDL with.
+            upstream = replace(upstream, uidls=Pop3Uidls(store.engine).translation(account.id))
         if held_since is not None:
             log.info("login_held", address=account.address, served_by=upstream.served_by,
                      waited_ms=round((time.monotonic() - held_since) * 1000, 1))

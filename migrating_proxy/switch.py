@@ -9,8 +9,9 @@ no client ever sees a half-copied store:
 2. hold (`migration.switch_hold`): new logins of the account wait (store/cutover.py);
 3. close every session of the account relayed to the old server, on every proxy process, and
    wait until they are gone (their connections to the old server closed);
-4. the final pass: one pluggable step (the IMAP mirror pass today; a dsync `backup -R` or a
-   POP3 UIDL collection can take or wrap its place), stopped if it runs past the hold;
+4. the final pass: one pluggable step (the IMAP mirror pass, a dsync `backup -R`, or the
+   mirror pass followed by keeping the old POP3 UIDLs: worker.py, migration/pop3_uidls.py),
+   stopped if it runs past the hold;
 5. flip, in one guarded transaction: served by the store, switched_at, COMPLETED. If the final
    pass did not fit, release the hold instead: logins go to the old server again, and the
    switch is tried again later.

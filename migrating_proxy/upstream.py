@@ -18,10 +18,13 @@ Built by `login.py` (the decision) with the constructors below; carried to the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from migrating_proxy.config import BackendConfig
 from migrating_proxy.endpoints import Endpoint
+
+if TYPE_CHECKING:
+    from migrating_proxy.frontends.uidl import UidlMap
 
 ServedBy = Literal["store", "old"]
 
@@ -42,6 +45,9 @@ class Upstream:
     # An old-server session's lease (store/cutover.py): the session gives it back when its
     # connection to the old server is gone, so a switch knows when none is left.
     lease: int | None = None
+    # A POP3 session at the store of an account whose old POP3 UIDLs were kept at its switch:
+    # what the relay answers UIDL with (frontends/uidl.py). None: the store's own answers.
+    uidls: UidlMap | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:

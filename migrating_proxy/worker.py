@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -27,7 +27,9 @@ import structlog
 from migrating_proxy import lifeline, logs
 from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyProgress, CopyResult, run_copy
+from migrating_proxy.migration.connections import SourceAuthError, SourceSpec
 from migrating_proxy.migration.dsync import DSYNC, IMAP, DsyncEngine, Fallback, engine_for
+from migrating_proxy.migration.pop3_uidls import Pop3Continuity
 from migrating_proxy.onboarding import Onboarding
 from migrating_proxy.specs import source_spec, store_spec
 from migrating_proxy.store import (
@@ -42,6 +44,7 @@ from migrating_proxy.store import (
 from migrating_proxy.store.accounts import PASSTHROUGH
 from migrating_proxy.store.copystate import CopyState
 from migrating_proxy.store.jobs import Job
+from migrating_proxy.store.pop3uidls import KEPT, Pop3Uidls
 from migrating_proxy.switch import MirrorPass, OldServerSessions, Switch
 
 log = structlog.get_logger(__name__)
@@ -133,13 +136,17 @@ class CopyWorker:
         """The copy is complete: switch the account to the store (switch.py)."""
         switch = Switch(self.store.cutover, account.id, account.address,
                         passes.make(mirror=True), self.config.migration.switch_hold,
-                        OldServerSessions(self.store).close)
+                        OldServerSessions(self.store).close, final_pass=passes.final())
         outcome = switch.run(copy, copy_seconds)
         if outcome.state in ("switched", "gone"):
             switched = self.store.accounts.get_account_by_id(account.id) or account
             state = CopyState(self.store.engine, account.id)
             if outcome.state == "switched":
                 state.write_progress(uids_kept=state.copy_engine() == DSYNC)
+                if state.copy_engine() == DSYNC and passes.pop3_source() is not None:
+                    # The store keeps them itself: pop3_migration fails a backup whose
+                    # messages it cannot match, so a switched account has every one.
+                    Pop3Uidls(self.store.engine).set_summary(account.id, KEPT)
             # Mail still on its way to the old server when the final pass read its folder
             # (an ordinary pass: the store is the user's mailbox now).
             late = passes.make(mirror=False)(None)
@@ -211,6 +218,48 @@ class _Passes:
         if engine != DSYNC:
             return imap_pass
         return self._dsync_pass(imap_pass)
+
+    def final(self) -> MirrorPass:
+        """The switch's final pass: the mirror pass, then (imap engine, an old server that
+        offers POP3) the old POP3 UIDLs kept for the relay (migration/pop3_uidls.py); a
+        failure to read them fails the pass, so the switch waits rather than make every POP3
+        client download the mailbox again."""
+        mirror = self.make(mirror=True)
+        pop3 = self.pop3_source()
+        if pop3 is None or self._engine() == DSYNC:
+            return mirror
+        continuity = self._continuity(pop3)
+        continuity.prepare()  # the slow part (headers) before the hold, not inside it
+
+        def run(deadline: float | None) -> CopyResult:
+            result = mirror(deadline)
+            if result.state != "completed":
+                return result
+            try:
+                continuity.keep()
+            except SourceAuthError as exc:  # no POP3 client of the user has UIDLs to keep
+                log.info("pop3_uidls_not_read", reason=str(exc)[:300])
+            except Exception as exc:  # the old server's POP3 or the store: switch later
+                error = f"POP3 UIDLs not read: {type(exc).__name__}: {exc}"[:500]
+                return CopyResult("error", result.progress, error, error_kind="unavailable")
+            return result
+
+        return run
+
+    def pop3_source(self) -> SourceSpec | None:
+        """The old server's POP3 service (an IMAP source's POP3 sibling, or the source)."""
+        domain = self.domain
+        if domain.pop3_source_url is None and not domain.source_url.startswith("pop3"):
+            return None
+        return source_spec(domain, self.account, self.account.address, self.password, "pop3")
+
+    def _continuity(self, pop3: SourceSpec) -> Pop3Continuity:
+        config, address = self.worker.config, self.account.address
+        store_pop3 = replace(store_spec(config, address), host=config.backend.pop3.host,
+                             port=config.backend.pop3.port, tls=config.backend.pop3.tls)
+        return Pop3Continuity(CopyState(self.worker.store.engine, self.account.id), pop3,
+                              store_spec(config, address), store_pop3,
+                              config.migration.source_timeout)
 
     def _engine(self) -> str:
         """dsync for a passthrough domain that asks for it, until the account fell back."""

@@ -35,6 +35,7 @@ from tests.support.mail import (
     seed_mailbox,
     uid_view,
 )
+from tests.support.pop3 import Fetchmail, add_user_with_uidl_format
 from tests.support.proxy import Proxy
 from tests.test_cutover import events, import_and_migrate, pool, send, stop, work_until_settled
 
@@ -193,10 +194,13 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
         with imap_login(old, user.address, user.password) as client:
             assert uid_view(client) == before  # it was the old server's view
         pop3_before = pop3_listing(proxy.pop3_port, user.address, user.password)
+        fetchmail = Fetchmail(tmp_path / "fetchmail", user.address, user.password)
+        assert len(fetchmail.run(proxy.pop3_port)) == len(pop3_before)  # keep: left there
 
         row = work_until_settled(proxy, user.address, timeout=120)
         assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
         assert (row["engine"], row["uids_kept"], row["last_error"]) == ("dsync", True, None)
+        assert row["pop3_uidls"] == "kept"
 
         with through(proxy, user) as client:
             after = uid_view(client)
@@ -219,6 +223,13 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
         # the notice last.
         pop3_after = pop3_listing(proxy.pop3_port, user.address, user.password)
         assert pop3_after[:-1] == pop3_before and len(pop3_after) == len(pop3_before) + 1
+        # The proxy retired (issue 10): the same client talks to Dovecot directly, with the
+        # user's own password; the store itself serves the old UIDLs (pop3_migration kept
+        # them in its index), so fetchmail's UIDL file finds only the notice new.
+        assert pop3_listing(store.pop3_port, user.address, user.password) == pop3_after
+        assert_uidls_in_the_store_index(store, user.address, pop3_before)
+        [moved] = fetchmail.run(store.pop3_port)
+        assert MOVED in moved and fetchmail.run(store.pop3_port) == []
 
         # The phone's next sync, same configuration: only the notice is new. A UIDVALIDITY
         # change would have made it fetch everything again.
@@ -230,6 +241,42 @@ def test_the_switch_keeps_every_uid_and_sync_clients_download_nothing_again(
     assert events(proxy, "switch_done")
     assert store.dsync_users is not None and not list(store.dsync_users.glob("*/*"))
     assert user.password not in proxy.log_text()
+
+
+def assert_uidls_in_the_store_index(store: DovecotInstance, address: str,
+                                    listing: list[bytes]) -> None:
+    """Each old UIDL is saved with its message in the store's index (Maildir: `P<uidl>` in
+    dovecot-uidlist, written by pop3_migration), not derived from a UID that happens to be
+    equal: Dovecot's POP3 server answers with it before its pop3_uidl_format."""
+    uidlist = (store.maildir(address) / "dovecot-uidlist").read_text()
+    saved = {field[1:] for line in uidlist.splitlines()[1:] for field in line.split()
+             if field.startswith("P")}
+    assert {line.split()[1].decode() for line in listing} <= saved
+
+
+def test_uidls_that_reveal_no_uid_are_kept_by_the_store_itself(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    """Issue 10, after the proxy: an old server whose UIDLs are Maildir file names; dsync's
+    pop3_migration matches them by headers and the store serves them to clients that talk to
+    Dovecot directly."""
+    address, password = f"opaque-{secrets.token_hex(3)}@old.example", "pw-" + secrets.token_hex(6)
+    add_user_with_uidl_format(old, address, password)
+    seed_mailbox(old.host, old.imap_port, address, password, sample_corpus())
+    proxy = dsync_proxy(tmp_path / "proxy", old, store)
+    fetchmail = Fetchmail(tmp_path / "fetchmail", address, password)
+    with proxy:
+        before = pop3_listing(proxy.pop3_port, address, password)
+        assert b"," in before[0]  # a Maildir file name
+        assert len(fetchmail.run(proxy.pop3_port)) == len(before)
+        row = work_until_settled(proxy, address, timeout=120)
+        assert (row["served_by"], row["engine"], row["pop3_uidls"]) == (
+            "store", "dsync", "kept"), row
+    # The proxy retired: the client talks to the store directly.
+    after = pop3_listing(store.pop3_port, address, password)
+    assert after[:-1] == before and len(after) == len(before) + 1
+    assert_uidls_in_the_store_index(store, address, before)
+    [moved] = fetchmail.run(store.pop3_port)
+    assert MOVED in moved and fetchmail.run(store.pop3_port) == []
 
 
 def test_a_touched_store_mailbox_falls_back_to_the_imap_engine_and_loses_nothing(

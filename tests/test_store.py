@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from passlib.hash import sha512_crypt
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from migrating_proxy.passwords import PasswordHasher, dovecot_form
@@ -31,7 +31,8 @@ from migrating_proxy.store import (
 )
 from migrating_proxy.store.copystate import CopyState
 from migrating_proxy.store.db import ensure_schema, make_engine
-from migrating_proxy.store.schema import SCHEMA_VERSION, schema_info
+from migrating_proxy.store.pop3uidls import Pop3Uidls
+from migrating_proxy.store.schema import SCHEMA_VERSION, pop3_uidls, schema_info
 from tests.support.schemas import create_old_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +420,28 @@ def test_version_5_database_is_upgraded_in_place_with_the_dovecot_users_view(
         assert dovecot_users(store) == {"alice@example.com": "{SHA512-CRYPT}$6$rounds=5000$salt$x"}
         with store.engine.connect() as conn:
             assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
+    finally:
+        store.close()
+
+
+def test_version_7_database_is_upgraded_in_place_for_pop3_continuity(store_url: str) -> None:
+    """Version 8 adds where each old POP3 UIDL was and what the store calls its copy; the UIDLs
+    a POP3-sourced copy recorded before stay, and `status` says `pop3_uidls: none`."""
+    store = open_store(store_url)
+    account = store.accounts.add_account("alice@example.com", "$6$rounds=5000$salt$x")
+    with store.engine.begin() as conn:
+        conn.execute(insert(pop3_uidls).values(account_id=account.id, uidl="u1", size=10))
+    store.close()
+    make_older(store_url, 7, "ALTER TABLE pop3_uidls DROP COLUMN position",
+               "ALTER TABLE pop3_uidls DROP COLUMN store_uidl",
+               "ALTER TABLE migrations DROP COLUMN pop3_uidls")
+    store = open_store(store_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(select(pop3_uidls.c.uidl, pop3_uidls.c.position,
+                                       pop3_uidls.c.store_uidl)).all() == [("u1", None, None)]
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
+        assert Pop3Uidls(store.engine).translation(account.id) is None  # nothing kept yet
     finally:
         store.close()
 

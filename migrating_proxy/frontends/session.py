@@ -40,6 +40,7 @@ from migrating_proxy.frontends.leases import LeaseKeeper
 from migrating_proxy.frontends.registry import SessionRegistry
 from migrating_proxy.frontends.relay import Relay as Splice
 from migrating_proxy.frontends.relay import ResponseBoundary, unsplice_and_close
+from migrating_proxy.frontends.uidl import UidlMap, UidlTranslator
 from migrating_proxy.login import Credentials, LoginResult, LoginService, Outcome
 from migrating_proxy.upstream import ServedBy, Upstream
 
@@ -128,6 +129,7 @@ class ProxySession(protocol.Protocol):
         self.served_by: ServedBy | None = None
         self.refusals_retried_until = 0.0  # see Upstream.retry_refusals_for
         self.lease: int | None = None  # while relayed to an old server (frontends/leases.py)
+        self.uidls: UidlMap | None = None  # the old POP3 UIDLs the relay answers with
         self.login_started = 0.0
 
     # -- connection lifecycle ------------------------------------------------------------
@@ -258,6 +260,7 @@ class ProxySession(protocol.Protocol):
         backend.protocol.on_lost.append(self._upstream_lost)
         assert result.upstream is not None
         self.account, self.served_by = result.upstream.address, result.upstream.served_by
+        self.uidls = result.upstream.uidls
         metrics.session_opened(self.protocol_name, self.served_by)
         self.perform(self.dialogue.login_succeeded(backend.capabilities))
         self.login.log(result, mechanism, started)
@@ -289,8 +292,9 @@ class ProxySession(protocol.Protocol):
         assert self.backend is not None and self.account is not None
         self.client.cancel_deadline()
         self.ctx.registry.add(self.account, self)
+        translator = UidlTranslator(self.uidls) if self.uidls is not None else None
         self.relay = Splice(self.transport, self.backend.transport,  # type: ignore[arg-type]
-                            self.ctx.reactor, self.response_boundary())
+                            self.ctx.reactor, self.response_boundary(), translator)
         self.backend.protocol.forward = self.relay.from_upstream
         self.relay.start(self.backend.pending, pipelined)
         # An old-server session whose account's sessions were closed everywhere while its

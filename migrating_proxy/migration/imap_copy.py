@@ -124,10 +124,11 @@ class ImapCopier:
     """Copies one account from an IMAP source, up to `parallel_folders` folders at a time.
 
     Each lane (a source and a store connection) copies whole folders; INBOX is handed out
-    first, and inside a folder the newest message goes first. A folder the servers refuse to
-    handle (a NO that retrying won't change) is recorded and the others are copied; the run
-    then raises FoldersFailed. Any other failure (login, connection, after retries) stops the
-    other lanes at their next batch boundary, and the run reports it.
+    first, and inside a folder the newest message goes first (the oldest in a mirror pass:
+    see copy_folder). A folder the servers refuse to handle (a NO that retrying won't change)
+    is recorded and the others are copied; the run then raises FoldersFailed. Any other
+    failure (login, connection, after retries) stops the other lanes at their next batch
+    boundary, and the run reports it.
     """
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
@@ -255,7 +256,10 @@ class ImapCopier:
         if self.mirror:
             mirror_messages(self.state, client, writer, current, sizes, since, self.reporter)
         known = self.state.known_keys(folder.id)
-        pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=True)
+        # Newest first, so a user working on the store while it fills sees new mail first;
+        # but nobody sees a mirrored (passthrough) account's store before its switch, so that
+        # goes oldest first: the old order, which POP3 message numbers follow (pop3_uidls.py).
+        pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=not self.mirror)
         log.info("folder_copy_started", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
         groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
@@ -316,7 +320,7 @@ def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
     data = fetch_range(client, ",".join(uid_sets(uids)),
                        b" ".join(_FETCH_ITEMS))
     messages = []
-    for uid in uids:  # keep the newest-first order; a UID expunged meanwhile is absent
+    for uid in uids:  # keep the batch's order; a UID expunged meanwhile is absent
         item = data.get(uid)
         if item is None or item.get(b"BODY[]") is None:  # NIL: expunged by another session
             continue

@@ -1,4 +1,5 @@
-"""Copying a POP3 source: every message into INBOX, newest first, keyed by UIDL.
+"""Copying a POP3 source: every message into INBOX, newest first (mirrored: oldest first), keyed
+by UIDL.
 
 POP3 has no folders, flags or arrival dates:
 * the date is the message's Date: header (the time of the copy when missing or unparsable);
@@ -97,7 +98,8 @@ class Pop3Copier:
         self.reporter.folder_done()
 
     def _listing(self) -> list[tuple[int, str, int]]:
-        """(message number, UIDL, size), newest (highest number) first."""
+        """(message number, UIDL, size), newest (highest number) first; oldest first for a
+        mirrored account, whose store nobody sees before the switch: the old POP3 order."""
         sizes = {}
         for line in self.conn.list()[1]:
             number, size = line.split()[:2]
@@ -106,7 +108,7 @@ class Pop3Copier:
         for line in self.conn.uidl()[1]:
             number, uidl = line.split()[:2]
             listing.append((int(number), uidl.decode("ascii", "replace"), sizes[int(number)]))
-        return sorted(listing, reverse=True)
+        return sorted(listing, reverse=not self.mirror)
 
     def _copy(self) -> None:
         folder = self.state.folder(POP3_FOLDER, "INBOX")

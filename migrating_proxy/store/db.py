@@ -81,6 +81,21 @@ def _v5_copy_engines(conn: Connection) -> None:
 def _add_dovecot_users_view(conn: Connection) -> None:
     """Version 6: the dovecot_users view (store/views.py) for Dovecot's SQL passdb."""
     create_views(conn)
+
+
+def _v8_pop3_continuity(conn: Connection) -> None:
+    """Version 8: POP3 continuity (pop3_uidls.position and store_uidl, migrations.pop3_uidls).
+
+    Only the columns still missing: like version 7's tables, this step may meet a database
+    that a test (or an interrupted hand upgrade) labelled older than its tables are."""
+    from migrating_proxy.store.schema import migrations, pop3_uidls
+
+    for column in (pop3_uidls.c.position, pop3_uidls.c.store_uidl, migrations.c.pop3_uidls):
+        present = {c["name"] for c in inspect(conn).get_columns(column.table.name)}
+        if column.name not in present:
+            add_column(conn, column)
+
+
 def _add_web_console(conn: Connection) -> None:
     """Version 7: the web console's admin users, tokens, sessions and the audit trail."""
     for table in WEB_TABLES:
@@ -97,6 +112,7 @@ UPGRADES: dict[int, Callable[[Connection], None]] = {
     5: _v5_copy_engines,
     6: _add_dovecot_users_view,
     7: _add_web_console,
+    8: _v8_pop3_continuity,
 }
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import (
 
 from migrating_proxy.store.views import drop_views_with
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = MetaData()
 
@@ -115,6 +115,9 @@ migrations = Table(
     Column("engine_note", Text, nullable=True),
     # Set at the switch: true when the store kept the old server's UIDs (dsync), else false.
     Column("uids_kept", Boolean, nullable=True),
+    # Set at the switch (schema version 8): "kept" when every old POP3 UIDL is served again,
+    # "unmatched: N" when N old messages could not be matched; NULL: "none" (no POP3 source).
+    Column("pop3_uidls", String(32), nullable=True),
 )
 
 # The job queue shared by every worker process (and machine, on PostgreSQL).
@@ -147,6 +150,10 @@ vault = Table(
 )
 
 # Old-server POP3 UIDLs of migrated messages, so POP3 clients need not download everything again.
+# A POP3-sourced copy records each copied message's UIDL; at the switch every row is replaced by
+# the old server's listing then (migration/pop3_uidls.py), with `position` (its message number
+# there) and `store_uidl` (the UIDL the store gives its copy; NULL: not matched): the relay
+# answers a POP3 client's UIDL with `uidl` for `store_uidl` (frontends/uidl.py).
 pop3_uidls = Table(
     "pop3_uidls",
     metadata,
@@ -154,6 +161,8 @@ pop3_uidls = Table(
     Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
     Column("uidl", String(70), nullable=False),
     Column("size", Integer, nullable=False),
+    Column("position", Integer, nullable=True),  # schema version 8
+    Column("store_uidl", String(70), nullable=True),  # schema version 8
     UniqueConstraint("account_id", "uidl"),
 )
 

@@ -23,6 +23,8 @@ STATUS_KEYS = (
     # Added by the dsync engine (issue 14): "imap" | "dsync" (null before the first pass),
     # why an account fell back to imap, and after the switch whether the UIDs were kept.
     "engine", "engine_note", "uids_kept",
+    # POP3 continuity (issue 10): "kept" | "unmatched: N" | "none", set at the switch.
+    "pop3_uidls",
 )
 COUNTERS = STATUS_KEYS[2:8]
 
@@ -88,7 +90,8 @@ _COLUMNS = (accounts.c.id, accounts.c.address, accounts.c.migration_state,
             accounts.c.served_by, accounts.c.switched_at,
             *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
             migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at,
-            migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept)
+            migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept,
+            migrations.c.pop3_uidls)
 
 
 def _conditions(ask: StatusQuery) -> list[ColumnElement[bool]]:
@@ -188,4 +191,5 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
     status["engine"] = row.copy_engine
     status["engine_note"] = row.engine_note
     status["uids_kept"] = row.uids_kept
+    status["pop3_uidls"] = row.pop3_uidls or "none"
     return status
