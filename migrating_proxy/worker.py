@@ -124,6 +124,11 @@ class CopyWorker:
             passes = _Passes(self, domain, account, password, interrupted)
             started = time.monotonic()
             result = passes.make(mirror=account.served_by_old_server)(None)
+            if result.state == "completed" and self.store.jobs.state_of(job.id) == \
+                    JobState.PAUSED:
+                # Paused while the last batch ran (the heartbeat had not seen it yet): no
+                # switch now; hand the job back paused, as `stop` promised.
+                result = replace(result, state="stopped")
             if result.state == "completed" and account.served_by_old_server:
                 self._switch(job, account, passes, result, time.monotonic() - started)
                 return
@@ -167,7 +172,11 @@ class CopyWorker:
 
     def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
-            self.store.lifecycle.pass_completed(job.id, job.account_id)
+            if not self.store.lifecycle.pass_completed(job.id, job.account_id):
+                # Paused by an admin after the last batch began: it stays paused until
+                # `start`, whose pass finds nothing left and completes (store/states.py).
+                log.info("migration_pass_paused", reason="paused as it completed")
+                return
             log.info("migration_pass_ended", state=AccountState.COMPLETED, error=None)
             if not self.config.migration.keep_credentials:
                 self.onboarding.vault.erase(account.id)  # not needed now: never keep it longer
