@@ -335,7 +335,9 @@ class _Heartbeat(threading.Thread):
                     state, last_beat = jobs.heartbeat(self.job_id), time.monotonic()
                 else:
                     state = jobs.state_of(self.job_id)
-                if state == JobState.PAUSED:
+                if state == JobState.PAUSED and not self.paused.is_set():
+                    # From here the copy stops at its next batch boundary.
+                    log.info("copy_pause_noticed", job=self.job_id)
                     self.paused.set()
             except Exception as exc:  # a database hiccup must not kill the copy
                 log.warning("heartbeat_failed", error=type(exc).__name__)

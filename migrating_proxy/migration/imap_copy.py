@@ -23,6 +23,7 @@ import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
+from migrating_proxy import failpoints
 from migrating_proxy.migration.connections import (
     Backoff,
     SourceSpec,
@@ -269,6 +270,7 @@ class ImapCopier:
             for messages in fetched:
                 self._check_stop()
                 writer.write(current, messages)
+                failpoints.reach("copy.batch_written")
         uidnext = selected.get(b"UIDNEXT")
         self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None,
                                modseq)
