@@ -4,6 +4,7 @@ proxy (`serve` with copy workers) and the CLI run as a subprocess, the way an ad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -348,7 +349,7 @@ def test_progress_display_on_a_terminal(tmp_path: Path, new_store: DovecotInstan
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-def watch_in_pty(argv: list[str], redraws: int = 2) -> tuple[str, int]:
+def watch_in_pty(argv: list[str], redraws: int = 2) -> tuple[str, int | None]:
     """Run a redrawing command on a pseudo-terminal until it redrew `redraws` times, then
     press Ctrl-C; everything it wrote, and its exit code."""
     master, slave = pty.openpty()
@@ -356,15 +357,31 @@ def watch_in_pty(argv: list[str], redraws: int = 2) -> tuple[str, int]:
                                close_fds=True)
     os.close(slave)
     output = ""
+
+    def read(seconds: float) -> None:
+        nonlocal output
+        ready, _, _ = select.select([master], [], [], seconds)
+        if ready:
+            with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                output += os.read(master, 65536).decode(errors="replace")
+
     deadline = time.monotonic() + 240
     while output.count(CLEAR_SCREEN) < redraws + 1 and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 1)
-        if ready:
-            output += os.read(master, 65536).decode(errors="replace")
+        read(1)
     process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=120)
+    # Keep reading until it exits: a child whose last writes found the terminal's buffer full
+    # would otherwise wait for a reader that waits for it. A bound on "it ended", with what it
+    # wrote in the failure (the exit code is None then), instead of an exception.
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        read(0.2)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+        os.close(master)
+        return output, None
     os.close(master)
-    return output, code
+    return output, process.returncode
 
 
 def run_in_pty(argv: list[str], answer: bytes | None = None) -> tuple[str, int]:
