@@ -159,13 +159,15 @@ class CopyWorker:
             if late.state == "error":  # switched all the same; `resync` or `finish` collects it
                 log.warning("switch_late_pass_failed", error=late.error)
             self._settle(job, switched, late if late.state == "stopped" else outcome.result)
-        elif outcome.state == "released" and not passes.interrupted():
+        elif outcome.state == "released" and not passes.interrupted() and \
+                self.store.jobs.state_of(job.id) != JobState.PAUSED:
             delay = retry_delay(job.attempts)
             reason = (f"switch postponed: the final pass did not fit in the "
                       f"{self.config.migration.switch_hold:g} s hold")
             self.store.jobs.retry_later(job.id, reason, delay)
             log.warning("switch_retry_scheduled", delay=delay, attempt=job.attempts)
-        elif outcome.state == "released":  # an admin's pause or a shutdown: as the row says
+        elif outcome.state == "released":  # an admin's pause (the flip refuses one too) or a
+            # shutdown: hand it back as the row says
             self.store.jobs.release(job.id)
         else:
             self._settle(job, account, outcome.result)
