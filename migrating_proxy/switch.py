@@ -13,8 +13,8 @@ no client ever sees a half-copied store:
    mirror pass followed by keeping the old POP3 UIDLs: worker.py, migration/pop3_uidls.py),
    stopped if it runs past the hold;
 5. flip, in one guarded transaction: served by the store, switched_at, COMPLETED. If the final
-   pass did not fit, release the hold instead: logins go to the old server again, and the
-   switch is tried again later.
+   pass did not fit (or an admin paused the pass meanwhile), release the hold instead: logins
+   go to the old server again, and the switch is tried again later (after `start`).
 
 What the account owes after the flip (the "your mailbox has moved" notice, erasing the
 password) is the caller's, after `run` returns "switched": nothing may write to the store
@@ -137,7 +137,9 @@ class Switch:
             return SwitchOutcome("switched", result, held, passes + 1)
         self.cutover.release(self.account_id)
         held = self.clock() - started
+        reason = result.error or ("the hold ran out, or an admin paused the pass" if fits
+                                  else "the final pass did not fit in the hold")
         log.warning("switch_released", hold_seconds=round(held, 3), state=result.state,
-                    reason=result.error or "the final pass did not fit in the hold")
+                    reason=reason)
         state = "error" if result.state == "error" else "released"
         return SwitchOutcome(state, result, held, passes + 1)

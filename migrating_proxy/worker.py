@@ -124,6 +124,11 @@ class CopyWorker:
             passes = _Passes(self, domain, account, password, interrupted)
             started = time.monotonic()
             result = passes.make(mirror=account.served_by_old_server)(None)
+            if result.state == "completed" and self.store.jobs.state_of(job.id) == \
+                    JobState.PAUSED:
+                # Paused while the last batch ran (the heartbeat had not seen it yet): no
+                # switch now; hand the job back paused, as `stop` promised.
+                result = replace(result, state="stopped")
             if result.state == "completed" and account.served_by_old_server:
                 self._switch(job, account, passes, result, time.monotonic() - started)
                 return
@@ -154,20 +159,26 @@ class CopyWorker:
             if late.state == "error":  # switched all the same; `resync` or `finish` collects it
                 log.warning("switch_late_pass_failed", error=late.error)
             self._settle(job, switched, late if late.state == "stopped" else outcome.result)
-        elif outcome.state == "released" and not passes.interrupted():
+        elif outcome.state == "released" and not passes.interrupted() and \
+                self.store.jobs.state_of(job.id) != JobState.PAUSED:
             delay = retry_delay(job.attempts)
             reason = (f"switch postponed: the final pass did not fit in the "
                       f"{self.config.migration.switch_hold:g} s hold")
             self.store.jobs.retry_later(job.id, reason, delay)
             log.warning("switch_retry_scheduled", delay=delay, attempt=job.attempts)
-        elif outcome.state == "released":  # an admin's pause or a shutdown: as the row says
+        elif outcome.state == "released":  # an admin's pause (the flip refuses one too) or a
+            # shutdown: hand it back as the row says
             self.store.jobs.release(job.id)
         else:
             self._settle(job, account, outcome.result)
 
     def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
         if result.state == "completed":
-            self.store.lifecycle.pass_completed(job.id, job.account_id)
+            if not self.store.lifecycle.pass_completed(job.id, job.account_id):
+                # Paused by an admin after the last batch began: it stays paused until
+                # `start`, whose pass finds nothing left and completes (store/states.py).
+                log.info("migration_pass_paused", reason="paused as it completed")
+                return
             log.info("migration_pass_ended", state=AccountState.COMPLETED, error=None)
             if not self.config.migration.keep_credentials:
                 self.onboarding.vault.erase(account.id)  # not needed now: never keep it longer
@@ -326,7 +337,9 @@ class _Heartbeat(threading.Thread):
                     state, last_beat = jobs.heartbeat(self.job_id), time.monotonic()
                 else:
                     state = jobs.state_of(self.job_id)
-                if state == JobState.PAUSED:
+                if state == JobState.PAUSED and not self.paused.is_set():
+                    # From here the copy stops at its next batch boundary.
+                    log.info("copy_pause_noticed", job=self.job_id)
                     self.paused.set()
             except Exception as exc:  # a database hiccup must not kill the copy
                 log.warning("heartbeat_failed", error=type(exc).__name__)

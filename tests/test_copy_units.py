@@ -297,3 +297,37 @@ def test_unsolicited_fetch_responses_are_never_taken_for_uids() -> None:
     assert got[613][b"BODY[]"] == b"xyz" and got[613][b"FLAGS"] == (b"\\Answered",)
     assert got[614][b"BODY[]"] is None  # expunged by another session meanwhile
     assert [len(r) for r in fetch_responses(data)] == [2, 1, 1, 1, 3, 1]
+
+
+def test_one_message_over_several_fetch_responses_keeps_its_body() -> None:
+    # A server may split a message's data, or follow it with an unsolicited FETCH that has
+    # the UID (CONDSTORE): the body read first must survive the FLAGS that come after.
+    data = [
+        (b"3 (UID 257 BODY[] {5}", b"hello"), b")",
+        b"3 (UID 257 FLAGS (\\Seen \\Answered))",
+    ]
+    got = fetch_range(_FakeClient(data), "257", b"BODY.PEEK[] FLAGS")  # type: ignore[arg-type]
+    assert got[257][b"BODY[]"] == b"hello" and got[257][b"FLAGS"] == (b"\\Seen", b"\\Answered")
+
+
+class _SearchClient:
+    def __init__(self, still: list[int]) -> None:
+        self.still, self.calls = still, []  # type: ignore[var-annotated]
+
+    def noop(self) -> None:
+        self.calls.append("noop")
+
+    def search(self, criteria: list[str]) -> list[int]:
+        self.calls.append(criteria)
+        return self.still
+
+
+def test_a_message_without_a_body_is_skipped_only_when_expunged() -> None:
+    from migrating_proxy.migration.connections import TransientError
+    from migrating_proxy.migration.imap_copy import _confirm_expunged
+
+    gone = _SearchClient([])
+    _confirm_expunged(gone, [5, 6, 7])  # type: ignore[arg-type]
+    assert gone.calls == ["noop", ["UID", "5:7"]]
+    with pytest.raises(TransientError, match="still has"):
+        _confirm_expunged(_SearchClient([6]), [5, 6, 7])  # type: ignore[arg-type]

@@ -152,6 +152,26 @@ def test_an_expired_hold_cannot_switch(passthrough: Store) -> None:
     assert not cutover.switch(account.id)
 
 
+def test_a_paused_pass_is_not_switched(passthrough: Store) -> None:
+    """`stop` landing during the final pass, before the worker noticed: the flip must not
+    happen (the pause stands, store/states.py); after `start` it may."""
+    account = passthrough.accounts.add_account("alice@old.example", "", migration_state="PENDING")
+    passthrough.jobs.enqueue(account.id, "full", "h")
+    passthrough.jobs.claim("w1", 4)
+    cutover = passthrough.cutover
+    assert cutover.hold(account.id, now() + timedelta(seconds=10))
+    assert passthrough.jobs.pause([account.id]) == {account.id}
+    assert not cutover.switch(account.id)
+    assert cutover.switch(account.id, held=False)  # `finish` all the same
+    other = passthrough.accounts.add_account("bob@old.example", "", migration_state="PENDING")
+    passthrough.jobs.enqueue(other.id, "full", "h")
+    passthrough.jobs.claim("w1", 4)
+    passthrough.jobs.pause([other.id])
+    passthrough.jobs.resume([other.id])
+    assert cutover.hold(other.id, now() + timedelta(seconds=10))
+    assert cutover.switch(other.id)
+
+
 def test_finish_may_switch_without_a_hold(passthrough: Store) -> None:
     account = passthrough.accounts.add_account("alice@old.example", "", migration_state="ERROR")
     assert passthrough.cutover.switch(account.id, held=False)

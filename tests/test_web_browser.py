@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
+from migrating_proxy.failpoints import ENV_VAR as FAILPOINTS
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import sample_corpus, seed_mailbox, write_maildir
@@ -36,6 +37,8 @@ BIG, BIG_PW = f"big@{DOMAIN}", "big-pw-Zq8vK"
 BIG_MESSAGES = 3000  # enough batches for a copy to be caught running and stopped midway
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 WAIT_MS = 60_000
+# Closed (the file exists): a copy worker waits after each batch it writes.
+COPY_GATE = Path(f"/tmp/mp-web-copy-gate-{os.getpid()}")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +63,13 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, module_store: DovecotInstanc
     })
     proxy.ports["web"] = web_port
     proxy.cli("admin-user", "add", ADMIN, input=ADMIN_PW + "\n")
-    with proxy:
+    proxy.start(env={FAILPOINTS: f"copy.batch_written@{COPY_GATE}"})
+    try:
         wait_for_log(proxy.log_path, '"event": "web_started"')
         yield proxy
+    finally:
+        COPY_GATE.unlink(missing_ok=True)
+        proxy.stop()
     # serve stops its console child with its workers.
     with pytest.raises(OSError):
         __import__("socket").create_connection(("127.0.0.1", web_port), timeout=1)
@@ -252,18 +259,26 @@ def test_import_with_bad_lines_imports_nothing_then_a_good_file(page: Page, prox
 
 
 def test_stop_and_start_a_running_copy(page: Page, proxy: Proxy, tmp_path: Path) -> None:
+    # The worker waits after its first batch while the gate is closed, so the stop lands in
+    # the middle of the copy however fast the machine (3,000 messages can take under a second).
+    COPY_GATE.touch()
     page.goto(f"/domains/{DOMAIN}")
     row(page, BIG).locator("input[type=checkbox]").check()
     expect(page.locator("#selected-count")).to_have_text("1 selected")
     page.click("#actions button[data-action=migrate]")
     expect(page.locator("#action-report")).to_contain_text("queued")
-    poll(lambda: (status_of(proxy, BIG)["messages_copied"] or 0) > 0)
+    wait_for_log(proxy.log_path, '"event": "failpoint_waiting"', timeout=60)  # a batch is in
     page.click("#actions button[data-action=stop]")
     expect(page.locator("#action-report tbody")).to_contain_text("paused")
-    paused = poll(lambda: (s := status_of(proxy, BIG))["job"] == "paused" and s)
+    wait_for_log(proxy.log_path, '"event": "copy_pause_noticed"', timeout=60)
+    COPY_GATE.unlink()
+    # The worker stops at the next batch boundary and lets go: the console shows "paused"
+    # (not "pausing"), and the account is not COMPLETED.
     expect(row(page, BIG)).to_have_attribute("data-job", "paused", timeout=WAIT_MS)
-    copied = status_of(proxy, BIG)["messages_copied"]
-    assert 0 < copied < BIG_MESSAGES and paused["migration_state"] == "PENDING"
+    paused = status_of(proxy, BIG)
+    copied = paused["messages_copied"]
+    assert paused["job"] == "paused" and paused["migration_state"] == "PENDING"
+    assert 0 < copied < BIG_MESSAGES
     time.sleep(1.5)  # a paused copy copies nothing more
     assert status_of(proxy, BIG)["messages_copied"] == copied
     page.click("#actions button[data-action=start]")

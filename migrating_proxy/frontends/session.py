@@ -36,6 +36,7 @@ from migrating_proxy.frontends.backend import (
     open_upstream,
 )
 from migrating_proxy.frontends.connection import ClientConnection, idle_seconds
+from migrating_proxy.frontends.hints import UpstreamHints
 from migrating_proxy.frontends.leases import LeaseKeeper
 from migrating_proxy.frontends.registry import SessionRegistry
 from migrating_proxy.frontends.relay import Relay as Splice
@@ -60,6 +61,7 @@ class FrontendContext:
     tls_options: Any  # twisted CertificateOptions, or None when TLS is not configured
     registry: SessionRegistry = field(default_factory=SessionRegistry)
     leases: LeaseKeeper | None = None  # old-server sessions' leases (the transparent cutover)
+    hints: UpstreamHints = field(default_factory=UpstreamHints)  # where to connect ahead
 
     def store_endpoint(self, protocol_name: str) -> Endpoint:
         return getattr(self.config.backend, protocol_name)
@@ -131,6 +133,7 @@ class ProxySession(protocol.Protocol):
         self.lease: int | None = None  # while relayed to an old server (frontends/leases.py)
         self.uidls: UidlMap | None = None  # the old POP3 UIDLs the relay answers with
         self.login_started = 0.0
+        self.username = ""  # as the client gave it at login (hints.py)
 
     # -- connection lifecycle ------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -179,11 +182,20 @@ class ProxySession(protocol.Protocol):
     # -- login ---------------------------------------------------------------------------
     def authenticate(self, attempt: Authenticate) -> None:
         started = self.login_started = time.monotonic()
-        # Open the store connection now: its greeting takes longer than the whole decision.
-        self.pending_upstream = open_upstream(
-            self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
-            self.ctx.config.backend.timeout,
-        )
+        self.username = attempt.username
+        # Open the upstream connection now: its greeting takes longer than the whole decision.
+        # The store, unless this user's last session here went elsewhere (hints.py).
+        hint = self.ctx.hints.get(self.protocol_name, attempt.username)
+        if hint is None:
+            self.pending_upstream = open_upstream(
+                self.ctx.reactor, self.ctx.reactor, self.ctx.store_endpoint(self.protocol_name),
+                self.ctx.config.backend.timeout,
+            )
+        else:
+            self.pending_upstream = open_upstream(
+                self.ctx.reactor, self.ctx.reactor, hint.endpoint,
+                self.ctx.config.backend.timeout, hint.name, hint.verify_tls, hint.ca_pem,
+            )
         decided = self.login.decide(attempt)
         decided.addCallback(self._decided, attempt.mechanism, started)
         decided.addErrback(self._crashed, attempt.mechanism, started)
@@ -202,6 +214,7 @@ class ProxySession(protocol.Protocol):
             self.login.after_delay(result).addCallback(self._refused, mechanism, started)
             return
         assert result.upstream is not None
+        self.ctx.hints.remember(self.protocol_name, self.username, result.upstream)
         self.refusals_retried_until = time.monotonic() + result.upstream.retry_refusals_for
         self._log_in_upstream(self._connection_to(result.upstream, connection), result,
                               mechanism, started)

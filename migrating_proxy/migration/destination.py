@@ -7,6 +7,7 @@ Shared by the IMAP and POP3 copies. The invariant: a copy_messages row exists fo
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from migrating_proxy.migration.connections import (
     DestinationError,
     StoreSpec,
+    TransientError,
     close_quietly,
     connect_store_imap,
 )
@@ -37,6 +39,10 @@ from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import INFLIGHT, CopyState, FolderState, MessageRecord
 
 log = structlog.get_logger(__name__)
+
+
+# Seconds to wait before each look for messages the store saved without saying where.
+FIND_SAVED_DELAYS = (0.0, 0.1, 0.3, 1.0, 2.0)
 
 
 @dataclass
@@ -213,17 +219,40 @@ class StoreWriter:
     def _settle_appended(self, folder: FolderState, messages: Sequence[OutMessage],
                          outcome: AppendOutcome, bounds: _Bounds) -> None:
         uids = outcome.uids or []
-        if len(uids) != len(messages) or outcome.uidvalidity != bounds.uidvalidity:
-            # No (usable) APPENDUID: find the messages the way a restart would.
-            log.warning("appenduid_missing_reconciling", folder=folder.dest_name)
-            self._bounds.pop(folder.dest_name, None)
-            self.reconcile(folder)
+        if len(uids) != len(messages):
+            self._find_saved(folder, messages)
             return
+        if outcome.uidvalidity != bounds.uidvalidity:
+            # The folder was made anew since we looked: APPENDUID still says where each
+            # message went, under the UIDVALIDITY it names.
+            log.info("store_uidvalidity_changed", folder=folder.dest_name)
+            self._bounds.pop(folder.dest_name, None)
         self.state.finish(folder.id, copied=[(m.key, u) for m, u in zip(messages, uids,
                                                                         strict=True)],
                           pop3=self.pop3)
         bounds.uidnext = max(bounds.uidnext, max(uids) + 1)
         self.reporter.copied(len(messages), sum(len(m.raw) for m in messages))
+
+    def _find_saved(self, folder: FolderState, messages: Sequence[OutMessage]) -> None:
+        """The store said OK without (usable) APPENDUID: the messages are saved, and we must
+        find them by fingerprint. Never forget one: a message the store saved where we cannot
+        see it yet (Dovecot's maildir assigns no UID while another session holds its uidlist
+        lock) would otherwise be recorded as never sent, and a folder marked synced after it
+        would never be looked at again. They are looked for a few times; if some still do not
+        show, their rows stay in flight and the folder is retried (TransientError), whose
+        reconciliation settles them."""
+        log.warning("appenduid_missing_reconciling", folder=folder.dest_name,
+                    messages=len(messages))
+        wanted = {m.key for m in messages}
+        found: set[str] = set()
+        for delay in FIND_SAVED_DELAYS:
+            time.sleep(delay)
+            self._bounds.pop(folder.dest_name, None)
+            found |= self.reconcile(folder, keep_unmatched=True)
+            if wanted <= found:
+                return
+        raise TransientError(f"the store saved {len(wanted - found)} message(s) without "
+                             f"APPENDUID and they did not show up in {folder.dest_name}")
 
     def _skip(self, folder: FolderState, message: OutMessage, reason: str) -> None:
         log.warning("message_refused_by_store", folder=folder.source_name, key=message.key,
@@ -249,7 +278,7 @@ class StoreWriter:
                                   pop3=self.pop3)
                 self.reporter.copied(1, len(message.raw))
             else:
-                self.reconcile(folder, keep_unmatched=True)
+                self._find_saved(folder, [message])
         self._bounds.pop(folder.dest_name, None)
 
     # --- reconciliation --------------------------------------------------------------------

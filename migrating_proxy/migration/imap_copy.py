@@ -23,9 +23,11 @@ import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
+from migrating_proxy import failpoints
 from migrating_proxy.migration.connections import (
     Backoff,
     SourceSpec,
+    TransientError,
     abort_quietly,
     close_quietly,
     connect_source_imap,
@@ -269,6 +271,7 @@ class ImapCopier:
             for messages in fetched:
                 self._check_stop()
                 writer.write(current, messages)
+                failpoints.reach("copy.batch_written")
         uidnext = selected.get(b"UIDNEXT")
         self.state.mark_synced(folder.id, uidvalidity, int(uidnext) if uidnext else None,
                                modseq)
@@ -308,6 +311,23 @@ class ImapCopier:
         self.state.rekey(folder.id, uidvalidity, carried)
 
 
+def _without_body(data: dict[int, dict[bytes, Any]], uids: list[int]) -> list[int]:
+    return [uid for uid in uids if (data.get(uid) or {}).get(b"BODY[]") is None]
+
+
+def _confirm_expunged(client: IMAPClient, uids: list[int]) -> None:
+    """Messages the old server sent no body for: fine if another session expunged them
+    (Dovecot answers `BODY[] NIL` until it may tell us), else the batch must be read again.
+    Skipping one that still exists would lose it for good: the folder is marked synced up to
+    its UIDNEXT at the end of the pass, and later passes only look above that."""
+    client.noop()  # lets the server report the expunges it was holding back
+    still = set(client.search(["UID", ",".join(uid_sets(uids))])) & set(uids)
+    if still:
+        raise TransientError(f"the old server sent no body for {len(still)} message(s) it "
+                             f"still has (UID {min(still)}...)")
+    log.info("messages_expunged_meanwhile", uids=len(uids))
+
+
 def _inventory(client: IMAPClient, exists: int) -> dict[int, int]:
     """UID -> RFC822.SIZE of every message in the selected folder."""
     if exists == 0:
@@ -317,12 +337,16 @@ def _inventory(client: IMAPClient, exists: int) -> dict[int, int]:
 
 
 def _fetch(client: IMAPClient, uids: list[int]) -> list[OutMessage]:
-    data = fetch_range(client, ",".join(uid_sets(uids)),
-                       b" ".join(_FETCH_ITEMS))
+    items = b" ".join(_FETCH_ITEMS)
+    data = fetch_range(client, ",".join(uid_sets(uids)), items)
+    if missing := _without_body(data, uids):  # asked again once, on their own
+        data.update(fetch_range(client, ",".join(uid_sets(missing)), items))
+        if missing := _without_body(data, missing):
+            _confirm_expunged(client, missing)
     messages = []
     for uid in uids:  # keep the batch's order; a UID expunged meanwhile is absent
         item = data.get(uid)
-        if item is None or item.get(b"BODY[]") is None:  # NIL: expunged by another session
+        if item is None or item.get(b"BODY[]") is None:  # confirmed expunged just above
             continue
         raw = bytes(item[b"BODY[]"])
         messages.append(OutMessage(

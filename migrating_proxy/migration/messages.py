@@ -109,7 +109,10 @@ def fetch_range(client: IMAPClient, uid_set: str, items: bytes,
     for response in fetch_responses(data):
         for item in parse_fetch_response(response, client.normalise_times, False).values():
             if b"UID" in item:
-                by_uid[int(item[b"UID"])] = item
+                # A server may split one message's data over several FETCH responses, or
+                # follow it with an unsolicited one (new FLAGS, with the UID under CONDSTORE):
+                # merged, the later items win, and a body already read is never lost.
+                by_uid.setdefault(int(item[b"UID"]), {}).update(item)
     return by_uid
 
 

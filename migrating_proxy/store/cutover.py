@@ -21,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, exists, func, insert, select, update
 
 from migrating_proxy.store.accounts import SERVED_BY_OLD, SERVED_BY_STORE, address_key, now
-from migrating_proxy.store.schema import accounts, old_sessions
+from migrating_proxy.store.schema import accounts, jobs, old_sessions
+from migrating_proxy.store.states import JobState
 
 LEASE_REFRESH = timedelta(seconds=1)  # how often a serve process refreshes its leases
 LEASE_STALE = timedelta(seconds=10)  # a lease not refreshed for this long no longer counts
@@ -54,8 +55,9 @@ class CutoverStore:
     def switch(self, account_id: int, *, conn: Connection | None = None,
                held: bool = True) -> bool:
         """Flip the account to the store (switched_at now). With `held` (the switch after a
-        final pass), only while its hold is still in force: False means the hold ran out (or
-        it was switched already). Without, unconditionally (`finish` retiring the old server).
+        final pass), only while its hold is still in force and no admin has paused its pass
+        (`stop` holds the switch too): False means the hold ran out, the pass was paused, or
+        it was switched already. Without, unconditionally (`finish` retiring the old server).
 
         The account's state is the lifecycle's: its pass is still running (PENDING) and
         completes after what the switch owes (store/lifecycle.py, `pass_completed`).
@@ -64,6 +66,8 @@ class CutoverStore:
         stamp = now()
         if held:
             guards.append(accounts.c.hold_until > stamp)
+            guards.append(~exists().where(jobs.c.account_id == account_id,
+                                          jobs.c.state == JobState.PAUSED.value))
         return self._update(account_id, *guards, conn=conn, served_by=SERVED_BY_STORE,
                             switched_at=stamp, hold_until=None)
 

@@ -149,11 +149,20 @@ class JobQueue:
             return _state(conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))
                           .scalar())
 
-    def end(self, conn: Connection, job_id: int, event: str, error: str | None = None) -> None:
+    def end(self, conn: Connection, job_id: int, event: str, error: str | None = None) -> bool:
         """A job's last transition, "completed" or "failed", in the caller's transaction
-        (`Lifecycle.pass_completed` / `pass_failed` move the account with it)."""
+        (`Lifecycle.pass_completed` / `pass_failed` move the account with it).
+
+        False, and nothing ended, when an admin paused the job before its pass could complete:
+        the pause stands (see `keep_paused`)."""
         assert JOB[event].target in (JobState.DONE, JobState.FAILED)
-        move_job(conn, job_id, event, last_error=error, finished_at=now(), claimed_by=None)
+        values = {"last_error": error, "finished_at": now(), "claimed_by": None}
+        if _move_all(conn, event, jobs.c.id == job_id, **values):
+            return True
+        if event == "completed" and _keep_paused(conn, job_id):
+            return False
+        move_job(conn, job_id, event, **values)  # raises: RowGone or IllegalTransition
+        return True
 
     def release(self, job_id: int, *, paused: bool = False) -> None:
         """Hand a job back (worker shutting down, or paused by an admin).
@@ -224,10 +233,14 @@ class JobQueue:
         return {row.account_id: (row.state, row.claimed_by is not None) for row in rows}
 
     def retry_later(self, job_id: int, error: str, delay: float) -> None:
-        """A transient failure: back to the queue, not before `delay` seconds."""
+        """A transient failure: back to the queue, not before `delay` seconds. A job an
+        admin paused meanwhile stays paused (its claim let go) and waits for `start`."""
+        values = {"last_error": error, "not_before": now() + timedelta(seconds=delay)}
         with self.engine.begin() as conn:
-            move_job(conn, job_id, "retried", claimed_by=None, last_error=error,
-                     not_before=now() + timedelta(seconds=delay))
+            if _move_all(conn, "retried", jobs.c.id == job_id, claimed_by=None, **values):
+                return
+            if not _keep_paused(conn, job_id, **values):
+                move_job(conn, job_id, "retried")  # raises: RowGone or IllegalTransition
 
     def active_job(self, account_id: int) -> Job | None:
         with self.engine.connect() as conn:
@@ -245,6 +258,15 @@ def _claimant_pid(claimed_by: str) -> int:
 
 def _state(value: str | None) -> JobState | None:
     return None if value is None else JobState(value)
+
+
+def _keep_paused(conn: Connection, job_id: int, **values: object) -> bool:
+    """A pass ended on a job an admin paused: the pause stands. The worker only lets go of
+    its claim (so `start` queues the job again and `status` shows "paused", not "pausing");
+    whether the job was paused."""
+    return bool(conn.execute(update(jobs).where(jobs.c.id == job_id,
+                                                jobs.c.state == JobState.PAUSED.value)
+                             .values(claimed_by=None, **values)).rowcount)
 
 
 def _move_all(conn: Connection, event: str, *where: ColumnElement[bool],

@@ -71,10 +71,15 @@ class Lifecycle:
             move_account(conn, account_id, "check_failed")
             return True
 
-    def pass_completed(self, job_id: int, account_id: int) -> None:
+    def pass_completed(self, job_id: int, account_id: int) -> bool:
+        """The pass completed: job done, account COMPLETED. False, and the account left
+        PENDING, if an admin paused the job first: a pause `stop` reported stands until
+        `start` (store/states.py)."""
         with self.engine.begin() as conn:
-            self.queue.end(conn, job_id, "completed")
+            if not self.queue.end(conn, job_id, "completed"):
+                return False
             move_account(conn, account_id, "pass_completed")
+            return True
 
     def pass_failed(self, job_id: int, account_id: int, error: str | None) -> None:
         with self.engine.begin() as conn:

@@ -34,9 +34,10 @@ Job (`jobs.state`; `status --json` shows the active one as `job_state`):
     queued       (no job)              queued    `pass_queued`, `first_login`
     refused      (no job)              failed    `check_failed` (a pass that never ran)
     claimed      queued                running   a worker
-    completed    running paused        done      the worker (an admin may have paused it
-    failed       running paused        failed    while its last batch was running)
-    retried      running paused        queued    the worker, after a transient failure
+    completed    running               done      the worker
+    failed       running paused        failed    the worker (an admin may have paused it
+                                                 while its last batch was running)
+    retried      running               queued    the worker, after a transient failure
     released     running               queued    a worker shutting down
     requeued     running               queued    the next claim, when the worker died
     paused       queued running        paused    admin `stop` (a running job keeps its claim
@@ -45,6 +46,12 @@ Job (`jobs.state`; `status --json` shows the active one as `job_state`):
     unclaimed    paused                queued    admin `start`, nobody holding it
 
 Queued, running and paused are active: at most one active job per account.
+
+A pause is kept once `stop` has answered "paused": a pass that ends after it (its last batch
+was running, or a transient failure) neither completes nor goes back to the queue. Its worker
+lets go of the claim and the job stays paused, the account PENDING, until `start`; the pass
+that then runs finds whatever is left (nothing, if the copy had got to the end) and completes.
+Only a pass that failed for good (`failed`) ends a paused job.
 """
 
 from __future__ import annotations
@@ -115,9 +122,9 @@ ACCOUNT_CREATED = {"imported": A.NEW, "first_login": A.PENDING}
 J = JobState
 JOB = _table(
     ("claimed", frozenset({J.QUEUED}), J.RUNNING),
-    ("completed", frozenset({J.RUNNING, J.PAUSED}), J.DONE),
+    ("completed", frozenset({J.RUNNING}), J.DONE),
     ("failed", frozenset({J.RUNNING, J.PAUSED}), J.FAILED),
-    ("retried", frozenset({J.RUNNING, J.PAUSED}), J.QUEUED),
+    ("retried", frozenset({J.RUNNING}), J.QUEUED),
     ("released", frozenset({J.RUNNING}), J.QUEUED),
     ("requeued", frozenset({J.RUNNING}), J.QUEUED),
     ("paused", frozenset({J.QUEUED, J.RUNNING}), J.PAUSED),
