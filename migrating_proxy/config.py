@@ -460,7 +460,7 @@ class _Reader:
             if not re.fullmatch(r"https?://[^/\s]+/\S*", backend.doveadm_url):
                 raise self.fail("backend.doveadm_url",
                                 "must be an http:// or https:// URL such as "
-                                "http://127.0.0.1:8080/doveadm/v1")
+                                "http://127.0.0.1:10180/doveadm/v1")
             if backend.doveadm_api_key_file is None:
                 raise self.fail("backend.doveadm_api_key_file",
                                 "required with backend.doveadm_url")

@@ -24,7 +24,9 @@ from typing import Any
 
 import pytest
 
+from migrating_proxy.config import WebConfig
 from tests.support.deploy_driver import readme_install_block
+from tests.support.dovecot import DSYNC_SNIPPET, SNIPPET_PORTS
 from tests.support.processes import run_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,3 +149,21 @@ def test_the_install_steps_never_put_the_master_password_on_a_command_line() -> 
             if "$password" in segment:
                 assert segment.split()[0] == "printf", (segment, line)
 
+
+def test_the_dsync_snippet_listens_where_nothing_of_ours_does() -> None:
+    """On the README's one machine, the store's doveadm HTTP listener (the dsync snippet) must
+    not take a port the proxy or its web console uses by default: Dovecot refuses to start at
+    all when one of its listeners cannot bind (`service(doveadm): listen(127.0.0.1, 8080)
+    failed: Address already in use`), and the console would fail the other way round."""
+    text = DSYNC_SNIPPET.read_text()
+    match = re.search(r"inet_listener http \{[^}]*?\bport = (\d+)", text)
+    assert match is not None
+    http_port = int(match.group(1))
+    assert http_port != WebConfig.DEFAULT_LISTEN[1]
+    assert http_port not in SNIPPET_PORTS.values()
+    assert http_port not in (143, 110, 993, 995, 25, 587, 9150)
+    # What the configuration and the README tell the operator to point the proxy at.
+    url = f"http://127.0.0.1:{http_port}/doveadm/v1"
+    assert url in text
+    assert url in (REPO / "config" / "migrating-proxy.example.toml").read_text()
+    assert url in (REPO / "README.md").read_text()
