@@ -602,3 +602,37 @@ def test_json_output_is_pure_json_on_stdout(admin: Admin) -> None:
         result = admin.ok(*command)
         assert isinstance(json.loads(result.stdout), list)
         assert result.stdout.endswith("]\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acts as the state directory's owner: needs root")
+def test_the_audit_trail_names_root_not_the_user_it_switched_to() -> None:
+    """Run by root, admin commands act as the state directory's owner (privileges.py), but the
+    audit trail must still say who asked. Without LOGNAME or USER (a systemd timer, `env -i`,
+    some cron set-ups) the name used to be looked up after the switch: every action read as
+    the service's own."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="mp-audit-"))
+    try:
+        work.chmod(0o755)
+        state = work / "state"
+        state.mkdir()
+        shutil.chown(state, "nobody", "nogroup")
+        config = work / "migrating-proxy.toml"
+        config.write_text(render_toml({"database": {"url": f"sqlite:///{state / 'proxy.db'}"},
+                                       "provision": {"kind": "none"},
+                                       "log": {"format": "json"}}))
+        config.chmod(0o644)
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("LOGNAME", "USER", "LNAME", "USERNAME")}
+        added = program("--config", str(config), "domain", "add", "old.example", "--source",
+                        "imap://192.0.2.1", env=env)
+        assert added.returncode == 0, added.stderr
+        assert state.joinpath("proxy.db").stat().st_uid != 0  # it did act as nobody
+        trail = program("--config", str(config), "audit", "--json", env=env)
+        assert trail.returncode == 0, trail.stderr
+        assert [(e["who"], e["action"]) for e in json.loads(trail.stdout)] == [
+            ("root", "domain_add")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
