@@ -636,3 +636,32 @@ def test_the_audit_trail_names_root_not_the_user_it_switched_to() -> None:
             ("root", "domain_add")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_libraries_own_warnings_are_lines_of_the_json_log() -> None:
+    """`log.format = "json"` means JSON lines, whoever logs. imapclient warns through the
+    standard library's logging (a store reply it cannot decode: `Mailbox doesn't exist:
+    Reçus`, at every copy of a folder with a non-ASCII name), and that line used to reach the
+    journal as plain text, breaking every JSON reader of the log."""
+    code = (
+        "import logging\n"
+        "from migrating_proxy import logs\n"
+        "logs.configure('json', 'info')\n"
+        "logging.getLogger('imapclient.util').warning(\n"
+        "    'An error occurred while decoding %s in ASCII strict mode', b'Re\\xc3\\xa7us')\n"
+        "logging.getLogger('some.library').info('below the level: not shown')\n"
+        "try:\n"
+        "    raise ValueError('pw=hunter2')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["level"], e["logger"]) for e in events] == [
+        ("warning", "imapclient.util"), ("error", "uvicorn.error")]
+    assert "Re\\xc3\\xa7us" in events[0]["message"]
+    assert events[1]["error"] == "ValueError"  # the exception's type: its text may hold secrets
+    assert "hunter2" not in result.stderr
+
