@@ -243,7 +243,16 @@ def locate(explicit: str | None) -> Path | None:
         return Path(explicit)
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    return next((path for path in SEARCH_PATH if path.is_file()), None)
+    return next((path for path in SEARCH_PATH if _present(path)), None)
+
+
+def _present(path: Path) -> bool:
+    """A file there, or one this user may not even look for (the installed directory is
+    0750 root:migrating-proxy): load() then says so in one line, as for --config."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return True
 
 
 def search_note(config: Config) -> str | None:
@@ -257,7 +266,7 @@ def search_note(config: Config) -> str | None:
         tried = ", ".join(["--config", f"${ENV_VAR}", *(str(p) for p in SEARCH_PATH)])
         return (f"no configuration file (looked for {tried}); using built-in defaults, "
                 f"database {database_location(config.database_url)}")
-    if config.source == CHECKOUT_PATH and INSTALLED_PATH.is_file():
+    if config.source == CHECKOUT_PATH and _present(INSTALLED_PATH):
         return f"using {CHECKOUT_PATH.resolve()} (working directory), not {INSTALLED_PATH}"
     return None
 

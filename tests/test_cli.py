@@ -665,3 +665,30 @@ def test_libraries_own_warnings_are_lines_of_the_json_log() -> None:
     assert events[1]["error"] == "ValueError"  # the exception's type: its text may hold secrets
     assert "hunter2" not in result.stderr
 
+
+def test_an_installed_configuration_the_user_may_not_read_is_one_line() -> None:
+    """An admin outside the group migrating-proxy runs `migrating-proxy status`: the README's
+    /etc/migrating-proxy is 0750, so even looking for the file there is refused. That was a
+    traceback (PermissionError from the search); it is the one line `--config` gives."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="mp-locked-"))
+    try:
+        work.chmod(0o755)
+        locked = work / "etc-migrating-proxy"
+        locked.mkdir()
+        (locked / "migrating-proxy.toml").write_text("")
+        locked.chmod(0)
+        code = ("import sys\nfrom pathlib import Path\nfrom migrating_proxy import cli, config\n"
+                "config.SEARCH_PATH = (Path(sys.argv[1]),)\nsys.exit(cli.main(['status']))\n")
+        command = [sys.executable, "-c", code, str(locked / "migrating-proxy.toml")]
+        if os.geteuid() == 0:  # root may read anything: ask as nobody
+            command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                       *command]
+        result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60)
+        assert_refused(result, f"{locked / 'migrating-proxy.toml'}: cannot read: "
+                               "Permission denied", context=result.stderr)
+    finally:
+        (work / "etc-migrating-proxy").chmod(0o755)
+        shutil.rmtree(work, ignore_errors=True)
