@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from migrating_proxy import config as config_module
 from migrating_proxy import logs
-from migrating_proxy.admin import Actor, domains
+from migrating_proxy.admin import Actor, domains, os_user
 from migrating_proxy.admin.cutover import EXPORT_FORMATS
 from migrating_proxy.admin.progress import watch
 from migrating_proxy.admin.views import status_rows
@@ -270,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (note := config_module.search_note(config)) is not None:
             print(f"migrating-proxy: note: {note}", file=sys.stderr)
         if args.command != "serve":  # serve does it itself, once its ports are bound
+            os_user()  # the audit trail's "who": root, not the user it switches to
             become_service_user(config)
         logs.configure(config.log.format, config.log.level)
         return run(args, config)

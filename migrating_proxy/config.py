@@ -243,7 +243,27 @@ def locate(explicit: str | None) -> Path | None:
         return Path(explicit)
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    return next((path for path in SEARCH_PATH if path.is_file()), None)
+    return next((path for path in SEARCH_PATH if _present(path)), None)
+
+
+def _present(path: Path) -> bool:
+    """A file there, or one this user may not even look for (the installed directory is
+    0750 root:migrating-proxy): load() then says so in one line, as for --config."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return True
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` cannot serve as a file, or None. A directory on the way that this user may
+    not enter (the service's user and /etc/ssl/private, say) is a reason, not a traceback."""
+    try:
+        if path.is_file():
+            return None
+    except OSError as exc:
+        return f"{path} is not a readable file: {exc.strerror}"
+    return f"{path} is not a readable file"
 
 
 def search_note(config: Config) -> str | None:
@@ -257,7 +277,7 @@ def search_note(config: Config) -> str | None:
         tried = ", ".join(["--config", f"${ENV_VAR}", *(str(p) for p in SEARCH_PATH)])
         return (f"no configuration file (looked for {tried}); using built-in defaults, "
                 f"database {database_location(config.database_url)}")
-    if config.source == CHECKOUT_PATH and INSTALLED_PATH.is_file():
+    if config.source == CHECKOUT_PATH and _present(INSTALLED_PATH):
         return f"using {CHECKOUT_PATH.resolve()} (working directory), not {INSTALLED_PATH}"
     return None
 
@@ -398,8 +418,8 @@ class _Reader:
         )
         for key in ("cert", "key"):
             path = getattr(tls, key)
-            if path is not None and not path.is_file():
-                raise self.fail(f"tls.{key}", f"{path} is not a readable file")
+            if path is not None and (why := _not_a_file(path)):
+                raise self.fail(f"tls.{key}", why)
         if tls.cert is None and tls.require:
             raise self.fail("tls.require", "needs tls.cert and tls.key")
         return tls
@@ -448,11 +468,8 @@ class _Reader:
         self._check_doveadm(backend)
         if backend.master_user and backend.master_password_file is None:
             raise self.fail("backend.master_password_file", "required with backend.master_user")
-        if backend.master_password_file and not backend.master_password_file.is_file():
-            raise self.fail(
-                "backend.master_password_file",
-                f"{backend.master_password_file} is not a readable file",
-            )
+        if backend.master_password_file and (why := _not_a_file(backend.master_password_file)):
+            raise self.fail("backend.master_password_file", why)
         return backend
 
     def _check_doveadm(self, backend: BackendConfig) -> None:
@@ -460,13 +477,13 @@ class _Reader:
             if not re.fullmatch(r"https?://[^/\s]+/\S*", backend.doveadm_url):
                 raise self.fail("backend.doveadm_url",
                                 "must be an http:// or https:// URL such as "
-                                "http://127.0.0.1:8080/doveadm/v1")
+                                "http://127.0.0.1:10180/doveadm/v1")
             if backend.doveadm_api_key_file is None:
                 raise self.fail("backend.doveadm_api_key_file",
                                 "required with backend.doveadm_url")
         key_file = backend.doveadm_api_key_file
-        if key_file is not None and not key_file.is_file():
-            raise self.fail("backend.doveadm_api_key_file", f"{key_file} is not a readable file")
+        if key_file is not None and (why := _not_a_file(key_file)):
+            raise self.fail("backend.doveadm_api_key_file", why)
         if not backend.doveadm_command.strip():
             raise self.fail("backend.doveadm_command", "must not be empty")
 
@@ -556,8 +573,8 @@ class _Reader:
             raise self.fail("migration.dsync_credentials", 'required with engine = "dsync"')
         values["keep_credentials"] = self.get("migration", "keep_credentials", bool, False)
         for key in ("notice", "moved_notice"):
-            if values[key] is not None and not values[key].is_file():
-                raise self.fail(f"migration.{key}", f"{values[key]} is not a readable file")
+            if values[key] is not None and (why := _not_a_file(values[key])):
+                raise self.fail(f"migration.{key}", why)
         if values["switch_hold"] < 1:
             raise self.fail("migration.switch_hold", "must be at least 1 (seconds)")
         return MigrationConfig(**values)

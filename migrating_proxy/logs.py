@@ -43,6 +43,26 @@ def configure(format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Libraries that log through the standard library (imapclient, uvicorn, SQLAlchemy...):
+    # their warnings become events of this log, not plain-text lines in a JSON log.
+    root = logging.getLogger()
+    root.handlers = [_LibraryLogs()]
+    root.setLevel(logging.WARNING)
+
+
+class _LibraryLogs(logging.Handler):
+    """One `library_log` event per standard-library record. An exception is named by its type
+    only: its text (a driver's, a server's) may hold what must never reach a log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's malformed format string
+            message = str(record.msg)
+        fields: dict[str, Any] = {"logger": record.name, "message": message}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__
+        structlog.get_logger().log(record.levelno, "library_log", **fields)
 
 
 def forward_twisted_logs() -> None:

@@ -304,6 +304,9 @@ class _Passes:
         store = store_spec(config, account.address)
 
         def run(deadline: float | None) -> CopyResult:
+            # status says which engine copied the account (dsync records its own; the imap
+            # engine's accounts showed null, "before the first pass", for ever).
+            CopyState(self.worker.store.engine, account.id).record_engine(IMAP)
             return run_copy(
                 self.worker.store.engine, account.id, source, store,
                 should_stop=lambda: self.interrupted() or (

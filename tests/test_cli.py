@@ -602,3 +602,93 @@ def test_json_output_is_pure_json_on_stdout(admin: Admin) -> None:
         result = admin.ok(*command)
         assert isinstance(json.loads(result.stdout), list)
         assert result.stdout.endswith("]\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acts as the state directory's owner: needs root")
+def test_the_audit_trail_names_root_not_the_user_it_switched_to() -> None:
+    """Run by root, admin commands act as the state directory's owner (privileges.py), but the
+    audit trail must still say who asked. Without LOGNAME or USER (a systemd timer, `env -i`,
+    some cron set-ups) the name used to be looked up after the switch: every action read as
+    the service's own."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="mp-audit-"))
+    try:
+        work.chmod(0o755)
+        state = work / "state"
+        state.mkdir()
+        shutil.chown(state, "nobody", "nogroup")
+        config = work / "migrating-proxy.toml"
+        config.write_text(render_toml({"database": {"url": f"sqlite:///{state / 'proxy.db'}"},
+                                       "provision": {"kind": "none"},
+                                       "log": {"format": "json"}}))
+        config.chmod(0o644)
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("LOGNAME", "USER", "LNAME", "USERNAME")}
+        added = program("--config", str(config), "domain", "add", "old.example", "--source",
+                        "imap://192.0.2.1", env=env)
+        assert added.returncode == 0, added.stderr
+        assert state.joinpath("proxy.db").stat().st_uid != 0  # it did act as nobody
+        trail = program("--config", str(config), "audit", "--json", env=env)
+        assert trail.returncode == 0, trail.stderr
+        assert [(e["who"], e["action"]) for e in json.loads(trail.stdout)] == [
+            ("root", "domain_add")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_libraries_own_warnings_are_lines_of_the_json_log() -> None:
+    """`log.format = "json"` means JSON lines, whoever logs. imapclient warns through the
+    standard library's logging (a store reply it cannot decode: `Mailbox doesn't exist:
+    Reçus`, at every copy of a folder with a non-ASCII name), and that line used to reach the
+    journal as plain text, breaking every JSON reader of the log."""
+    code = (
+        "import logging\n"
+        "from migrating_proxy import logs\n"
+        "logs.configure('json', 'info')\n"
+        "logging.getLogger('imapclient.util').warning(\n"
+        "    'An error occurred while decoding %s in ASCII strict mode', b'Re\\xc3\\xa7us')\n"
+        "logging.getLogger('some.library').info('below the level: not shown')\n"
+        "try:\n"
+        "    raise ValueError('pw=hunter2')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["level"], e["logger"]) for e in events] == [
+        ("warning", "imapclient.util"), ("error", "uvicorn.error")]
+    assert "Re\\xc3\\xa7us" in events[0]["message"]
+    assert events[1]["error"] == "ValueError"  # the exception's type: its text may hold secrets
+    assert "hunter2" not in result.stderr
+
+
+def test_an_installed_configuration_the_user_may_not_read_is_one_line() -> None:
+    """An admin outside the group migrating-proxy runs `migrating-proxy status`: the README's
+    /etc/migrating-proxy is 0750, so even looking for the file there is refused. That was a
+    traceback (PermissionError from the search); it is the one line `--config` gives."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="mp-locked-"))
+    try:
+        work.chmod(0o755)
+        locked = work / "etc-migrating-proxy"
+        locked.mkdir()
+        (locked / "migrating-proxy.toml").write_text("")
+        locked.chmod(0)
+        code = ("import sys\nfrom pathlib import Path\nfrom migrating_proxy import cli, config\n"
+                "config.SEARCH_PATH = (Path(sys.argv[1]),)\nsys.exit(cli.main(['status']))\n")
+        command = [sys.executable, "-c", code, str(locked / "migrating-proxy.toml")]
+        if os.geteuid() == 0:  # root may read anything: ask as nobody
+            command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                       *command]
+        result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60)
+        assert_refused(result, f"{locked / 'migrating-proxy.toml'}: cannot read: "
+                               "Permission denied", context=result.stderr)
+    finally:
+        (work / "etc-migrating-proxy").chmod(0o755)
+        shutil.rmtree(work, ignore_errors=True)

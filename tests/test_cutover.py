@@ -67,6 +67,7 @@ def test_passthrough_account_is_served_by_the_old_server_until_its_switch(
         row = work_until_settled(proxy, user.address)
         assert row["state"] == "COMPLETED" and row["served_by"] == "store", row
         assert row["switched_at"] is not None and row["last_error"] is None
+        assert (row["engine"], row["uids_kept"]) == ("imap", False)  # null only before a pass
 
         final = user.old_snapshot()
         moved = user.store_snapshot()
@@ -95,6 +96,7 @@ def test_immediate_domain_keeps_today_s_behaviour(old: DovecotInstance, store: D
     assert row["served_by"] == "store"
     row = work_until_settled(proxy, user.address)
     assert (row["state"], row["served_by"], row["switched_at"]) == ("COMPLETED", "store", None)
+    assert row["engine"] == "imap"  # null only before the first pass
     copied = user.store_snapshot()
     assert count(copied, MOVING) == 1 and count(copied, MOVED) == 0
     assert without(copied, MOVING) == user.old_snapshot()

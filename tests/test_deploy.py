@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,22 +24,24 @@ from typing import Any
 
 import pytest
 
+from migrating_proxy.config import WebConfig
+from tests.support.deploy_driver import readme_install_block
+from tests.support.dovecot import DSYNC_SNIPPET, SNIPPET_PORTS
 from tests.support.processes import run_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [
-    # The whole deployment (a venv, pip, Dovecot, a migration) runs in the module's fixture:
-    # about a minute alone, several on a machine busy with other test runs.
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(os.geteuid() != 0, reason="installs users and mounts: needs root"),
-    pytest.mark.skipif(not (REPO / ".venv" / "wheelhouse" / ".stamp").exists(),
-                       reason="no wheelhouse: run scripts/bootstrap"),
-]
+# The whole deployment (a venv, pip, Dovecot, a migration) runs in the module's fixture:
+# about a minute alone, several on a machine busy with other test runs.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[dict[str, Any]]:
+    if os.geteuid() != 0:
+        pytest.skip("installs users and mounts: needs root")
+    if not (REPO / ".venv" / "wheelhouse" / ".stamp").exists():
+        pytest.skip("no wheelhouse: run scripts/bootstrap")
     work = Path(tempfile.mkdtemp(prefix="mp-deploy-"))
     work.chmod(0o755)
     try:
@@ -133,3 +136,34 @@ def test_the_packages_the_readme_installs_are_those_the_deployment_ran_on() -> N
         status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
                                 capture_output=True, text=True)
         assert status.stdout == "install ok installed", (package, status)
+
+
+def test_the_install_steps_never_put_the_master_password_on_a_command_line() -> None:
+    """Any local user reads every process's arguments (`ps`, /proc/PID/cmdline): the master
+    password, which opens every mailbox of the store, may only go through a pipe. `printf` is
+    bash's builtin (no process); every other command gets it on its standard input."""
+    for line in readme_install_block().replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for segment in re.split(r"\$\(|\||;|&&", line):
+            if "$password" in segment:
+                assert segment.split()[0] == "printf", (segment, line)
+
+
+def test_the_dsync_snippet_listens_where_nothing_of_ours_does() -> None:
+    """On the README's one machine, the store's doveadm HTTP listener (the dsync snippet) must
+    not take a port the proxy or its web console uses by default: Dovecot refuses to start at
+    all when one of its listeners cannot bind (`service(doveadm): listen(127.0.0.1, 8080)
+    failed: Address already in use`), and the console would fail the other way round."""
+    text = DSYNC_SNIPPET.read_text()
+    match = re.search(r"inet_listener http \{[^}]*?\bport = (\d+)", text)
+    assert match is not None
+    http_port = int(match.group(1))
+    assert http_port != WebConfig.DEFAULT_LISTEN[1]
+    assert http_port not in SNIPPET_PORTS.values()
+    assert http_port not in (143, 110, 993, 995, 25, 587, 9150)
+    # What the configuration and the README tell the operator to point the proxy at.
+    url = f"http://127.0.0.1:{http_port}/doveadm/v1"
+    assert url in text
+    assert url in (REPO / "config" / "migrating-proxy.example.toml").read_text()
+    assert url in (REPO / "README.md").read_text()

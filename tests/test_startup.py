@@ -159,11 +159,21 @@ def _tls_cases() -> list[Case]:
         shutil.copy(files.key, directory / "key.pem")
         (directory / "key.pem").chmod(0o600)  # root's, as a careless install leaves it
 
+    def locked_directory(directory: Path) -> None:
+        # /etc/ssl/private (0710 root:ssl-cert) or /etc/dovecot/private (0700 root): the
+        # service's user may not even look inside, which used to be a traceback.
+        files = make_test_ca(directory / "private")
+        (directory / "private").chmod(0o700)
+        files.cert.chmod(0o644)
+
     tls = {"tls": {"cert": "cert.pem", "key": "key.pem"}}
+    private = {"tls": {"cert": "private/server.pem", "key": "private/server.key"}}
     return [
         Case("tls-garbage", "tls: cannot use", tls, prepare=garbage),
         Case("tls-mismatch", "tls: cannot use", tls, prepare=mismatched),
         Case("tls-unreadable", "tls: cannot read", tls, as_nobody=True, prepare=unreadable_key),
+        Case("tls-locked-directory", "tls.cert: ", private, as_nobody=True,
+             prepare=locked_directory),
     ]
 
 

@@ -10,6 +10,7 @@ API token), how, what and on which accounts, and when.
 
 from __future__ import annotations
 
+import functools
 import getpass
 from dataclasses import dataclass
 
@@ -22,7 +23,10 @@ log = structlog.get_logger("migrating_proxy.admin")
 MAX_LISTED = 100  # an --all over thousands of accounts records the first ones and the count
 
 
+@functools.cache
 def os_user() -> str:
+    """Who runs this command. Asked once, before a command run by root becomes the service's
+    user (cli.main): getpass falls back to the process's uid without LOGNAME or USER."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry and no $USER: a container, say

@@ -340,6 +340,18 @@ class CopyState:
             return conn.execute(select(migrations.c.copy_engine).where(
                 migrations.c.account_id == self.account_id)).scalar_one_or_none()
 
+    def record_engine(self, engine: str) -> None:
+        """Say which engine copies the account, unless one is recorded already (a dsync
+        account, or one that fell back, keeps what it has)."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(migrations).where(and_(
+                migrations.c.account_id == self.account_id,
+                migrations.c.copy_engine.is_(None))).values(copy_engine=engine)).rowcount
+            if not changed and conn.execute(select(migrations.c.account_id).where(
+                    migrations.c.account_id == self.account_id)).first() is None:
+                conn.execute(insert(migrations).values(
+                    account_id=self.account_id, started_at=_now(), copy_engine=engine))
+
     def write_progress(self, *, finished: bool = False, error: str | None = None,
                        **counters: int) -> None:
         """Upsert the account's `migrations` row with the given counters (or other columns)."""

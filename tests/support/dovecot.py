@@ -54,7 +54,7 @@ SNIPPET_MAIL_OWNER = "uid=vmail gid=vmail"
 SNIPPET_PORTS = {"imap": 10143, "imaps": 0, "pop3": 10110, "pop3s": 0, "lmtp": 24}
 DSYNC_KEY_PATH = "/etc/dovecot/migrating-proxy-doveadm-key"
 DSYNC_USERS_PATH = "/var/lib/migrating-proxy/dsync-users"
-_DSYNC_HTTP_PORT = re.compile(r"(inet_listener http \{[^}]*?\bport = )8080\b")
+_DSYNC_HTTP_PORT = re.compile(r"(inet_listener http \{[^}]*?\bport = )10180\b")
 
 SPECIAL_USE = {
     "Sent": r"\Sent",
@@ -439,7 +439,7 @@ def render_dsync_snippet(key_file: Path, dsync_users: Path, http_port: int) -> s
     text = text.replace(DSYNC_KEY_PATH, str(key_file)).replace(DSYNC_USERS_PATH, str(dsync_users))
     text, count = _DSYNC_HTTP_PORT.subn(rf"\g<1>{http_port}", text)
     if count != 1:
-        raise ValueError(f"{DSYNC_SNIPPET}: expected one HTTP listener with port = 8080")
+        raise ValueError(f"{DSYNC_SNIPPET}: expected one HTTP listener with port = 10180")
     return text
 
 
