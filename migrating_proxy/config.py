@@ -152,6 +152,9 @@ class MigrationConfig:
     dsync_timeout: float = 3600.0  # seconds one `backup` call may take (a first pass: long)
 
 
+# A wrong type named as TOML's reader would say it (`max_line = "8k"`: must be an integer).
+TOML_KINDS: dict[type, str] = {int: "an integer", float: "a number", bool: "true or false",
+                               str: "a string", list: "a list", dict: "a table"}
 ENGINES = ("imap", "dsync")
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -370,8 +373,8 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            name = kind.__name__ if isinstance(kind, type) else "value"
-            raise self.fail(f"{section}.{key}", f"must be a {name}")
+            name = TOML_KINDS.get(kind, "value") if isinstance(kind, type) else "value"
+            raise self.fail(f"{section}.{key}", f"must be {name}")
         return value
 
     def path_or_none(self, section: str, key: str) -> Path | None:

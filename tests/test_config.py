@@ -194,12 +194,13 @@ BAD_CASES = {
     "section not a table": ('listen = "127.0.0.1:1143"\n', "listen", "must be a table"),
     "unknown key": ("[listen]\nimap4 = \"127.0.0.1:1143\"\n", "listen.imap4", "unknown key"),
     "wrong type (string for int)": (
-        '[limits]\nmax_line = "8k"\n', "limits.max_line", "must be a int"),
+        '[limits]\nmax_line = "8k"\n', "limits.max_line", "must be an integer"),
     "wrong type (bool for int)": ("[limits]\nmax_line = true\n", "limits.max_line", "must be a"),
     "wrong type (float for int)": (
         "[limits]\nmax_failures_per_peer = 2.5\n", "limits.max_failures_per_peer", "must be a"),
     "wrong type (int for string)": ("[listen]\nimap = 1143\n", "listen.imap", "must be a"),
-    "wrong type (string for bool)": ('[tls]\nrequire = "yes"\n', "tls.require", "must be a bool"),
+    "wrong type (string for bool)": (
+        '[tls]\nrequire = "yes"\n', "tls.require", "must be true or false"),
     "listen address without port": (
         '[listen]\nimap = "127.0.0.1"\n', "listen.imap", "expected host:port"),
     "listen port out of range": (

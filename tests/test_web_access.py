@@ -346,7 +346,7 @@ def test_passwords_never_reach_the_logs(console: WebConsole) -> None:
 @pytest.mark.parametrize(("body", "message"), [
     ('[web]\nlisten = "8080"\n', "web.listen: '8080': expected host:port"),
     ("[web]\nsession_lifetime = 0\n", "web.session_lifetime: must be positive"),
-    ('[web]\nsession_lifetime = "1h"\n', "web.session_lifetime: must be a float"),
+    ('[web]\nsession_lifetime = "1h"\n', "web.session_lifetime: must be a number"),
     ('[web]\nport = 8080\n', "web.port: unknown key"),
 ])
 def test_bad_web_settings_are_one_line(tmp_path: Path, body: str, message: str) -> None:

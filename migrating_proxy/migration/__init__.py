@@ -86,7 +86,7 @@ def run_copy(
     else:
         copier = ImapCopier(state, source, writer, reporter, stop, timeout,
                             parallel_folders=parallel_folders, mirror=mirror)
-    log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}",
+    log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}:{source.port}",
                     store_address=store.address)
     log_.info("copy_started")
     result = _run(copier.run, reporter, (source.password, store.master_password,
