@@ -43,7 +43,9 @@ HIGH_WATER = 256 * 1024  # message octets kept while the hop has not said 354 ye
 def reply_line(code: int, message: bytes | str) -> str:
     """The hop's reply as one line we can pass back: its class kept, its text made safe."""
     text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-    text = " ".join("".join(c for c in text if " " <= c <= "~").split())
+    if not (text.isascii() and text.isprintable()):  # (the usual reply needs no filtering)
+        text = "".join(c for c in text if " " <= c <= "~")
+    text = " ".join(text.split())
     if code < 200 or code > 599 or 300 <= code < 400 or code == 421:
         return LOST  # a 421 passed on would tell our client that *we* are closing
     klass = code // 100
@@ -89,6 +91,7 @@ class HopProtocol(protocol.Protocol):
         self.buffer = bytearray()
         self.texts: list[bytes] = []  # the lines so far of a multi-line reply
         self.timer: Any = None
+        self.deadline = 0.0
         self.lost = False
         self.greeting = self.expect()
 
@@ -134,10 +137,22 @@ class HopProtocol(protocol.Protocol):
             self._arm()
 
     def _arm(self) -> None:
-        """A timer runs while some reply is awaited, restarted by each reply."""
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = self.clock.callLater(self.timeout, self.abort) if self.waiting else None
+        """While some reply is awaited, the hop has `timeout` seconds from the last reply (or
+        the first wait). Lazily: a reply moves the deadline, and the one timer, when it
+        fires, looks again; cancelling and re-scheduling per reply cost more than a reply."""
+        self.deadline = self.clock.seconds() + self.timeout
+        if self.waiting and (self.timer is None or not self.timer.active()):
+            self.timer = self.clock.callLater(self.timeout, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.waiting or self.lost:
+            return
+        left = self.deadline - self.clock.seconds()
+        if left > 0:
+            self.timer = self.clock.callLater(left, self._expired)
+        else:
+            self.abort()
 
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
@@ -146,7 +161,8 @@ class HopProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
         waiting, self.waiting = self.waiting, deque()
-        self._arm()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
         for waiter in waiting:
             waiter.errback(HopLost(reason.getErrorMessage()))
 
@@ -327,10 +343,8 @@ class NextHop:
         self.message.send(stuff(lines))
 
     async def end_data(self) -> str:
-        """The final dot (DATA first for an empty message); the hop's verdict."""
-        if self.message is None:
-            self.send(b"", None)
-        assert self.message is not None
+        """The final dot; the hop's verdict."""
+        assert self.message is not None  # the dialogue always sends its trace header first
         message, self.message = self.message, None
         verdict = await message.finish()
         if verdict == LOST:

@@ -113,28 +113,23 @@ class DataReader:
         if not lines:
             return b""
         starts_line, self.line_start = self.line_start, lines.endswith(b"\r\n")
-        crlf = lines.count(b"\r\n")
+        if starts_line and lines.startswith(b"."):
+            lines = lines[1:]
+        lines = lines.replace(b"\r\n.", b"\r\n")  # leaves every CR and LF where it was
+        # One split serves both checks: it counts the CRLFs (each CR and LF must be one's)
+        # and measures the lines, in one pass of C.
+        parts = lines.split(b"\r\n")
+        crlf = len(parts) - 1
         if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf:
             self.refuse(REFUSED_BARE_LF)
         if b"\0" in lines:
             self.refuse(REFUSED_NUL)
-        if starts_line and lines.startswith(b"."):
-            lines = lines[1:]
-        lines = lines.replace(b"\r\n.", b"\r\n")
-        if not starts_line or self.longest_line(lines) > MAX_TEXT_LINE - 2:
+        if not starts_line or max(map(len, parts)) > MAX_TEXT_LINE - 2:
             self.refuse(REFUSED_LONG_LINE)
         self.size += len(lines)
         if self.size > self.max_size:
             self.refuse(TOO_BIG)
         return lines if self.problem is None else b""
-
-    @staticmethod
-    def longest_line(lines: bytes) -> int:
-        """The longest line's length without its CRLF. Most blocks are short enough to need
-        no split: then no line can be too long (and no list of lines is made)."""
-        if len(lines) <= MAX_TEXT_LINE - 2:
-            return len(lines)
-        return max(map(len, lines.split(b"\r\n")))
 
     def refuse(self, reply: str) -> None:
         if self.problem is None:
@@ -177,7 +172,6 @@ class SmtpDialogue(Dialogue):
         self.esmtp = False
         self.txn: Transaction | None = None
         self.reader: DataReader | None = None
-        self.trace = b""  # our Received header, until it went out before the first lines
         self.user: str | None = None  # the authenticated address (submission only)
         self.errors = 0
 
@@ -328,14 +322,16 @@ class SmtpDialogue(Dialogue):
             self.write_line("354 End data with <CR><LF>.<CR><LF>")
             self.state = SessionState.DATA
             self.reader = DataReader(self.smtp.max_message_size)
-            self.trace = self.received_header()
+            # The trace header goes out now, so that the hop's DATA and its 354 overlap with
+            # the sender's first lines instead of holding them up.
+            self.out.append(MessageData(self.txn, self.received_header()))
             self.data(self.buffer.rest())
 
     def data(self, data: bytes) -> None:
         assert self.reader is not None and self.txn is not None
         content, rest = self.reader.feed(data)
         if content:
-            self.pass_on(content)
+            self.out.append(MessageData(self.txn, content))
         if rest is None:
             return
         reader, self.reader = self.reader, None
@@ -344,17 +340,8 @@ class SmtpDialogue(Dialogue):
             self.out.append(MessageRefused(self.txn, reader.size, reader.problem))
             self.answer(reader.problem, end_transaction=True)
             return
-        if self.trace:  # an empty message still gets its trace header
-            self.pass_on(b"")
         self.state = SessionState.BUSY
         self.out.append(EndOfMessage(self.txn, reader.size))
-
-    def pass_on(self, content: bytes) -> None:
-        """Lines for the next hop, the trace header before the first of them. Not before the
-        first: a message refused in its first lines costs the hop no DATA."""
-        trace, self.trace = self.trace, b""
-        assert self.txn is not None
-        self.out.append(MessageData(self.txn, trace + content if trace else content))
 
     def received_header(self) -> bytes:
         """RFC 5321 4.4 trace; `for` only with one recipient, not to reveal the others."""
