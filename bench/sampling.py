@@ -24,6 +24,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and everything below it: its own, its reaped children's (a
+    Dovecot login process that served one connection), and its live descendants'."""
+    from tests.support.processes import descendants
+
+    total = 0.0
+    for member in (pid, *descendants(pid)):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile: its parent counts it once reaped
+        total += sum(int(field) for field in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def profiler(pid: int, out: Path | None, *flags: str) -> Iterator[None]:
     """py-spy samples (collapsed stacks, `flags` added) of process pid while the block runs."""
