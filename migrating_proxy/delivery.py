@@ -95,6 +95,12 @@ class HopProtocol(protocol.Protocol):
         self.lost = False
         self.greeting = self.expect()
 
+    def connectionMade(self) -> None:
+        # Without it Nagle holds a write back until the hop acknowledges the last small one
+        # (our trace header, sent on its own at the 354), and the hop delays that ACK: up to
+        # 40 ms per message. Writes are coalesced per reactor turn anyway.
+        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+
     def expect(self) -> defer.Deferred[Reply]:
         """The next reply not yet claimed (fails with HopLost)."""
         waiter: defer.Deferred[Reply] = defer.Deferred()
