@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Where an idle reactor or thread waits: not CPU, whatever py-spy's heuristics say.
 IDLE = ("Condition.wait", "select (", "doPoll", "untilConcludes", "Queue.get")
@@ -22,6 +23,11 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dovecot_master_pid(store: Any) -> int:
+    """The master process of a tests.support.dovecot instance: its tree is all of Dovecot."""
+    return int((store.base_dir / "master.pid").read_text().split()[0])
 
 
 def tree_cpu_seconds(pid: int) -> float:
