@@ -15,6 +15,7 @@ import secrets
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -578,6 +579,26 @@ def test_starttls_with_smtplib(port: int, tls_files: TLSFiles, module_store: Dov
     [stored] = in_store(module_store, CAROL, tag)
     assert after_our_trace(stored) == message(tag)
 
+
+
+@pytest.mark.parametrize("scheme", ["smtp+starttls", "smtps"])
+def test_relay_over_tls_starttls_or_implicit(
+        tmp_path: Path, module_store: DovecotInstance, tls_files: TLSFiles, scheme: str) -> None:
+    """An old server reached with STARTTLS or implicit TLS (the domain's --relay URL; its
+    certificate unchecked, as --no-verify-tls says: a relay does not use --source-ca)."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tls_files.cert, tls_files.key)
+    smtp_port, tag = free_port(), token()
+    with OldSMTP(tls=server, implicit=scheme == "smtps") as old:
+        proxy = Proxy(tmp_path / "proxy", module_store, overrides={
+            "listen": {"smtp": f"127.0.0.1:{smtp_port}"}, "smtp": {"hostname": HOSTNAME}})
+        proxy.cli("domain", "add", "tls.example", "--source", "imap://127.0.0.1:1",
+                  "--relay", f"{scheme}://localhost:{old.port}",
+                  "--no-verify-tls")
+        with proxy, smtplib.SMTP("127.0.0.1", smtp_port) as client:
+            assert client.sendmail(SENDER, ["ida@tls.example"], message(tag, b"..x\r\n")) == {}
+    [got] = [m for m in old.messages if tag.encode() in m.content]
+    assert got.tls and after_our_trace(got.content) == message(tag, b"..x\r\n")
 
 
 # -- big messages: streamed, bounded memory --------------------------------------------------

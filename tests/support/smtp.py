@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import socketserver
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Received:
     sender: str
     recipients: list[str]
     content: bytes  # dot-unstuffed, CRLF line ends, exactly as it came in
+    tls: bool = False  # it came over TLS (aiosmtpd says so after STARTTLS only)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class OldSMTP:
     refuse: dict[str, str] = field(default_factory=dict)  # address -> reply, e.g. "550 5.1.1 x"
     messages: list[Received] = field(default_factory=list)
     data_reply: str = ""  # when set, every DATA is answered with it and nothing is kept
+    tls: ssl.SSLContext | None = None  # offer STARTTLS with it (or with `implicit`, only TLS)
+    implicit: bool = False
     controller: Controller | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,7 +57,8 @@ class OldSMTP:
             return self.data_reply
         with self.lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                          envelope.original_content))
+                                          envelope.original_content,
+                                          self.implicit or session.ssl is not None))
         return "250 2.0.0 queued"
 
     def for_recipient(self, address: str) -> list[Received]:
@@ -61,7 +66,8 @@ class OldSMTP:
             return [m for m in self.messages if address in m.recipients]
 
     def start(self) -> None:
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        tls = {"ssl_context": self.tls} if self.implicit else {"tls_context": self.tls}
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **tls)
         self.controller.start()
         wait_for_port("127.0.0.1", self.port)
 
