@@ -162,6 +162,9 @@ class HopProtocol(protocol.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
+            # Lost from now on: Twisted reports the loss a turn later, and no reply still in
+            # the buffer, nor a command sent meanwhile, may use this connection.
+            self.lost = True
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -201,7 +204,7 @@ def connect(reactor: Any, endpoint: Endpoint, timeout: float,
 @implementer(IPushProducer)
 class Valve:
     """The sender's connection, read only while the message can go somewhere: paused while
-    the hop has not said 354 and too much waits (`waiting`), or while the hop connection's
+    the hop has not said 354 and too much waits ("no 354 yet"), or while the hop connection's
     send buffer is full (Twisted calls pause/resumeProducing). Never closes it: a lost hop is
     a 4xx for the sender at the end of DATA, not a dropped connection."""
 
