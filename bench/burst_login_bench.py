@@ -25,7 +25,6 @@ import secrets
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sampling import cpu_seconds, profiler
 from tests.support import dovecot
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
@@ -90,12 +90,6 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples) if samples else float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def database(kind: str) -> Iterator[str | None]:
     """A fresh database URL for the proxy (None: the Proxy's own SQLite file)."""
@@ -111,25 +105,6 @@ def database(kind: str) -> Iterator[str | None]:
             yield f"postgresql://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def profiler(pid: int, out: Path | None) -> Iterator[None]:
-    """py-spy samples (collapsed stacks) of process pid and its children while the block runs."""
-    if out is None:
-        yield
-        return
-    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--idle",
-                            "--threads", "--subprocesses", "-r", "200", "-f", "raw",
-                            "-o", str(out), "-p", str(pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)  # py-spy attaches
-    try:
-        yield
-    finally:
-        time.sleep(0.5)
-        spy.send_signal(2)
-        spy.wait(timeout=30)
 
 
 def where_the_time_goes(profiles: list[Path], top: int = 12) -> list[str]:
@@ -182,7 +157,8 @@ def proxy_burst(old: DovecotInstance, store: DovecotInstance, users: dict[str, s
             with proxy:
                 assert proxy.process is not None
                 before = cpu_seconds(proxy.process.pid)
-                with profiler(proxy.process.pid, profile):
+                with profiler(proxy.process.pid, profile, "--idle", "--threads",
+                              "--subprocesses", "-r", "200"):
                     latencies, failures = burst(proxy.imap_port, users, many_peers)
                 cpu = (cpu_seconds(proxy.process.pid) - before) / len(users) * 1000
         return latencies, failures, cpu

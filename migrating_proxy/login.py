@@ -197,8 +197,7 @@ class LoginService:
 
     def _decide(self, address: str, creds: Credentials) -> LoginResult:
         password = creds.password
-        account = self.accounts.get_account(address)
-        domain = self.accounts.get_domain(address.rpartition("@")[2])
+        account, domain = self.accounts.get_account_and_domain(address)
         migrating = self.onboarding is not None and domain is not None and domain.migrating
         if account is None:
             if not migrating:

@@ -80,7 +80,7 @@ def build_login_service(config: Config, store: Store,
 # Blocking work of the front-ends runs in thread pools, one per kind of client, so that logins
 # stuck on a slow database or old server cannot take every thread from the SMTP front-end.
 LOGIN_THREADS = 32  # IMAP and POP3 login decisions: database, old server, hashing processes
-SMTP_THREADS = 16  # SMTP and submission: recipient lookups, next-hop client, submission AUTH
+SMTP_THREADS = 16  # SMTP and submission: recipient lookups, submission AUTH
 # A client waits for each login: a lock held elsewhere (an admin import, a backup) makes the
 # login answer "try later" after this many seconds instead of 30 (store.db's default).
 LOGIN_LOCK_TIMEOUT = 5.0

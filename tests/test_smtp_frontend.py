@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import re
 import secrets
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -25,7 +30,7 @@ from imapclient import IMAPClient
 from tests.support.dovecot import DovecotInstance, free_port
 from tests.support.mail import sample_corpus, sasl_plain, seed_mailbox
 from tests.support.proxy import Proxy
-from tests.support.smtp import OldSMTP
+from tests.support.smtp import OldSMTP, SinkSMTP
 from tests.support.tls import TLSFiles, client_context
 
 PASSWORD = "local-pw"
@@ -122,6 +127,14 @@ class RawSMTP:
 
     def command(self, line: bytes) -> bytes:
         self.send(line + b"\r\n")
+        return self.reply()
+
+    def transaction(self, recipient: str, data: bytes) -> bytes:
+        """MAIL, RCPT (accepted), DATA, then data as is (ending the data); the DATA reply."""
+        assert self.command(f"MAIL FROM:<{SENDER}>".encode()).startswith(b"250")
+        assert self.command(f"RCPT TO:<{recipient}>".encode()).startswith(b"250")
+        assert self.command(b"DATA").startswith(b"354")
+        self.send(data)
         return self.reply()
 
     def closed(self) -> bool:
@@ -236,11 +249,7 @@ def test_a_session_reuses_its_hop_connection_safely(port: int, old_smtp: OldSMTP
     assert raw.reply() == b"250 2.0.0 Ok: delivered\r\n"
     old_smtp.stop()  # drops the connection the session keeps
     old_smtp.start()
-    raw.command(f"MAIL FROM:<{SENDER}>".encode())
-    assert raw.command(f"RCPT TO:<{DAVE}>".encode()).startswith(b"250")
-    raw.command(b"DATA")
-    raw.send(message(third) + b".\r\n")
-    assert raw.reply() == b"250 2.0.0 Ok: delivered\r\n"
+    assert raw.transaction(DAVE, message(third) + b".\r\n") == b"250 2.0.0 Ok: delivered\r\n"
     raw.close()
     assert not [m for m in old_smtp.messages if first.encode() in m.content]
     for tag in (second, third):
@@ -384,6 +393,27 @@ def test_malformed_data_is_refused_whole_and_the_session_goes_on(
     assert not [m for m in old_smtp.messages if tag.encode() in m.content]
 
 
+def test_a_message_refused_after_part_of_it_was_streamed_is_not_delivered(
+        port: int, old_smtp: OldSMTP) -> None:
+    """The first lines went to the hop already when a bare LF comes: the hop connection is
+    dropped before the final dot (the hop delivers nothing), and the session goes on."""
+    refused, later = token(), token()
+    raw = RawSMTP(port)
+    raw.command(b"EHLO client.test")
+    raw.command(f"MAIL FROM:<{SENDER}>".encode())
+    assert raw.command(f"RCPT TO:<{DAVE}>".encode()).startswith(b"250")
+    assert raw.command(b"DATA").startswith(b"354")
+    raw.send(message(refused, b"good line\r\n" * 1000))
+    time.sleep(0.5)  # the proxy reads (and streams) the part above on its own
+    raw.send(b"bare\nLF\r\n.\r\n")
+    assert raw.reply().startswith(b"554 5.6.0")
+    assert raw.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+    assert raw.transaction(DAVE, message(later) + b".\r\n") == b"250 2.0.0 Ok: delivered\r\n"
+    raw.close()
+    assert not [m for m in old_smtp.messages if refused.encode() in m.content]
+    assert len([m for m in old_smtp.messages if later.encode() in m.content]) == 1
+
+
 def test_line_of_998_characters_passes(port: int, old_smtp: OldSMTP) -> None:
     tag = token()
     sent = message(tag, b"." * 998 + b"\r\n")  # stuffed on the wire: 999 + CRLF
@@ -427,17 +457,19 @@ def test_data_reader_gives_the_same_verdict_however_the_bytes_are_split(
     from migrating_proxy.dialogue.smtp import DataReader
 
     for size in (1, 2, 3, 7, 1000, len(data)):
-        reader, rest = DataReader(MAX_SIZE), None
+        reader, rest, passed = DataReader(MAX_SIZE), None, b""
         for start in range(0, len(data), size):
             chunk = data[start:start + size]
             if rest is None:
-                rest = reader.feed(chunk)
+                lines, rest = reader.feed(chunk)
+                passed += lines
             else:  # after the end: commands again, the session's business
                 rest += chunk
         assert rest == b"NOOP\r\n", size
         assert (reader.problem or "").startswith(problem or ""), size
         assert (reader.problem is None) == (problem is None), size
-        assert bytes(reader.message) == content, size
+        # What was passed on of a refused message is dropped with the hop connection.
+        assert (passed if reader.problem is None else b"") == content, size
 
 
 @pytest.mark.parametrize("content", [
@@ -452,8 +484,8 @@ def test_data_sent_to_the_hop_reads_back_as_the_message(content: bytes) -> None:
     wire = dot_stuff(content)
     assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
     reader = DataReader(MAX_SIZE)
-    assert reader.feed(wire + b"NOOP\r\n") == b"NOOP\r\n"
-    assert reader.problem is None and bytes(reader.message) == content
+    assert reader.feed(wire + b"NOOP\r\n") == (content, b"NOOP\r\n")
+    assert reader.problem is None
 
 
 def test_one_session_follows_an_account_created_during_it(
@@ -547,6 +579,113 @@ def test_starttls_with_smtplib(port: int, tls_files: TLSFiles, module_store: Dov
     [stored] = in_store(module_store, CAROL, tag)
     assert after_our_trace(stored) == message(tag)
 
+
+
+@pytest.mark.parametrize("scheme", ["smtp+starttls", "smtps"])
+def test_relay_over_tls_starttls_or_implicit(
+        tmp_path: Path, module_store: DovecotInstance, tls_files: TLSFiles, scheme: str) -> None:
+    """An old server reached with STARTTLS or implicit TLS (the domain's --relay URL; its
+    certificate unchecked, as --no-verify-tls says: a relay does not use --source-ca)."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tls_files.cert, tls_files.key)
+    smtp_port, tag = free_port(), token()
+    with OldSMTP(tls=server, implicit=scheme == "smtps") as old:
+        proxy = Proxy(tmp_path / "proxy", module_store, overrides={
+            "listen": {"smtp": f"127.0.0.1:{smtp_port}"}, "smtp": {"hostname": HOSTNAME}})
+        proxy.cli("domain", "add", "tls.example", "--source", "imap://127.0.0.1:1",
+                  "--relay", f"{scheme}://localhost:{old.port}",
+                  "--no-verify-tls")
+        with proxy, smtplib.SMTP("127.0.0.1", smtp_port) as client:
+            assert client.sendmail(SENDER, ["ida@tls.example"], message(tag, b"..x\r\n")) == {}
+    [got] = [m for m in old.messages if tag.encode() in m.content]
+    assert got.tls and after_our_trace(got.content) == message(tag, b"..x\r\n")
+
+
+# -- big messages: streamed, bounded memory --------------------------------------------------
+BIG = 40_000_000  # octets of each big message
+BIG_SENDERS = 4
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) * 1024
+
+
+@dataclass(frozen=True)
+class BigMessage:
+    """A message of about `size` octets (lines starting with dots among them), made of one
+    1 MB block repeated: generated while it is sent, never held whole."""
+
+    tag: str
+    size: int
+    block: bytes = (b"..a line starting with a dot, stuffed" + b"x" * 60 + b"\r\n"
+                    + (b"y" * 98 + b"\r\n") * 99) * 100
+
+    def pieces(self) -> Iterator[bytes]:
+        """The DATA wire form (dot-stuffed), end-of-data line excluded."""
+        head = message(self.tag, b"")
+        yield head
+        for _ in range((self.size - len(head)) // len(self.block)):
+            yield self.block
+
+    def sha256(self, prefix: bytes) -> str:
+        digest = hashlib.sha256(prefix)
+        for piece in self.pieces():
+            digest.update(piece)
+        return digest.hexdigest()
+
+
+def send_big(port: int, big: BigMessage) -> bytes:
+    """MAIL, RCPT, DATA and the message in 1 MB writes; the DATA reply."""
+    raw = RawSMTP(port)
+    raw.sock.settimeout(120)
+    raw.command(b"EHLO client.test")
+    assert raw.command(f"MAIL FROM:<{SENDER}>".encode()).startswith(b"250")
+    assert raw.command(f"RCPT TO:<{CAROL}>".encode()).startswith(b"250")
+    assert raw.command(b"DATA").startswith(b"354")
+    for piece in big.pieces():
+        raw.send(piece)
+    raw.send(b".\r\n")
+    reply = raw.reply()
+    raw.close()
+    return reply
+
+
+def test_big_messages_at_once_stream_through_in_bounded_memory(
+        tmp_path: Path, module_store: DovecotInstance) -> None:
+    """Several 40 MB messages at once, to a next hop that stalls after 354: the proxy's peak
+    RSS grows by less than half of one message (it held each message twice before, so +320 MB
+    here), and each arrives byte for byte, dot-stuffing included."""
+    smtp_port = free_port()
+    bigs = [BigMessage(token(), BIG) for _ in range(BIG_SENDERS)]
+    replies: dict[str, bytes] = {}
+    with SinkSMTP(stall=2.0) as sink:
+        proxy = Proxy(tmp_path / "proxy", module_store, overrides={
+            "listen": {"smtp": f"127.0.0.1:{smtp_port}"},
+            "backend": {"delivery": sink.url},
+            "smtp": {"hostname": HOSTNAME, "max_message_size": "50MB", "data_timeout": 60.0},
+        })
+        proxy.add_account(CAROL, PASSWORD)
+        with proxy:
+            assert proxy.process is not None
+            send_big(smtp_port, BigMessage(token(), 1_000_000))  # every code path run once
+            before = peak_rss(proxy.process.pid)
+            threads = [threading.Thread(target=lambda b=b: replies.update(
+                {b.tag: send_big(smtp_port, b)})) for b in bigs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            growth = peak_rss(proxy.process.pid) - before
+    assert growth < BIG // 2, f"peak RSS grew by {growth / 1e6:.0f} MB"
+    for big in bigs:
+        assert replies[big.tag] == b"250 2.0.0 Ok: delivered\r\n"
+        [got] = [m for m in sink.messages if f"test {big.tag}".encode() in m.head]
+        trace = OUR_TRACE.match(got.head)
+        assert trace is not None, got.head[:300]
+        assert got.recipients == [CAROL] and got.sha256 == big.sha256(trace.group())
 
 
 # -- mail during a migration -----------------------------------------------------------------

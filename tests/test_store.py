@@ -146,6 +146,18 @@ def test_unknown_account_is_none(store: Store) -> None:
     assert store.accounts.get_account("nobody@example.com") is None
 
 
+def test_account_and_domain_are_read_together_as_each_alone(store: Store) -> None:
+    """The login's one read: the same as get_account and get_domain, in any letter case."""
+    store.accounts.add_domain(old_domain())
+    added = store.accounts.add_account("Alice@Old.Example", "$6$hash")
+    for address in ("alice@OLD.example", "nobody@old.example", "alice@nowhere.example"):
+        assert store.accounts.get_account_and_domain(address) == (
+            store.accounts.get_account(address),
+            store.accounts.get_domain(address.rpartition("@")[2]))
+    assert store.accounts.get_account_and_domain("ALICE@old.example") == (
+        added, store.accounts.get_domain("old.example"))
+
+
 def test_accounts_are_listed_per_domain(store: Store) -> None:
     for address in ("bob@b.example", "alice@a.example", "Carol@A.example"):
         store.accounts.add_account(address, "$6$hash")

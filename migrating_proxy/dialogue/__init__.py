@@ -14,8 +14,8 @@ Actions (actions.py): `Reply` bytes to write; `StartTLS` now (whatever the clien
 behind the command was dropped: CVE-2011-0411); `Authenticate` these credentials (the shared
 login decision; the dialogue waits for `login_failed` / `login_succeeded`); `Relay` from here,
 after sending the bytes the client pipelined behind its login to the upstream; `Close` the
-connection after what was written. SMTP adds the mail transaction's (`AddRecipient`, `Deliver`,
-`EndTransaction`, `MessageRefused`).
+connection after what was written. SMTP adds the mail transaction's (`AddRecipient`, `MessageData`,
+`EndOfMessage`, `EndTransaction`, `MessageRefused`).
 
 Framing is one helper (lines.py: bounded lines, exact-size reads for literals); SASL is one step
 handler (sasl.py) that every protocol words in its own way. Because nothing here does I/O, the
@@ -27,8 +27,9 @@ from migrating_proxy.dialogue.actions import (
     AddRecipient,
     Authenticate,
     Close,
-    Deliver,
+    EndOfMessage,
     EndTransaction,
+    MessageData,
     MessageRefused,
     Relay,
     Reply,
@@ -41,8 +42,9 @@ __all__ = [
     "AddRecipient",
     "Authenticate",
     "Close",
-    "Deliver",
+    "EndOfMessage",
     "EndTransaction",
+    "MessageData",
     "MessageRefused",
     "Relay",
     "Reply",

@@ -72,17 +72,27 @@ class AddRecipient:
 
 
 @dataclass(frozen=True)
-class Deliver:
-    """SMTP: pass the message (trace header included) to the transaction's next hop; answer
-    with delivered(reply)."""
+class MessageData:
+    """SMTP: the next whole lines of the message (dot-unstuffed; the trace header first),
+    to stream to the transaction's next hop as they arrive. Bounded by what one read brings."""
 
     txn: Any
-    message: bytes = field(repr=False)
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EndOfMessage:
+    """SMTP: the message ended and was accepted by the DATA rules; finish it at the next hop
+    and answer with delivered(reply)."""
+
+    txn: Any
+    size: int
 
 
 @dataclass(frozen=True)
 class MessageRefused:
-    """SMTP: the message was read to its end and refused whole (the reply follows)."""
+    """SMTP: the message was read to its end and refused whole (the reply follows); what
+    was streamed of it must not be delivered."""
 
     txn: Any
     size: int
@@ -97,5 +107,5 @@ class EndTransaction:
     txn: Any
 
 
-Action = (Reply | StartTLS | Authenticate | Relay | Close | AddRecipient | Deliver
-          | MessageRefused | EndTransaction)
+Action = (Reply | StartTLS | Authenticate | Relay | Close | AddRecipient | MessageData
+          | EndOfMessage | MessageRefused | EndTransaction)

@@ -11,7 +11,9 @@ message differently from us (SMTP smuggling): the end of data is `CRLF . CRLF` a
 else. A bare LF or bare CR, a NUL, or a line over 998 characters never ends the data and never
 returns to command mode: the rest of the message is read and discarded, and the whole message
 is refused at its end with 554 5.6.0 (552 5.3.4 when it exceeds SIZE). `DataReader` is the one
-place message bytes are consumed: streaming them to the next hop would start there.
+place message bytes are consumed; the lines it passes (checked, dot-unstuffed) go out at once as
+`MessageData`, so a message is never held whole: what was streamed of a message refused later
+is dropped by the session with the hop connection, before the hop's final dot.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 
 from migrating_proxy.dialogue.actions import (
     AddRecipient,
-    Deliver,
+    EndOfMessage,
     EndTransaction,
+    MessageData,
     MessageRefused,
     SessionState,
 )
@@ -51,19 +54,23 @@ AUTH_REFUSALS = {
 
 
 class DataReader:
-    """One DATA section: CRLF lines only, dot-unstuffed, bounded; refusals kept for the end."""
+    """One DATA section: CRLF lines only, dot-unstuffed, bounded; refusals kept for the end.
+
+    Nothing is kept but a partial line: each `feed` returns the whole lines it completed,
+    ready to pass on, and the reader only counts them (SIZE)."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self.message = bytearray()
+        self.size = 0  # octets of content so far, dot-unstuffed
         self.pending = bytearray()
         # The next byte starts a line only right after CRLF: after a bare LF it does not, or
         # `\n.\r\n` would end the data here but not at a next hop that reads only CRLF.
         self.line_start = True
         self.problem: str | None = None  # the reply refusing the message, once known
 
-    def feed(self, data: bytes) -> bytes | None:
-        """Take bytes; return what follows the final `.` line once it arrived, else None.
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Take bytes; return (the content lines they completed, b"" once refused; what
+        follows the final `.` line once it arrived, else None).
 
         Works on all complete lines at once with bytes methods (C speed), not line by line:
         a 20 KB message costs a handful of calls instead of a few hundred."""
@@ -71,18 +78,18 @@ class DataReader:
         last = self.pending.rfind(b"\n")
         if last < 0:
             self.check_partial_line()
-            return None
+            return b"", None
         block = bytes(self.pending[: last + 1])
         end = self.terminator(block)
         if end is None:
             del self.pending[: last + 1]
-            self.take(block)
+            content = self.take(block)
             self.check_partial_line()
-            return None
-        self.take(block[:end])
+            return content, None
+        content = self.take(block[:end])
         rest = bytes(self.pending[end + 3:])  # what follows `.` CRLF
         self.pending = bytearray()
-        return rest
+        return content, rest
 
     def terminator(self, block: bytes) -> int | None:
         """Where the `.` line ending the data starts in block (whole lines), or None.
@@ -100,31 +107,33 @@ class DataReader:
             self.pending.clear()  # read on and discard: the buffer stays bounded
             self.line_start = False
 
-    def take(self, lines: bytes) -> None:
-        """Whole lines of content (maybe none): check, dot-unstuff, keep."""
+    def take(self, lines: bytes) -> bytes:
+        """Whole lines of content (maybe none): check, dot-unstuff, count; the content to
+        pass on (b"" once the message is refused)."""
         if not lines:
-            return
+            return b""
         starts_line, self.line_start = self.line_start, lines.endswith(b"\r\n")
-        crlf = lines.count(b"\r\n")
+        if starts_line and lines.startswith(b"."):
+            lines = lines[1:]
+        lines = lines.replace(b"\r\n.", b"\r\n")  # leaves every CR and LF where it was
+        # One split serves both checks: it counts the CRLFs (each CR and LF must be one's)
+        # and measures the lines, in one pass of C.
+        parts = lines.split(b"\r\n")
+        crlf = len(parts) - 1
         if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf:
             self.refuse(REFUSED_BARE_LF)
         if b"\0" in lines:
             self.refuse(REFUSED_NUL)
-        if starts_line and lines.startswith(b"."):
-            lines = lines[1:]
-        lines = lines.replace(b"\r\n.", b"\r\n")
-        longest = max(map(len, lines.split(b"\r\n")))
-        if not starts_line or longest > MAX_TEXT_LINE - 2:
+        if not starts_line or max(map(len, parts)) > MAX_TEXT_LINE - 2:
             self.refuse(REFUSED_LONG_LINE)
-        if len(self.message) + len(lines) > self.max_size:
+        self.size += len(lines)
+        if self.size > self.max_size:
             self.refuse(TOO_BIG)
-        if self.problem is None:
-            self.message += lines
+        return lines if self.problem is None else b""
 
     def refuse(self, reply: str) -> None:
         if self.problem is None:
             self.problem = reply
-            self.message = bytearray()  # a refused message is not kept, only read to its end
 
 
 @dataclass
@@ -179,7 +188,7 @@ class SmtpDialogue(Dialogue):
         return self._flush()
 
     def delivered(self, reply: str) -> list:  # type: ignore[type-arg]
-        """The next hop's verdict on the message of a `Deliver`."""
+        """The next hop's verdict on the message of an `EndOfMessage`."""
         return self.resume(reply if not reply.startswith("2") else "250 2.0.0 Ok: delivered",
                            end_transaction=True)
 
@@ -313,21 +322,26 @@ class SmtpDialogue(Dialogue):
             self.write_line("354 End data with <CR><LF>.<CR><LF>")
             self.state = SessionState.DATA
             self.reader = DataReader(self.smtp.max_message_size)
+            # The trace header goes out now, so that the hop's DATA and its 354 overlap with
+            # the sender's first lines instead of holding them up.
+            self.out.append(MessageData(self.txn, self.received_header()))
             self.data(self.buffer.rest())
 
     def data(self, data: bytes) -> None:
         assert self.reader is not None and self.txn is not None
-        rest = self.reader.feed(data)
+        content, rest = self.reader.feed(data)
+        if content:
+            self.out.append(MessageData(self.txn, content))
         if rest is None:
             return
         reader, self.reader = self.reader, None
         self.buffer.feed(rest)
         if reader.problem is not None:
-            self.out.append(MessageRefused(self.txn, len(reader.message), reader.problem))
+            self.out.append(MessageRefused(self.txn, reader.size, reader.problem))
             self.answer(reader.problem, end_transaction=True)
             return
         self.state = SessionState.BUSY
-        self.out.append(Deliver(self.txn, self.received_header() + bytes(reader.message)))
+        self.out.append(EndOfMessage(self.txn, reader.size))
 
     def received_header(self) -> bytes:
         """RFC 5321 4.4 trace; `for` only with one recipient, not to reveal the others."""

@@ -73,6 +73,11 @@ class ClientConnection:
     def idle(self, seconds: float | None, on_timeout: Callable[[], None]) -> None:
         """(Re)start the idle timer: `on_timeout` after `seconds` of silence (None: none)."""
         if self._idle is not None and self._idle.active():
+            if seconds and not self.closed and self._idle.func == on_timeout:
+                # Every step of every session gets here: moving the timer later is a field
+                # update, where cancel + callLater cost two heap operations.
+                self._idle.reset(seconds)
+                return
             self._idle.cancel()
         self._idle = self.reactor.callLater(seconds, on_timeout) \
             if seconds and not self.closed else None

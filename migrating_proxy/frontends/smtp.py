@@ -22,8 +22,10 @@ hop, or a second recipient for an LMTP hop, gets `452 4.5.3` (RFC 5321 4.5.3.1.1
 delivers to the accepted recipients and retries the others in a later transaction). Each
 transaction then ends in exactly one verdict that is true for all its recipients.
 
-The message reaches the next hop whole (`Deliver`, from the dialogue's DataReader); streaming
-it instead would change `deliver` here and the reader's output there, nothing else.
+The message is streamed: each `MessageData` (whole lines, as the dialogue's DataReader checked
+them) goes to the hop as it arrives, and the sender's connection is read only as fast as the
+hop takes it (delivery.py), so memory per transaction does not grow with the message. Routing
+(the account store) runs in the SMTP thread pool; the hop's dialogue runs on the reactor.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from migrating_proxy.dialogue import (
     Action,
     AddRecipient,
     Authenticate,
-    Deliver,
+    EndOfMessage,
     EndTransaction,
+    MessageData,
     MessageRefused,
     SessionState,
 )
@@ -81,14 +84,17 @@ class InboundHandler:
             return "none"
         return "store" if found.local else "old_server"
 
+    def known_route(self, address: str) -> Route | None:
+        """On the reactor: the route if it is known without the store, else None. A thread
+        hand-off per RCPT cost more CPU than the rest of the message's way together."""
+        return self.local_routes.get(address)
+
     def route(self, address: str) -> Route:
         """In a thread: where this recipient's copy goes (see migrating_proxy.routing)."""
-        found = self.local_routes.get(address)
-        if found is None:
-            found = route(self.ctx.login_service.accounts, self.ctx.config.backend.delivery,
-                          address)
-            if found.local and len(self.local_routes) < self.ctx.config.smtp.max_recipients:
-                self.local_routes[address] = found
+        found = route(self.ctx.login_service.accounts, self.ctx.config.backend.delivery,
+                      address)
+        if found.local and len(self.local_routes) < self.ctx.config.smtp.max_recipients:
+            self.local_routes[address] = found
         return found
 
 
@@ -125,7 +131,7 @@ class SMTPSession(protocol.Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         waiting = self._dialogue.state in (SessionState.BUSY, SessionState.AUTHENTICATING)
         self.client.lost()
-        if not waiting:  # else a thread may still use the hop; its callback releases it
+        if not waiting:  # else a recipient or the hop's verdict is pending: its callback releases
             self.release_hops()
 
     @property
@@ -144,13 +150,14 @@ class SMTPSession(protocol.Protocol):
                                       self.smtp.data_timeout), self._timed_out)
 
     def _session_action(self, action: Action) -> None:
-        if isinstance(action, AddRecipient):
-            self.in_thread(self.add_recipient, action.txn, action.address) \
+        if isinstance(action, MessageData):
+            self.message_data(action.txn, action.data)
+        elif isinstance(action, AddRecipient):
+            defer.Deferred.fromCoroutine(self.add_recipient(action.txn, action.address)) \
                 .addCallbacks(self.resume, self.internal_error)
-        elif isinstance(action, Deliver):
-            self.in_thread(self.deliver, action.txn, action.message).addCallbacks(
-                self.delivered, self.internal_error,
-                callbackArgs=(action.txn, len(action.message)))
+        elif isinstance(action, EndOfMessage):
+            defer.Deferred.fromCoroutine(self.end_of_message(action.txn)).addCallbacks(
+                self.delivered, self.internal_error, callbackArgs=(action.txn, action.size))
         elif isinstance(action, MessageRefused):
             self.log_message(action.txn, action.size, action.reply)
         elif isinstance(action, EndTransaction):
@@ -159,7 +166,7 @@ class SMTPSession(protocol.Protocol):
             self.authenticate(action)
 
     def in_thread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
-        """Run blocking work (store lookups, next hops) off the reactor; commands wait."""
+        """Run blocking work (store lookups) off the reactor; commands wait."""
         return deferToThreadPool(self.ctx.reactor, self.ctx.threadpool, function, *args)
 
     def resume(self, reply: str) -> None:
@@ -185,14 +192,16 @@ class SMTPSession(protocol.Protocol):
         self.perform(self._dialogue.login_deadline())
 
     # -- recipients ----------------------------------------------------------------------
-    def add_recipient(self, txn: Transaction, address: str) -> str:
-        """In a thread: route, then ask the hop. Returns the reply for the sender."""
-        found = self.handler.route(address)
-        reply = self.ask_next_hop(txn, found)
+    async def add_recipient(self, txn: Transaction, address: str) -> str:
+        """Route (in a thread unless known), then ask the hop. Returns the reply for the
+        sender."""
+        found = self.handler.known_route(address) \
+            or await self.in_thread(self.handler.route, address)
+        reply = await self.ask_next_hop(txn, found)
         metrics.smtp_recipient(self.protocol_name, self.handler.route_name(found), reply)
         return reply
 
-    def ask_next_hop(self, txn: Transaction, found: Route) -> str:
+    async def ask_next_hop(self, txn: Transaction, found: Route) -> str:
         if found.next_hop is None:
             return found.reply
         if txn.hop is not None and (
@@ -203,31 +212,37 @@ class SMTPSession(protocol.Protocol):
             return "452 4.5.3 Too many recipients for this transaction, send separately"
         if txn.hop is None:
             hop = self.hop_for(found.next_hop, found.verify_tls)
-            opened, reply = hop.open(txn.sender, txn.options, found.address)
+            opened, reply = await hop.open(txn.sender, txn.options, found.address)
             if reply is None:  # MAIL not accepted
                 self.spare = hop  # closed by open() if unusable; else kept for later
                 return opened
             txn.hop = hop
         else:
-            reply = txn.hop.rcpt(found.address)
+            reply = await txn.hop.rcpt(found.address)
         if reply.startswith("2"):
             txn.recipients.append(found.address)
         return reply
 
     def hop_for(self, endpoint: Endpoint, verify_tls: bool) -> NextHop:
-        """In a thread: the spare connection if it goes to the same hop, else a new one."""
+        """The spare connection if it goes to the same hop, else a new one."""
         spare, self.spare = self.spare, None
         if spare is not None and (spare.endpoint, spare.verify_tls) == (endpoint, verify_tls):
             return spare
         if spare is not None:
             spare.close()
-        return NextHop(endpoint, self.smtp.banner_name, self.smtp.timeout, verify_tls)
+        return NextHop(self.ctx.reactor, endpoint, self.smtp.banner_name, self.smtp.timeout,
+                       verify_tls)
 
     # -- the message ---------------------------------------------------------------------
-    @staticmethod
-    def deliver(txn: Transaction, message: bytes) -> str:
+    def message_data(self, txn: Transaction, data: bytes) -> None:
+        """Lines of the message as they arrive: straight on to the hop (bounded there)."""
         assert txn.hop is not None
-        return txn.hop.data(message)
+        txn.hop.send(data, self.transport)
+
+    @staticmethod
+    async def end_of_message(txn: Transaction) -> str:
+        assert txn.hop is not None
+        return await txn.hop.end_data()
 
     def delivered(self, reply: str, txn: Transaction, size: int) -> None:
         self.log_message(txn, size, reply)
@@ -244,12 +259,15 @@ class SMTPSession(protocol.Protocol):
 
     # -- transaction end -----------------------------------------------------------------
     def end_transaction(self, txn: Transaction) -> None:
-        """The transaction's hop connection becomes the spare (reset when reused)."""
+        """The transaction's hop connection becomes the spare (reset when reused), unless a
+        message was begun there and not finished: then it is dropped, and the message with
+        it."""
         hop, txn.hop = txn.hop, None
         if hop is None:
             return
-        if self.closed or self.spare is not None:
-            self.close_hop(hop)
+        hop.abandon()
+        if self.closed or self.spare is not None or not hop.reusable:
+            hop.close()
         else:
             self.spare = hop
 
@@ -258,11 +276,7 @@ class SMTPSession(protocol.Protocol):
             self.end_transaction(self._dialogue.txn)
         spare, self.spare = self.spare, None
         if spare is not None:
-            self.close_hop(spare)
-
-    def close_hop(self, hop: NextHop) -> None:
-        # QUIT at the hop is blocking; nobody waits for it.
-        deferToThreadPool(self.ctx.reactor, self.ctx.threadpool, hop.close)
+            spare.close()
 
     # -- submission's login --------------------------------------------------------------
     def authenticate(self, attempt: Authenticate) -> None:

@@ -32,6 +32,9 @@ class SubmissionHandler(InboundHandler):
     def route_name(self, found: Route) -> str:
         return "outbound" if found.next_hop is not None else "none"
 
+    def known_route(self, address: str) -> Route | None:
+        return self.route(address)  # everything goes to smtp.outbound: no store to ask
+
     def route(self, address: str) -> Route:
         try:
             address = normalise(address)

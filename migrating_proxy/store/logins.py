@@ -3,8 +3,9 @@
 The time of a login is worth recording, but not worth making the login wait for the
 database's write lock (an admin import, a backup, another machine's long transaction) or fail
 when the disk is full. So logins only `note` it; a background thread writes what was noted,
-all of it in one transaction. When the database refuses, the times wait (newer ones replacing
-older) and the write is tried again, a little later each time, up to RETRY_MAX seconds apart.
+all of it in one transaction, at most every BATCH_WINDOW seconds. When the database refuses,
+the times wait (newer ones replacing older) and the write is tried again, a little later each
+time, up to RETRY_MAX seconds apart.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = structlog.get_logger(__name__)
 # logins of further accounts are not recorded until it catches up.
 MAX_PENDING = 100_000
 RETRY_FIRST, RETRY_MAX = 1.0, 10.0
+BATCH_WINDOW = 0.5  # seconds the first noted login waits for others to share its write
 
 
 class LastLogins:
@@ -58,6 +60,9 @@ class LastLogins:
                     if self._pending and wait <= 0:
                         break
                     self._wake.wait(wait if wait > 0 else None)
+                # Logins come in bursts: a moment's worth in one transaction, rather than a
+                # write (three round trips to the SQLite helper process) per login.
+                self._wake.wait_for(lambda: self._stopping, timeout=BATCH_WINDOW)
                 batch, self._pending = self._pending, {}
             if not batch:
                 return  # stopping, nothing left
