@@ -11,10 +11,23 @@ from __future__ import annotations
 
 import re
 import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _CERTIFICATE = re.compile(
     r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----")
+
+
+@dataclass(frozen=True)
+class UpstreamTrust:
+    """How an old server's certificates are checked: a domain's --no-verify-tls and
+    --source-ca apply to its IMAP/POP3 service and to its SMTP relay alike."""
+
+    verify: bool = True
+    ca_pem: str | None = field(default=None, repr=False)
+
+
+VERIFIED = UpstreamTrust()  # the system's CAs, as for the store's own services
 
 
 class CAFileError(ValueError):

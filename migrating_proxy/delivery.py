@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from migrating_proxy.cacerts import VERIFIED, UpstreamTrust
 from migrating_proxy.endpoints import Endpoint
 from migrating_proxy.frontends.tls import client_options
 
@@ -117,9 +118,10 @@ class HopProtocol(protocol.Protocol):
             self.transport.write("".join(f"{line}\r\n" for line in lines).encode())
         return [self.expect() for _ in lines]
 
-    def start_tls(self, host: str, verify: bool) -> None:
+    def start_tls(self, host: str, trust: UpstreamTrust) -> None:
         self.buffer.clear()  # nothing the hop sent in clear text counts (CVE-2011-0411)
-        self.transport.startTLS(client_options(host, verify))  # type: ignore[union-attr]
+        options = client_options(host, trust.verify, trust.ca_pem)
+        self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -191,11 +193,12 @@ class _HopFactory(protocol.ClientFactory):
 
 
 def connect(reactor: Any, endpoint: Endpoint, timeout: float,
-            verify_tls: bool) -> defer.Deferred[HopProtocol]:
+            trust: UpstreamTrust) -> defer.Deferred[HopProtocol]:
     factory = _HopFactory(reactor, timeout)
     if endpoint.tls == "implicit":
         reactor.connectSSL(endpoint.host, endpoint.port, factory,
-                           client_options(endpoint.host, verify_tls), timeout=timeout)
+                           client_options(endpoint.host, trust.verify, trust.ca_pem),
+                           timeout=timeout)
     else:
         reactor.connectTCP(endpoint.host, endpoint.port, factory, timeout=timeout)
     return factory.connected
@@ -239,9 +242,9 @@ class NextHop:
     """One connection to a next hop, kept between a session's transactions."""
 
     def __init__(self, reactor: Any, endpoint: Endpoint, helo_name: str, timeout: float,
-                 verify_tls: bool = True) -> None:
+                 trust: UpstreamTrust = VERIFIED) -> None:
         self.reactor, self.endpoint, self.helo_name = reactor, endpoint, helo_name
-        self.timeout, self.verify_tls = timeout, verify_tls
+        self.timeout, self.trust = timeout, trust
         self.proto: HopProtocol | None = None
         self.extensions: set[str] = set()
         self.dirty = False  # a transaction was begun and not finished by DATA's reply
@@ -279,7 +282,7 @@ class NextHop:
         self.close()  # the hop may close an idle connection: connect again
         try:
             self.proto = await connect(self.reactor, self.endpoint, self.timeout,
-                                       self.verify_tls)
+                                       self.trust)
             await self._hello()
             replies = await self._mail(sender, options, address)
         except HopLost:
@@ -300,7 +303,7 @@ class NextHop:
         if self.endpoint.tls == "starttls":
             if "starttls" not in self.extensions or (await self._reply("STARTTLS")).code != 220:
                 raise HopLost("STARTTLS refused")
-            self.proto.start_tls(self.endpoint.host, self.verify_tls)
+            self.proto.start_tls(self.endpoint.host, self.trust)
             await self._ehlo()
 
     async def _ehlo(self) -> None:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from migrating_proxy.cacerts import VERIFIED, UpstreamTrust
 from migrating_proxy.endpoints import Endpoint, EndpointError, parse_endpoint
 from migrating_proxy.store.accounts import (
     Account,
@@ -46,7 +47,7 @@ class Route:
     address: str
     next_hop: Endpoint | None = None
     reply: str = ""  # full reply line when next_hop is None, e.g. "550 5.1.1 ..."
-    verify_tls: bool = True  # the domain's --no-verify-tls applies to its relay too
+    trust: UpstreamTrust = VERIFIED  # the domain's TLS options apply to its relay too
     local: bool = False  # an account exists: the store, whatever the domain's state
 
     @property
@@ -79,7 +80,7 @@ def route(accounts: AccountStore, delivery: Endpoint, address: str) -> Route:
     except EndpointError:
         # `domain add --relay` validates; a bad row is an operator problem, not the sender's.
         return Route(address, reply="451 4.3.0 Relay misconfigured for this domain, try later")
-    return Route(address, relay, verify_tls=domain.verify_tls)
+    return Route(address, relay, trust=UpstreamTrust(domain.verify_tls, domain.source_ca))
 
 
 def _after_any_switch(accounts: AccountStore, address: str,

@@ -582,20 +582,31 @@ def test_starttls_with_smtplib(port: int, tls_files: TLSFiles, module_store: Dov
 
 
 @pytest.mark.parametrize("scheme", ["smtp+starttls", "smtps"])
-def test_relay_over_tls_starttls_or_implicit(
-        tmp_path: Path, module_store: DovecotInstance, tls_files: TLSFiles, scheme: str) -> None:
-    """An old server reached with STARTTLS or implicit TLS (the domain's --relay URL; its
-    certificate unchecked, as --no-verify-tls says: a relay does not use --source-ca)."""
+@pytest.mark.parametrize("trust", ["--source-ca", "--no-verify-tls", "system CAs only"])
+def test_relay_over_tls_starttls_or_implicit(tmp_path: Path, module_store: DovecotInstance,
+                                             tls_files: TLSFiles, scheme: str,
+                                             trust: str) -> None:
+    """An old server reached with STARTTLS or implicit TLS (the domain's --relay URL), its
+    certificate from a private CA: checked against the domain's --source-ca as the old
+    server's IMAP is, or unchecked with --no-verify-tls; with neither, nothing is relayed
+    (4xx: the sender keeps the message), never sent unverified."""
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(tls_files.cert, tls_files.key)
     smtp_port, tag = free_port(), token()
+    options = {"--source-ca": ["--source-ca", str(tls_files.ca_cert)],
+               "--no-verify-tls": ["--no-verify-tls"], "system CAs only": []}[trust]
     with OldSMTP(tls=server, implicit=scheme == "smtps") as old:
         proxy = Proxy(tmp_path / "proxy", module_store, overrides={
             "listen": {"smtp": f"127.0.0.1:{smtp_port}"}, "smtp": {"hostname": HOSTNAME}})
         proxy.cli("domain", "add", "tls.example", "--source", "imap://127.0.0.1:1",
-                  "--relay", f"{scheme}://localhost:{old.port}",
-                  "--no-verify-tls")
+                  "--relay", f"{scheme}://localhost:{old.port}", *options)
         with proxy, smtplib.SMTP("127.0.0.1", smtp_port) as client:
+            if trust == "system CAs only":
+                with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                    client.sendmail(SENDER, ["ida@tls.example"], message(tag))
+                [(code, _)] = refused.value.recipients.values()
+                assert 400 <= code < 500
+                return
             assert client.sendmail(SENDER, ["ida@tls.example"], message(tag, b"..x\r\n")) == {}
     [got] = [m for m in old.messages if tag.encode() in m.content]
     assert got.tls and after_our_trace(got.content) == message(tag, b"..x\r\n")

@@ -39,6 +39,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from migrating_proxy import metrics
+from migrating_proxy.cacerts import UpstreamTrust
 from migrating_proxy.delivery import NextHop
 from migrating_proxy.dialogue import (
     Action,
@@ -211,7 +212,7 @@ class SMTPSession(protocol.Protocol):
             # Another next hop, or one more LMTP recipient: a later transaction (see above).
             return "452 4.5.3 Too many recipients for this transaction, send separately"
         if txn.hop is None:
-            hop = self.hop_for(found.next_hop, found.verify_tls)
+            hop = self.hop_for(found.next_hop, found.trust)
             opened, reply = await hop.open(txn.sender, txn.options, found.address)
             if reply is None:  # MAIL not accepted
                 self.spare = hop  # closed by open() if unusable; else kept for later
@@ -223,15 +224,15 @@ class SMTPSession(protocol.Protocol):
             txn.recipients.append(found.address)
         return reply
 
-    def hop_for(self, endpoint: Endpoint, verify_tls: bool) -> NextHop:
+    def hop_for(self, endpoint: Endpoint, trust: UpstreamTrust) -> NextHop:
         """The spare connection if it goes to the same hop, else a new one."""
         spare, self.spare = self.spare, None
-        if spare is not None and (spare.endpoint, spare.verify_tls) == (endpoint, verify_tls):
+        if spare is not None and (spare.endpoint, spare.trust) == (endpoint, trust):
             return spare
         if spare is not None:
             spare.close()
         return NextHop(self.ctx.reactor, endpoint, self.smtp.banner_name, self.smtp.timeout,
-                       verify_tls)
+                       trust)
 
     # -- the message ---------------------------------------------------------------------
     def message_data(self, txn: Transaction, data: bytes) -> None:
