@@ -89,7 +89,7 @@ def run_copy(
     log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}:{source.port}",
                     store_address=store.address)
     log_.info("copy_started")
-    result = _run(copier.run, reporter, (source.password, store.master_password,
+    result = _run(copier.run, reporter, (*source.secrets, store.master_password,
                                          store.user_password))
     copier.close()
     result.skipped = state.skipped()

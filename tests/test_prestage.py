@@ -1,0 +1,154 @@
+"""Pre-stage (issue 13): every mailbox copied before its user logs in, through the old server's
+admin credentials; a real Dovecot old server with a master user, the proxy's CLI, workers and
+`serve`.
+
+The old server's administrator (a Dovecot master user) logs in as any user with SASL PLAIN's
+authzid or as `user*admin`. Users imported without passwords are pre-staged in the background;
+their first login proves the password at the old server as always, then a final pass and (in
+passthrough mode) the switch follow at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import dovecot
+from tests.support.cutover import passthrough_proxy
+from tests.support.dovecot import DovecotInstance
+from tests.support.proxy import Proxy
+
+ADMIN, ADMIN_PW = "mailadmin", "Adm1n-Geheimnis-€"
+
+
+@pytest.fixture(scope="module")
+def old() -> Iterator[DovecotInstance]:
+    """The old server of this module, with the administrator ADMIN (a Dovecot master user)."""
+    root = dovecot.instance_root("mp-pre-")
+    try:
+        with dovecot.old_server(root, {}, masters={ADMIN: ADMIN_PW}) as instance:
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+@pytest.fixture
+def store(module_store: DovecotInstance) -> DovecotInstance:
+    return module_store
+
+
+def admin_file(directory: Path, password: str = ADMIN_PW) -> Path:
+    path = directory / "admin-password"
+    path.write_text(password + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def with_admin(proxy: Proxy, directory: Path, *extra: str, password: str = ADMIN_PW,
+               check: bool = True) -> object:
+    return proxy.cli("domain", "set", "old.example", "--source-admin", ADMIN,
+                     "--source-admin-password-file", str(admin_file(directory, password)),
+                     *extra, check=check)
+
+
+def domain_row(proxy: Proxy) -> dict[str, object]:
+    [row] = json.loads(proxy.cli("domain", "list", "--json").stdout)
+    return row
+
+
+def domain_secrets(proxy: Proxy) -> list[bytes]:
+    with sqlite3.connect(proxy.directory / "proxy.db") as conn:
+        return [row[0] for row in conn.execute("SELECT ciphertext FROM domain_vault")]
+
+
+# --- (1) the admin credentials ---------------------------------------------------------------
+
+
+def test_admin_credentials_are_checked_then_kept_encrypted(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    proxy = passthrough_proxy(tmp_path / "proxy", old, store)
+    with_admin(proxy, tmp_path)
+    row = domain_row(proxy)
+    assert (row["source_admin"], row["source_admin_style"]) == (ADMIN, None)
+    [secret] = domain_secrets(proxy)
+    assert ADMIN_PW.encode() not in secret
+    # Another style is checked again with the kept password.
+    with_style = proxy.cli("domain", "set", "old.example", "--source-admin-style", "separator")
+    assert with_style.returncode == 0
+    assert domain_row(proxy)["source_admin_style"] == "separator"
+    # '' forgets the admin and its secret.
+    proxy.cli("domain", "set", "old.example", "--source-admin", "")
+    assert domain_row(proxy)["source_admin"] is None and domain_secrets(proxy) == []
+
+
+@pytest.mark.parametrize("command", ["add", "set"])
+def test_wrong_admin_credentials_are_refused_in_one_line_and_nothing_is_saved(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path, command: str) -> None:
+    proxy = passthrough_proxy(tmp_path / "proxy", old, store, add_domain=command == "set")
+    wrong = admin_file(tmp_path, "not-the-admin-password")
+    source = ["--source", f"imap://127.0.0.1:{old.imap_port}"] if command == "add" else []
+    result = proxy.cli("domain", command, "old.example", *source, "--source-admin", ADMIN,
+                       "--source-admin-password-file", str(wrong), check=False)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("migrating-proxy: error: the old server 127.0.0.1 refused the "
+                           f"admin credentials of {ADMIN}")
+    assert "not-the-admin-password" not in result.stderr
+    rows = json.loads(proxy.cli("domain", "list", "--json").stdout)
+    assert rows == [] if command == "add" else rows[0]["source_admin"] is None
+    assert domain_secrets(proxy) == []
+
+
+def test_admin_options_that_make_no_sense_are_refused(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    proxy = passthrough_proxy(tmp_path / "proxy", old, store)
+    cases = [
+        (["--source-admin-password-file", str(admin_file(tmp_path))],
+         "--source-admin-password-file needs --source-admin USER"),
+        (["--source-admin", ADMIN], "--source-admin needs --source-admin-password-file FILE"),
+        (["--source-admin", ADMIN, "--source-admin-password-file", str(tmp_path / "nope")],
+         "cannot read"),
+        (["--source-admin", ADMIN, "--source-admin-password-file",
+          str(admin_file(tmp_path)), "--source-admin-separator", "a b"],
+         "--source-admin-separator must be"),
+    ]
+    for options, message in cases:
+        result = proxy.cli("domain", "set", "old.example", *options, check=False)
+        assert result.returncode == 1 and message in result.stderr, (options, result.stderr)
+    assert domain_row(proxy)["source_admin"] is None and domain_secrets(proxy) == []
+
+
+def admin_alias(old: DovecotInstance, address: str) -> None:
+    """What a server that expects `user*admin` has: that login name, the admin's password,
+    logging in as the user (Dovecot's passdb `user` field); and no SASL authzid for it."""
+    with old.users_file.open("a", encoding="utf-8") as users:
+        users.write(f"{address}*{ADMIN}:{{PLAIN}}{ADMIN_PW}::::::user={address}\n")
+
+
+@pytest.fixture(scope="module")
+def separator_old() -> Iterator[DovecotInstance]:
+    """An old server that knows its administrator only as `user*ADMIN` login names."""
+    root = dovecot.instance_root("mp-sep-")
+    try:
+        instance = dovecot.old_server(root, {})
+        with instance.config_path.open("a") as config:
+            config.write("auth_username_chars =\n")  # Dovecot refuses "*" in names otherwise
+        with instance:
+            admin_alias(instance, "postmaster@old.example")
+            yield instance
+    finally:
+        dovecot.remove_root(root)
+
+
+def test_separator_style_against_a_server_that_expects_user_star_admin(
+        separator_old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    proxy = passthrough_proxy(tmp_path / "proxy", separator_old, store)
+    refused = with_admin(proxy, tmp_path, check=False)
+    assert refused.returncode == 1  # authzid: this server has no such admin
+    with_admin(proxy, tmp_path, "--source-admin-style", "separator",
+               "--source-admin-separator", "*")
+    assert domain_row(proxy)["source_admin_style"] == "separator"
