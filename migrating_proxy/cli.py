@@ -161,6 +161,10 @@ def _admin_commands(commands: _Subcommands) -> None:
         sub.add_argument("--json", action="store_true")
         if waits:
             sub.add_argument("--wait", action="store_true", help="wait until every pass ends")
+        if name == "migrate":
+            sub.add_argument("--prestage", action="store_true",
+                             help="copy through the domain's old-server admin "
+                                  "(--source-admin) before the users log in")
     fin = commands.add("finish", help="final pass, switch the domain's migration off, report")
     fin.add_argument("domain", metavar="DOMAIN")
     fin.add_argument("--yes", action="store_true", help="don't ask for confirmation")

@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from migrating_proxy import metrics
 from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
+    SourceAdmin,
     SourceAuthError,
     SourceSpec,
     SourceUnavailable,
@@ -46,7 +47,7 @@ from migrating_proxy.notice import (
 )
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
-from migrating_proxy.specs import source_host, source_spec, store_spec
+from migrating_proxy.specs import source_admin, source_host, source_spec, store_spec
 from migrating_proxy.store import Account, Domain, Store
 from migrating_proxy.store.schema import migrations
 from migrating_proxy.store.vault import Vault, load_or_create_key
@@ -103,6 +104,12 @@ class Onboarding:
             return OldServerVerdict.UNREACHABLE
         return OldServerVerdict.ACCEPTED
 
+    def source_admin(self, domain: Domain) -> SourceAdmin | None:
+        """The domain's old-server admin with its password from the vault, if it has one."""
+        if not domain.source_admin:
+            return None
+        return source_admin(domain, self.vault.get_domain(domain.name))
+
     # -- first login ---------------------------------------------------------------------
     def create_account(self, domain: Domain, address: str, password: str) -> Account:
         """Account + vault + job in one transaction; the existing account if we lost a race."""
@@ -134,12 +141,14 @@ class Onboarding:
                 account.address, self.hasher.hash(password, background=True)):
             self.provisioner.update(account.address)
 
-    def finish_onboarding(self, account: Account, password: str) -> None:
+    def finish_onboarding(self, account: Account, password: str | None) -> None:
         """Before a copy (worker only): real hash provisioned, and the notice in the INBOX,
         once, if the store already serves the account. An account the old server still serves
         (passthrough) gets it after its switch: nothing may write to its store mailbox before
-        the final pass (see `owed_after_switch`)."""
-        self.complete_hash(account, password)
+        the final pass (see `owed_after_switch`). Without a password (a pre-staged account,
+        copied through the admin) the login that proved one made the hash."""
+        if password is not None:
+            self.complete_hash(account, password)
         if account.notice_inserted_at is None and not account.served_by_old_server:
             self.insert_notice(account)
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from migrating_proxy.admin.operations import NO_ADMIN
 from tests.support import dovecot
-from tests.support.cutover import passthrough_proxy
+from tests.support.cutover import User, passthrough_proxy, pool, stop, vault_entries
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
 
@@ -152,3 +154,101 @@ def test_separator_style_against_a_server_that_expects_user_star_admin(
     with_admin(proxy, tmp_path, "--source-admin-style", "separator",
                "--source-admin-separator", "*")
     assert domain_row(proxy)["source_admin_style"] == "separator"
+
+
+# --- (2) and (3): accounts without passwords, pre-staged in the background ----------------
+
+
+def prestage_proxy(directory: Path, old: DovecotInstance, store: DovecotInstance,
+                   *extra: str, workers: int = 0,
+                   overrides: dict[str, dict[str, object]] | None = None) -> Proxy:
+    proxy = passthrough_proxy(directory / "proxy", old, store, workers=workers,
+                              overrides=overrides)
+    with_admin(proxy, directory, *extra)
+    return proxy
+
+
+def import_addresses(proxy: Proxy, *users: User) -> None:
+    listing = proxy.directory / f"users-{len(users)}-{users[0].address}.csv"
+    listing.write_text("".join(f"{user.address}\n" for user in users))
+    proxy.cli("import", str(listing))
+
+
+def prestage(proxy: Proxy, *args: str) -> list[dict[str, object]]:
+    return json.loads(proxy.cli("migrate", *args, "--prestage", "--json", check=False).stdout)
+
+
+def work_until_prestaged(proxy: Proxy, *addresses: str, timeout: float = 90
+                         ) -> list[dict[str, object]]:
+    """Run `migrating-proxy worker` until every account's pass is over; the status rows."""
+    workers = pool(proxy)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = proxy.status(*addresses)
+            if all(row["job_state"] is None for row in rows):
+                return rows
+            assert time.monotonic() < deadline, (rows, proxy.log_text()[-3000:])
+            time.sleep(0.3)
+    finally:
+        stop(workers)
+
+
+def test_imported_addresses_are_pre_staged_and_kept_current_until_their_users_log_in(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    users = [User(old, store), User(old, store)]
+    proxy = prestage_proxy(tmp_path, old, store)
+    import_addresses(proxy, *users)
+    addresses = [user.address for user in users]
+    rows = proxy.status(*addresses)
+    assert [(r["state"], r["password_known"], r["prestaged_at"], r["served_by"])
+            for r in rows] == [("NEW", False, None, "old")] * 2
+    assert [o["result"] for o in prestage(proxy, "--domain", "old.example")] == ["queued"] * 2
+    assert {r["job_state"] for r in proxy.status(*addresses)} == {"queued"}
+
+    rows = work_until_prestaged(proxy, *addresses)
+    for row in rows:  # waiting for its user: PENDING, no job, still on the old server
+        assert (row["state"], row["job_state"], row["served_by"], row["password_known"]) == (
+            "PENDING", None, "old", False), row
+        assert row["prestaged_at"] is not None and row["switched_at"] is None
+    for user in users:  # every folder, message, flag and date; no notice before the login
+        assert user.store_snapshot() == user.old_snapshot()
+
+    users[0].change_something("after the pre-stage pass")
+    assert [o["result"] for o in json.loads(proxy.cli(
+        "resync", "--domain", "old.example", "--json").stdout)] == ["queued"] * 2
+    work_until_prestaged(proxy, *addresses)
+    assert users[0].store_snapshot() == users[0].old_snapshot()  # kept current (mirrored)
+    assert vault_entries(proxy) == 0  # no user's password was ever needed
+    assert ADMIN_PW not in proxy.log_text()
+
+
+def test_pre_stage_refuses_what_it_cannot_do(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    known = User(old, store)
+    proxy = prestage_proxy(tmp_path, old, store)
+    ghost = f"ghost-{known.address}"  # imported, but the old server has no such user
+    listing = tmp_path / "users.csv"
+    listing.write_text(f"{known.address}\n{ghost}\n")
+    proxy.cli("import", str(listing))
+    # A plain migrate needs the users' passwords, which nobody gave.
+    assert {o["result"] for o in json.loads(proxy.cli(
+        "migrate", known.address, "--json").stdout)} == {"skipped"}
+    outcomes = {o["address"]: o for o in prestage(proxy, known.address, ghost)}
+    assert outcomes[known.address]["result"] == "queued"
+    assert outcomes[ghost]["result"] == "error"
+    assert "refused the admin's login as" in outcomes[ghost]["reason"]
+    [row] = proxy.status(ghost)
+    assert row["state"] == "ERROR" and row["job_state"] is None
+    # stop and start work on pre-stage passes as on any other.
+    assert json.loads(proxy.cli("stop", known.address, "--json").stdout)[0]["result"] == \
+        "paused"
+    assert proxy.status(known.address)[0]["job_state"] == "paused"
+    assert json.loads(proxy.cli("start", known.address, "--json").stdout)[0]["result"] == \
+        "resumed"
+    assert proxy.status(known.address)[0]["job_state"] == "queued"
+    # Without admin credentials there is no pre-stage.
+    proxy.cli("domain", "set", "old.example", "--source-admin", "")
+    proxy.cli("stop", known.address)
+    [outcome] = prestage(proxy, ghost)
+    assert (outcome["result"], outcome["reason"]) == ("skipped", NO_ADMIN)
