@@ -49,10 +49,13 @@ from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.specs import source_admin, source_host, source_spec, store_spec
 from migrating_proxy.store import Account, Domain, Store
+from migrating_proxy.store.jobs import FULL
 from migrating_proxy.store.schema import migrations
 from migrating_proxy.store.vault import Vault, load_or_create_key
 
 log = structlog.get_logger(__name__)
+
+SWITCH_POLL = 0.1  # seconds between looks at a pre-staged account whose login waits for its switch
 
 
 class OldServerVerdict:
@@ -170,6 +173,32 @@ class Onboarding:
         insert_notice(store_spec(self.config, account.address), message,
                       message_id(account.id, account.domain), self.config.migration.source_timeout)
         self.store.accounts.mark_notice_inserted(account.address)
+
+    # -- the first login of an account imported without a password (pre-stage) ------------
+    def first_login_after_prestage(self, account: Account, domain: Domain) -> Account:
+        """The old server has just accepted the user's password (and its hash is provisioned):
+        the pass that ends the migration starts now, ahead of every pre-stage pass (it takes
+        over a pre-stage pass already queued or running). In passthrough mode, an account that
+        was pre-staged is switched by that pass within seconds, so the login waits for the
+        switch (at most `switch_hold`) and is then served by the store; without a pre-stage
+        pass to finish from it goes to the old server as any first login. The account now."""
+        self.store.lifecycle.queue_pass(account.id, FULL, source_host(domain, account))
+        log.info("prestaged_first_login", address=account.address)
+        if not account.served_by_old_server or self._prestaged_at(account.id) is None:
+            return account
+        deadline = time.monotonic() + self.config.migration.switch_hold
+        current: Account | None = account
+        while time.monotonic() < deadline:
+            current = self.store.accounts.get_account_by_id(account.id)
+            if current is None or not current.served_by_old_server:
+                break
+            time.sleep(SWITCH_POLL)
+        return current or account
+
+    def _prestaged_at(self, account_id: int) -> datetime | None:
+        with self.store.engine.connect() as conn:
+            return conn.execute(select(migrations.c.prestaged_at)
+                                .where(migrations.c.account_id == account_id)).scalar()
 
     # -- later logins --------------------------------------------------------------------
     def accept_new_password(self, account: Account, password: str) -> None:

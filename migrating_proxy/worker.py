@@ -126,7 +126,9 @@ class CopyWorker:
             passes = _Passes(self, domain, account, password, beating.interrupted, admin,
                              self._pacing(job, beating) if prestage else None)
             started = time.monotonic()
-            result = passes.make(mirror=account.served_by_old_server)(None)
+            # Before its user's first login nobody uses the store's copy, in either mode: a
+            # pre-stage pass follows the old server exactly (expunges, flags, renames too).
+            result = passes.make(mirror=account.served_by_old_server or prestage)(None)
             if result.state == "completed" and self.store.jobs.state_of(job.id) == \
                     JobState.PAUSED:
                 # Paused while the last batch ran (the heartbeat had not seen it yet): no
