@@ -17,10 +17,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from imapclient import IMAPClient
 
 from migrating_proxy.admin.operations import NO_ADMIN
 from tests.support import dovecot
-from tests.support.cutover import User, passthrough_proxy, pool, stop, vault_entries
+from tests.support.cutover import (
+    MOVED,
+    MOVING,
+    User,
+    count,
+    events,
+    message,
+    passthrough_proxy,
+    pool,
+    stop,
+    vault_entries,
+    without,
+)
 from tests.support.dovecot import DovecotInstance
 from tests.support.proxy import Proxy
 
@@ -118,9 +131,9 @@ def test_admin_options_that_make_no_sense_are_refused(
           str(admin_file(tmp_path)), "--source-admin-separator", "a b"],
          "--source-admin-separator must be"),
     ]
-    for options, message in cases:
+    for options, wanted in cases:
         result = proxy.cli("domain", "set", "old.example", *options, check=False)
-        assert result.returncode == 1 and message in result.stderr, (options, result.stderr)
+        assert result.returncode == 1 and wanted in result.stderr, (options, result.stderr)
     assert domain_row(proxy)["source_admin"] is None and domain_secrets(proxy) == []
 
 
@@ -252,3 +265,95 @@ def test_pre_stage_refuses_what_it_cannot_do(
     proxy.cli("stop", known.address)
     [outcome] = prestage(proxy, ghost)
     assert (outcome["result"], outcome["reason"]) == ("skipped", NO_ADMIN)
+
+
+# --- (4) the first login of a pre-staged account ---------------------------------------------
+
+
+def login(proxy: Proxy, user: User, password: str | None = None) -> IMAPClient:
+    client = IMAPClient("127.0.0.1", proxy.imap_port, ssl=False, timeout=30)
+    client.login(user.address, password or user.password)
+    return client
+
+
+def prestaged_users(proxy: Proxy, *users: User) -> None:
+    import_addresses(proxy, *users)
+    assert {o["result"] for o in prestage(proxy, *(u.address for u in users))} == {"queued"}
+    work_until_prestaged(proxy, *(u.address for u in users))
+
+
+def test_first_login_of_a_pre_staged_account_switches_it_at_once(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user, other = User(old, store), User(old, store)
+    proxy = prestage_proxy(tmp_path, old, store, workers=1)
+    prestaged_users(proxy, user, other)
+    user.change_something("after the pre-stage pass")  # to be caught by the final pass
+    with proxy:
+        with pytest.raises(IMAPClient.Error):  # a wrong password: refused, nothing moves
+            login(proxy, user, "not-" + user.password)
+        [row] = proxy.status(user.address)
+        assert (row["state"], row["served_by"], row["job_state"], row["password_known"]) == (
+            "PENDING", "old", None, False)
+
+        with login(proxy, user) as client:  # held until the switch, then the store
+            [row] = proxy.status(user.address)
+            assert row["served_by"] == "store" and row["switched_at"] is not None, row
+            assert row["password_known"] is True
+            client.select_folder("INBOX", readonly=True)
+            assert client.search(["SUBJECT", "after the pre-stage pass"])
+        row = proxy.wait_for_state(user.address)
+        assert (row["state"], row["job_state"]) == ("COMPLETED", None), row
+    moved = user.store_snapshot()
+    assert without(moved, MOVED) == user.old_snapshot()  # exact, mail since included
+    assert count(moved, MOVED) == 1 and count(moved, MOVING) == 0
+    [done] = events(proxy, "switch_done")
+    assert 0 < done["hold_seconds"] < 10
+    [served] = [e for e in events(proxy, "login") if e.get("address") == user.address
+                and e.get("outcome") == "ok"]
+    assert served["served_by"] == "store"
+    [untouched] = proxy.status(other.address)  # the other user has not logged in yet
+    assert (untouched["state"], untouched["served_by"]) == ("PENDING", "old")
+    assert user.password not in proxy.log_text() and ADMIN_PW not in proxy.log_text()
+
+    # (5) finish: the never-logged-in account gets its final pass (through the admin, ending
+    # in its switch) and is reported on its own; export marks it for a password.
+    other.change_something("before finish")
+    workers = pool(proxy)
+    try:
+        report = json.loads(proxy.cli("finish", "old.example", "--yes", "--json").stdout)
+    finally:
+        stop(workers)
+    assert report["migrated"] == [user.address]
+    assert report["prestaged_never_logged_in"] == [other.address]
+    assert report["never_migrated"] == [] and report["unfinished"] == []
+    assert report["switched_without_final_pass"] == [] and report["admin_password_erased"]
+    [row] = proxy.status(other.address)
+    assert (row["served_by"], row["state"], row["password_known"]) == (
+        "store", "COMPLETED", False)
+    assert without(other.store_snapshot(), MOVED) == other.old_snapshot()
+    exported = proxy.cli("export", "old.example", "--format", "csv").stdout.splitlines()
+    assert f"{other.address},,COMPLETED,false" in exported
+    assert any(line.startswith(f"{user.address},$6$") and line.endswith(",COMPLETED,true")
+               for line in exported)
+    assert domain_secrets(proxy) == []
+
+
+def test_first_login_of_a_pre_staged_account_in_immediate_mode_copies_only_what_changed(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user = User(old, store)
+    proxy = prestage_proxy(tmp_path, old, store, workers=1)
+    proxy.cli("domain", "set", "old.example", "--cutover", "immediate")
+    prestaged_users(proxy, user)
+    [before] = proxy.status(user.address)
+    assert before["served_by"] == "store" and before["state"] == "PENDING"
+    copied_before = before["messages_copied"]
+    with user.at_old() as client:  # the store is the user's from the login: only new mail
+        client.append("INBOX", message("after the pre-stage pass").raw)
+    with proxy:
+        with login(proxy, user) as client:  # served by the store at once
+            client.select_folder("INBOX", readonly=True)
+        row = proxy.wait_for_state(user.address)
+    assert (row["state"], row["password_known"]) == ("COMPLETED", True)
+    assert without(user.store_snapshot(), MOVING) == user.old_snapshot()
+    assert count(user.store_snapshot(), MOVING) == 1
+    assert row["messages_copied"] - copied_before == 1  # only the new message

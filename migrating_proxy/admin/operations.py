@@ -173,8 +173,11 @@ class Operations:
         self.store.lifecycle.queue_pass(account.id, kind, source_host(domain, account))
 
     # -- resync --------------------------------------------------------------------------
-    def resync(self, targets: list[Account]) -> list[Outcome]:
-        """Queue an incremental pass for each account that has been migrated (or tried)."""
+    def resync(self, targets: list[Account], final: bool = False) -> list[Outcome]:
+        """Queue an incremental pass for each account that has been migrated (or tried).
+
+        `final` (finish): never a pre-stage pass, which would leave a passthrough account on
+        the old server; a pass through the admin that ends in the switch instead."""
         outcomes = {}
         for account in targets:
             domain = self._domain(account)
@@ -184,7 +187,8 @@ class Operations:
                 assert domain is not None
                 # Without the user's password the admin copies: for an account whose user has
                 # not logged in yet, that is an incremental pre-stage pass.
-                kind = PRESTAGE if account.password_hash == PENDING_HASH else INCREMENTAL
+                kind = PRESTAGE if account.password_hash == PENDING_HASH and not final \
+                    else INCREMENTAL
                 reason = None if self._admin(domain) is not None else NO_PASSWORD
             if reason:
                 outcomes[account.address] = Outcome(account.address, "skipped", reason)
