@@ -10,6 +10,7 @@ passthrough mode) the switch follow at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -20,6 +21,13 @@ import pytest
 from imapclient import IMAPClient
 
 from migrating_proxy.admin.operations import NO_ADMIN
+from migrating_proxy.migration.connections import (
+    SEPARATOR,
+    SourceAdmin,
+    SourceAuthError,
+    SourceSpec,
+    check_source_login,
+)
 from tests.support import dovecot
 from tests.support.cutover import (
     MOVED,
@@ -35,7 +43,8 @@ from tests.support.cutover import (
     without,
 )
 from tests.support.dovecot import DovecotInstance
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, wait_for
+from tests.support.secrets import b64, secret_forms
 
 ADMIN, ADMIN_PW = "mailadmin", "Adm1n-Geheimnis-€"
 
@@ -144,6 +153,16 @@ def admin_alias(old: DovecotInstance, address: str) -> None:
         users.write(f"{address}*{ADMIN}:{{PLAIN}}{ADMIN_PW}::::::user={address}\n")
 
 
+def separator_login_works(old: DovecotInstance, address: str) -> bool:
+    spec = SourceSpec("imap", "127.0.0.1", old.imap_port, "none", False, address, "",
+                      admin=SourceAdmin(ADMIN, ADMIN_PW, SEPARATOR))
+    try:
+        check_source_login(spec, 5)
+    except SourceAuthError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def separator_old() -> Iterator[DovecotInstance]:
     """An old server that knows its administrator only as `user*ADMIN` login names."""
@@ -167,6 +186,16 @@ def test_separator_style_against_a_server_that_expects_user_star_admin(
     with_admin(proxy, tmp_path, "--source-admin-style", "separator",
                "--source-admin-separator", "*")
     assert domain_row(proxy)["source_admin_style"] == "separator"
+    # And the copy logs in the same way: pre-staged through `user*mailadmin`.
+    user = User(separator_old, store)
+    admin_alias(separator_old, user.address)
+    wait_for(lambda: separator_login_works(separator_old, user.address),
+             "the old server to read its user file")
+    import_addresses(proxy, user)
+    assert [o["result"] for o in prestage(proxy, user.address)] == ["queued"]
+    [row] = work_until_prestaged(proxy, user.address)
+    assert row["prestaged_at"] is not None and row["last_error"] is None, row
+    assert user.store_snapshot() == user.old_snapshot()
 
 
 # --- (2) and (3): accounts without passwords, pre-staged in the background ----------------
@@ -357,3 +386,53 @@ def test_first_login_of_a_pre_staged_account_in_immediate_mode_copies_only_what_
     assert without(user.store_snapshot(), MOVING) == user.old_snapshot()
     assert count(user.store_snapshot(), MOVING) == 1
     assert row["messages_copied"] - copied_before == 1  # only the new message
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def admin_secret_forms(addresses: list[str]) -> list[bytes]:
+    """The admin password as it travels: itself, JSON-escaped, and in SASL PLAIN blobs with
+    each user as authorization identity (the pre-stage logins)."""
+    forms = [*secret_forms(ADMIN_PW, [ADMIN]), json.dumps(ADMIN_PW)[1:-1]]
+    forms += [b64(f"{address}\0{ADMIN}\0{ADMIN_PW}") for address in addresses]
+    return [form.encode() for form in forms]
+
+
+def process_command_lines() -> bytes:
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(cmdline.read_bytes())
+    return b"\n".join(lines)
+
+
+def test_the_admin_password_is_in_no_log_database_process_list_or_file(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    user = User(old, store)
+    proxy = passthrough_proxy(tmp_path / "proxy", old, store, workers=1)
+    given = tmp_path / "operator" / "admin-password"  # the one file allowed to hold it
+    given.parent.mkdir()
+    assert with_admin(proxy, tmp_path / "operator", password="wrong-" + ADMIN_PW,
+                      check=False).returncode == 1
+    with_admin(proxy, tmp_path / "operator")
+    import_addresses(proxy, user)
+    prestage(proxy, user.address)
+    command_lines = []
+    with proxy:  # serve and its worker pre-stage the account, then the user logs in
+        command_lines.append(process_command_lines())
+        wait_for(lambda: proxy.status(user.address)[0]["prestaged_at"] is not None,
+                 "the pre-stage pass")
+        command_lines.append(process_command_lines())
+        login(proxy, user).logout()
+        proxy.wait_for_state(user.address)
+    files = {str(p): p.read_bytes() for p in proxy.directory.rglob("*") if p.is_file()}
+    files |= {"process list": b"\n".join(command_lines),
+              str(store.users_file): store.provisioned_text().encode(),
+              str(store.log_path): store.log_path.read_bytes()}
+    assert any(name.endswith("proxy.db") for name in files)
+    assert b"domain_vault" in files[str(proxy.directory / "proxy.db")]
+    forms = admin_secret_forms([user.address])
+    leaks = {name: [f for f in forms if f in data] for name, data in files.items()}
+    assert {name: found for name, found in leaks.items() if found} == {}
+    assert given.read_text().strip() == ADMIN_PW  # the operator's own file, untouched
