@@ -436,3 +436,37 @@ def test_the_admin_password_is_in_no_log_database_process_list_or_file(
     leaks = {name: [f for f in forms if f in data] for name, data in files.items()}
     assert {name: found for name, found in leaks.items() if found} == {}
     assert given.read_text().strip() == ADMIN_PW  # the operator's own file, untouched
+
+
+# --- pre-stage passes give way ----------------------------------------------------------------
+
+
+def test_a_paced_pre_stage_pass_yields_to_a_login_s_pass_then_finishes(
+        old: DovecotInstance, store: DovecotInstance, tmp_path: Path) -> None:
+    """One worker, a pre-stage pass slowed by prestage_rate (the sample mailbox's 200 kB
+    message takes seconds): a user's pass queued meanwhile runs first, the pre-stage pass
+    goes back to the queue and completes afterwards, copying nothing twice."""
+    early, urgent = User(old, store), User(old, store)
+    proxy = prestage_proxy(tmp_path, old, store,
+                           overrides={"migration": {"prestage_rate": 15_000}})
+    import_addresses(proxy, early)
+    prestage(proxy, early.address)
+    workers = pool(proxy)
+    try:
+        wait_for(lambda: proxy.status(early.address)[0]["job_state"] == "running",
+                 "the pre-stage pass to start", timeout=30)
+        with_password = tmp_path / "urgent.csv"
+        with_password.write_text(f"{urgent.address},{urgent.password}\n")
+        proxy.cli("import", str(with_password))
+        proxy.cli("migrate", urgent.address)
+        assert proxy.wait_for_state(urgent.address, ("COMPLETED",))["served_by"] == "store"
+        wait_for(lambda: proxy.status(early.address)[0]["prestaged_at"] is not None,
+                 "the pre-stage pass to finish", timeout=60)
+    finally:
+        stop(workers)
+    ended = [e for e in events(proxy, "migration_pass_ended")]
+    assert [e["address"] for e in ended] == [urgent.address, early.address]
+    assert events(proxy, "prestage_yielded")
+    assert early.store_snapshot() == early.old_snapshot()
+    [row] = proxy.status(early.address)
+    assert row["messages_copied"] == sum(len(v) for v in early.old_snapshot().values())
