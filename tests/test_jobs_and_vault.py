@@ -78,12 +78,13 @@ def test_pre_stage_slots_of_one_host_never_overlap(store: Store) -> None:
     clock = [1000.0]
     pacers = [HostPacer(store.engine, "old-host", 1000, clock=lambda: clock[0])
               for _ in range(2)]
-    assert pacers[0].reserve(500) == (1000.0, 1000.5)
-    assert pacers[1].reserve(2000) == (1000.5, 1002.5)  # another worker: after the first
+    assert pacers[0].reserve(500) == (999.0, 999.5)  # a second's credit to start with
+    assert pacers[1].reserve(2000) == (999.5, 1001.5)  # another worker: after the first
+    assert pacers[0].reserve(500) == (1001.5, 1002.0)  # in the future: it waits
     assert HostPacer(store.engine, "other-host", 1000, clock=lambda: clock[0]).reserve(
-        1000) == (1000.0, 1001.0)  # every host has its own budget
-    clock[0] = 2000.0  # idle for a while: no credit saved up, the next slot starts now
-    assert pacers[0].reserve(100) == (2000.0, 2000.1)
+        1000) == (999.0, 1000.0)  # every host has its own budget
+    clock[0] = 2000.0  # idle for a while: no more than a second of credit saved up
+    assert pacers[0].reserve(100) == (1999.0, 1999.1)
     assert pacers[0].batch_bytes(8 << 20) == 64 * 1024  # about a second's worth, not less
     assert HostPacer(store.engine, "h", 0).read(10**9, lambda: "now") == "now"  # unlimited
 
