@@ -135,7 +135,9 @@ class CopyWorker:
                 # switch now; hand the job back paused, as `stop` promised.
                 result = replace(result, state="stopped")
             # The user may have logged in meanwhile: the pass is then theirs (jobs.enqueue).
-            prestage = prestage and self.store.jobs.kind_of(job.id) == PRESTAGE
+            if prestage and self.store.jobs.kind_of(job.id) != PRESTAGE:
+                prestage = False
+                self.onboarding.finish_onboarding(account, password)  # immediate: the notice
             if result.state == "completed" and account.served_by_old_server and not prestage:
                 self._switch(job, account, passes, result, time.monotonic() - started)
                 return
