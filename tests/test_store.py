@@ -330,13 +330,6 @@ def test_ensure_schema_twice_keeps_data_and_version(store_url: str) -> None:
         store.close()
 
 
-# What undoes version 8 (pre-stage): its columns (its tables are created by any upgrade).
-UNDO_V8 = ("ALTER TABLE domains DROP COLUMN source_admin",
-           "ALTER TABLE domains DROP COLUMN source_admin_style",
-           "ALTER TABLE domains DROP COLUMN source_admin_separator",
-           "ALTER TABLE migrations DROP COLUMN prestaged_at")
-
-
 def make_older(store_url: str, version: int, *undo: str) -> None:
     """Turn a current database into one of `version` by undoing the later steps."""
     engine = make_engine(store_url)
@@ -433,7 +426,7 @@ def test_version_5_database_is_upgraded_in_place_with_the_dovecot_users_view(
     store = open_store(store_url)
     store.accounts.add_account("alice@example.com", "$6$rounds=5000$salt$x")
     store.close()
-    make_older(store_url, 5, "DROP VIEW dovecot_users", *UNDO_V8)
+    make_older(store_url, 5, "DROP VIEW dovecot_users")
     store = open_store(store_url)
     try:
         assert dovecot_users(store) == {"alice@example.com": "{SHA512-CRYPT}$6$rounds=5000$salt$x"}
@@ -461,6 +454,25 @@ def test_version_7_database_is_upgraded_in_place_for_pop3_continuity(store_url: 
                                        pop3_uidls.c.store_uidl)).all() == [("u1", None, None)]
             assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
         assert Pop3Uidls(store.engine).translation(account.id) is None  # nothing kept yet
+    finally:
+        store.close()
+
+
+def test_version_8_database_gains_the_pre_stage_columns(store_url: str) -> None:
+    """Version 9 (pre-stage): the old server's admin per domain, prestaged_at per account."""
+    store = open_store(store_url)
+    store.accounts.add_domain(Domain("old.example", "imap://old.example:143"))
+    store.close()
+    make_older(store_url, 8, *(f"ALTER TABLE {table} DROP COLUMN {column}" for table, column in (
+        ("domains", "source_admin"), ("domains", "source_admin_style"),
+        ("domains", "source_admin_separator"), ("migrations", "prestaged_at"))))
+    store = open_store(store_url)
+    try:
+        store.accounts.update_domain("old.example", source_admin="admin")
+        domain = store.accounts.get_domain("old.example")
+        assert domain is not None and domain.source_admin == "admin"
+        with store.engine.connect() as conn:
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
     finally:
         store.close()
 
