@@ -24,6 +24,7 @@ from migrating_proxy.cacerts import CAFileError, read_ca_file
 from migrating_proxy.config import ENGINES, Config, ConfigError
 from migrating_proxy.console import CommandError, print_rows, read_password
 from migrating_proxy.endpoints import EndpointError
+from migrating_proxy.migration.connections import ADMIN_STYLES
 from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
@@ -160,6 +161,10 @@ def _admin_commands(commands: _Subcommands) -> None:
         sub.add_argument("--json", action="store_true")
         if waits:
             sub.add_argument("--wait", action="store_true", help="wait until every pass ends")
+        if name == "migrate":
+            sub.add_argument("--prestage", action="store_true",
+                             help="copy through the domain's old-server admin "
+                                  "(--source-admin) before the users log in")
     fin = commands.add("finish", help="final pass, switch the domain's migration off, report")
     fin.add_argument("domain", metavar="DOMAIN")
     fin.add_argument("--yes", action="store_true", help="don't ask for confirmation")
@@ -245,6 +250,39 @@ def domain_options(parser: argparse.ArgumentParser, *, adding: bool) -> None:
             "verify the old server's certificate (default)",
             "accept the old server's certificate unverified (self-signed)")
     add_source_tls_options(parser)
+    add_source_admin_options(parser)
+
+
+def add_source_admin_options(parser: argparse.ArgumentParser) -> None:
+    """The old server's administrator, for pre-stage copies (issue 13)."""
+    parser.add_argument("--source-admin", metavar="USER",
+                        help="the old server's admin (master) user: copies log in as each "
+                             "user through it, so mailboxes can be pre-staged ('' for none)")
+    parser.add_argument("--source-admin-password-file", metavar="FILE", type=InputFile,
+                        help="file whose first line is the admin's password (never give it "
+                             "on the command line); checked at the old server, kept encrypted")
+    parser.add_argument("--source-admin-style", choices=ADMIN_STYLES,
+                        help="authzid (default): SASL PLAIN with the user as authorization "
+                             "identity; separator: log in as USER<separator>ADMIN")
+    parser.add_argument("--source-admin-separator", metavar="SEP",
+                        help="the separator of the separator style (default: *)")
+
+
+def admin_password_from_args(args: argparse.Namespace) -> str | None:
+    """The first line of --source-admin-password-file, without its line end."""
+    given = getattr(args, "source_admin_password_file", None)
+    if given is None:
+        return None
+    try:
+        text = given.read().decode("utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read {given}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{given}: the password is not UTF-8 text") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise CommandError(f"{given}: no password on its first line")
+    return password
 
 
 def _on_off(parser: argparse.ArgumentParser, on: str, off: str, dest: str, on_help: str,
@@ -334,9 +372,10 @@ def domain_command(args: argparse.Namespace, config: Config, store: Store) -> in
     actor = Actor.command_line()
     if args.action == "add":
         domain = domain_from_args(args)
-        domains.add_domain(store, config, actor, domain)
+        domains.add_domain(store, config, actor, domain, admin_password_from_args(args))
     elif args.action == "set":
-        domains.update_domain(store, config, actor, args.name, domain_changes(args))
+        domains.update_domain(store, config, actor, args.name, domain_changes(args),
+                              admin_password_from_args(args))
     elif args.action in ("enable", "disable"):
         domains.set_migrating(store, actor, args.name, args.action == "enable")
     elif args.action == "remove":

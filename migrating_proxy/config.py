@@ -138,6 +138,10 @@ class MigrationConfig:
     # brings it back for the next pass). true: kept, encrypted, until `finish`, so workers run
     # an incremental pass every resync_interval on their own.
     keep_credentials: bool = False
+    # Pre-stage passes (copies through the old server's admin credentials before the user
+    # logs in): bytes per second per old host, all workers together; 0: unlimited. On-login
+    # passes are never paced: a user is waiting for those.
+    prestage_rate: int = 0
     # Passthrough switch: how long new logins of the account may be held while its old-server
     # sessions are closed and the final pass runs; a final pass that does not fit is retried.
     switch_hold: float = 10.0
@@ -497,6 +501,16 @@ class _Reader:
         except EndpointError as exc:
             raise self.fail(f"{section}.{key}", str(exc)) from None
 
+    def _size(self, section: str, key: str, default: int) -> int:
+        """A byte count: an int or a string such as "2MB"; never negative."""
+        try:
+            value = parse_size(self.get(section, key, (int, str), default))
+        except ValueError as exc:
+            raise self.fail(f"{section}.{key}", str(exc)) from None
+        if value < 0:
+            raise self.fail(f"{section}.{key}", "must not be negative")
+        return value
+
     def _smtp(self) -> SMTPConfig:
         defaults = SMTPConfig()
         try:
@@ -575,6 +589,7 @@ class _Reader:
         if values["engine"] == "dsync" and values["dsync_credentials"] is None:
             raise self.fail("migration.dsync_credentials", 'required with engine = "dsync"')
         values["keep_credentials"] = self.get("migration", "keep_credentials", bool, False)
+        values["prestage_rate"] = self._size("migration", "prestage_rate", 0)
         for key in ("notice", "moved_notice"):
             if values[key] is not None and (why := _not_a_file(values[key])):
                 raise self.fail(f"migration.{key}", why)

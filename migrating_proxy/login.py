@@ -216,6 +216,9 @@ class LoginService:
             if refused is not None:
                 return refused
             provisioned = True  # the new hash was just provisioned
+            if account.password_hash == PENDING_HASH:  # imported without one: pre-stage
+                assert self.onboarding is not None
+                account = self.onboarding.first_login_after_prestage(account, domain)
         self.store.last_logins.note(account.address)  # written in the background
         if migrating and account.migration_state is not None:
             assert self.onboarding is not None and domain is not None

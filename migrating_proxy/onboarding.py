@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from migrating_proxy import metrics
 from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
+    SourceAdmin,
     SourceAuthError,
     SourceSpec,
     SourceUnavailable,
@@ -46,12 +47,15 @@ from migrating_proxy.notice import (
 )
 from migrating_proxy.passwords import PENDING_HASH, PasswordHasher
 from migrating_proxy.provision import Provisioner, make_provisioner
-from migrating_proxy.specs import source_host, source_spec, store_spec
+from migrating_proxy.specs import source_admin, source_host, source_spec, store_spec
 from migrating_proxy.store import Account, Domain, Store
+from migrating_proxy.store.jobs import FULL
 from migrating_proxy.store.schema import migrations
 from migrating_proxy.store.vault import Vault, load_or_create_key
 
 log = structlog.get_logger(__name__)
+
+SWITCH_POLL = 0.1  # seconds between looks at a pre-staged account whose login waits for its switch
 
 
 class OldServerVerdict:
@@ -103,6 +107,12 @@ class Onboarding:
             return OldServerVerdict.UNREACHABLE
         return OldServerVerdict.ACCEPTED
 
+    def source_admin(self, domain: Domain) -> SourceAdmin | None:
+        """The domain's old-server admin with its password from the vault, if it has one."""
+        if not domain.source_admin:
+            return None
+        return source_admin(domain, self.vault.get_domain(domain.name))
+
     # -- first login ---------------------------------------------------------------------
     def create_account(self, domain: Domain, address: str, password: str) -> Account:
         """Account + vault + job in one transaction; the existing account if we lost a race."""
@@ -134,12 +144,14 @@ class Onboarding:
                 account.address, self.hasher.hash(password, background=True)):
             self.provisioner.update(account.address)
 
-    def finish_onboarding(self, account: Account, password: str) -> None:
+    def finish_onboarding(self, account: Account, password: str | None) -> None:
         """Before a copy (worker only): real hash provisioned, and the notice in the INBOX,
         once, if the store already serves the account. An account the old server still serves
         (passthrough) gets it after its switch: nothing may write to its store mailbox before
-        the final pass (see `owed_after_switch`)."""
-        self.complete_hash(account, password)
+        the final pass (see `owed_after_switch`). Without a password (a pre-staged account,
+        copied through the admin) the login that proved one made the hash."""
+        if password is not None:
+            self.complete_hash(account, password)
         if account.notice_inserted_at is None and not account.served_by_old_server:
             self.insert_notice(account)
 
@@ -161,6 +173,32 @@ class Onboarding:
         insert_notice(store_spec(self.config, account.address), message,
                       message_id(account.id, account.domain), self.config.migration.source_timeout)
         self.store.accounts.mark_notice_inserted(account.address)
+
+    # -- the first login of an account imported without a password (pre-stage) ------------
+    def first_login_after_prestage(self, account: Account, domain: Domain) -> Account:
+        """The old server has just accepted the user's password (and its hash is provisioned):
+        the pass that ends the migration starts now, ahead of every pre-stage pass (it takes
+        over a pre-stage pass already queued or running). In passthrough mode, an account that
+        was pre-staged is switched by that pass within seconds, so the login waits for the
+        switch (at most `switch_hold`) and is then served by the store; without a pre-stage
+        pass to finish from it goes to the old server as any first login. The account now."""
+        self.store.lifecycle.queue_pass(account.id, FULL, source_host(domain, account))
+        log.info("prestaged_first_login", address=account.address)
+        if not account.served_by_old_server or self._prestaged_at(account.id) is None:
+            return account
+        deadline = time.monotonic() + self.config.migration.switch_hold
+        current: Account | None = account
+        while time.monotonic() < deadline:
+            current = self.store.accounts.get_account_by_id(account.id)
+            if current is None or not current.served_by_old_server:
+                break
+            time.sleep(SWITCH_POLL)
+        return current or account
+
+    def _prestaged_at(self, account_id: int) -> datetime | None:
+        with self.store.engine.connect() as conn:
+            return conn.execute(select(migrations.c.prestaged_at)
+                                .where(migrations.c.account_id == account_id)).scalar()
 
     # -- later logins --------------------------------------------------------------------
     def accept_new_password(self, account: Account, password: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from migrating_proxy.config import Config
 from migrating_proxy.endpoints import Endpoint, parse_endpoint
-from migrating_proxy.migration.connections import SourceSpec, StoreSpec
+from migrating_proxy.migration.connections import AUTHZID, SourceAdmin, SourceSpec, StoreSpec
 from migrating_proxy.store import Account, Domain
 from migrating_proxy.upstream import Upstream
 
@@ -42,15 +42,24 @@ def source_host(domain: Domain, account: Account | None = None) -> str:
 
 
 def source_spec(domain: Domain, account: Account | None, address: str, password: str,
-                protocol: str | None = None) -> SourceSpec:
-    """The old server to copy from (protocol None), or to check a `protocol` login at."""
+                protocol: str | None = None, admin: SourceAdmin | None = None) -> SourceSpec:
+    """The old server to copy from (protocol None), or to check a `protocol` login at; with
+    `admin`, logged in to as the user through the old server's administrator."""
     endpoint = source_endpoint(domain, account, protocol)
     return SourceSpec(
         protocol=endpoint.protocol,  # type: ignore[arg-type]
         host=endpoint.host, port=endpoint.port, tls=endpoint.tls, verify_tls=domain.verify_tls,
         login=source_login(domain, account, address), password=password, type=domain.type,
-        subscribed_only=domain.subscribed_only, ca_pem=domain.source_ca,
+        subscribed_only=domain.subscribed_only, ca_pem=domain.source_ca, admin=admin,
     )
+
+
+def source_admin(domain: Domain, password: str | None) -> SourceAdmin | None:
+    """The domain's old-server administrator with its password (from the vault), if any."""
+    if not domain.source_admin or password is None:
+        return None
+    return SourceAdmin(domain.source_admin, password, domain.source_admin_style or AUTHZID,
+                       domain.source_admin_separator or "*")
 
 
 def old_server_upstream(domain: Domain, account: Account, password: str,

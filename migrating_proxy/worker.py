@@ -27,7 +27,7 @@ import structlog
 from migrating_proxy import lifeline, logs
 from migrating_proxy.config import Config
 from migrating_proxy.migration import CopyProgress, CopyResult, run_copy
-from migrating_proxy.migration.connections import SourceAuthError, SourceSpec
+from migrating_proxy.migration.connections import SourceAdmin, SourceAuthError, SourceSpec
 from migrating_proxy.migration.dsync import DSYNC, IMAP, DsyncEngine, Fallback, engine_for
 from migrating_proxy.migration.pop3_uidls import Pop3Continuity
 from migrating_proxy.onboarding import Onboarding
@@ -43,7 +43,8 @@ from migrating_proxy.store import (
 )
 from migrating_proxy.store.accounts import PASSTHROUGH
 from migrating_proxy.store.copystate import CopyState
-from migrating_proxy.store.jobs import Job
+from migrating_proxy.store.jobs import PRESTAGE, Job
+from migrating_proxy.store.pacing import HostPacer
 from migrating_proxy.store.pop3uidls import KEPT, Pop3Uidls
 from migrating_proxy.switch import MirrorPass, OldServerSessions, Switch
 
@@ -111,30 +112,48 @@ class CopyWorker:
     def execute(self, job: Job, account: Account) -> None:
         domain = self.store.accounts.get_domain(account.domain)
         password = self.onboarding.vault.get(account.id)
-        if domain is None or password is None:
+        admin = self.onboarding.source_admin(domain) if domain is not None else None
+        if domain is None or (password is None and admin is None):
             reason = "no stored password; the next login of the user will start the copy"
             self._failed(job, reason)
             return
-        self.onboarding.finish_onboarding(account, password)
-        paused = threading.Event()
-        beating = _Heartbeat(self, job.id, paused)
+        prestage = job.kind == PRESTAGE
+        if not prestage:  # nothing of the user's own before the user has logged in
+            self.onboarding.finish_onboarding(account, password)
+        beating = _Heartbeat(self, job)
         beating.start()
         try:
-            interrupted = lambda: self.stop.is_set() or paused.is_set()  # noqa: E731
-            passes = _Passes(self, domain, account, password, interrupted)
+            passes = _Passes(self, domain, account, password, beating.interrupted, admin,
+                             self._pacing(job, beating) if prestage else None)
             started = time.monotonic()
-            result = passes.make(mirror=account.served_by_old_server)(None)
+            # Before its user's first login nobody uses the store's copy, in either mode: a
+            # pre-stage pass follows the old server exactly (expunges, flags, renames too).
+            result = passes.make(mirror=account.served_by_old_server or prestage)(None)
             if result.state == "completed" and self.store.jobs.state_of(job.id) == \
                     JobState.PAUSED:
                 # Paused while the last batch ran (the heartbeat had not seen it yet): no
                 # switch now; hand the job back paused, as `stop` promised.
                 result = replace(result, state="stopped")
-            if result.state == "completed" and account.served_by_old_server:
+            # The user may have logged in meanwhile: the pass is then theirs (jobs.enqueue).
+            if prestage and self.store.jobs.kind_of(job.id) != PRESTAGE:
+                prestage = False
+                self.onboarding.finish_onboarding(account, password)  # immediate: the notice
+            if result.state == "completed" and account.served_by_old_server and not prestage:
                 self._switch(job, account, passes, result, time.monotonic() - started)
                 return
         finally:
             beating.done.set()
-        self._settle(job, account, result)
+        self._settle(job, account, result, prestage=prestage, by_admin=admin is not None)
+
+    def _pacing(self, job: Job, beating: _Heartbeat) -> HostPacer | None:
+        """Pre-stage passes read at `migration.prestage_rate` per old host, all workers
+        together, until a user's login makes the pass theirs."""
+        rate = self.config.migration.prestage_rate
+        if not rate:
+            return None
+        return HostPacer(self.store.engine, job.source_host, rate,
+                         active=lambda: not beating.taken_over.is_set(),
+                         stopping=beating.interrupted)
 
     def _switch(self, job: Job, account: Account, passes: _Passes, copy: CopyResult,
                 copy_seconds: float) -> None:
@@ -172,8 +191,14 @@ class CopyWorker:
         else:
             self._settle(job, account, outcome.result)
 
-    def _settle(self, job: Job, account: Account, result: CopyResult) -> None:
-        if result.state == "completed":
+    def _settle(self, job: Job, account: Account, result: CopyResult, *,
+                prestage: bool = False, by_admin: bool = False) -> None:
+        if result.state == "completed" and prestage:
+            # Pre-staged: PENDING until the user's first login (and the switch) completes it.
+            if self.store.lifecycle.prestaged(job.id, job.account_id):
+                log.info("migration_pass_ended", state=AccountState.PENDING, error=None,
+                         prestaged=True)
+        elif result.state == "completed":
             if not self.store.lifecycle.pass_completed(job.id, job.account_id):
                 # Paused by an admin after the last batch began: it stays paused until
                 # `start`, whose pass finds nothing left and completes (store/states.py).
@@ -188,7 +213,8 @@ class CopyWorker:
             self.store.jobs.release(job.id)
         elif result.error_kind == "auth":
             self._failed(job, result.error)
-            self.onboarding.vault.erase(account.id)  # a password the old server refuses
+            if not by_admin:  # the admin was refused, not the user's password
+                self.onboarding.vault.erase(account.id)  # a password the old server refuses
         elif result.error_kind == "folders" or job.attempts >= self.config.migration.max_attempts:
             # Folders the servers refuse stay refused: say so now instead of retrying for hours.
             # The password stays for a resync once the admin has fixed the folder.
@@ -212,8 +238,10 @@ class _Passes:
     worker: CopyWorker
     domain: Domain
     account: Account
-    password: str
+    password: str | None  # None: not known (pre-staged); the admin copies
     interrupted: Callable[[], bool]
+    admin: SourceAdmin | None = None  # the old server's admin: the imap engine logs in so
+    pacing: HostPacer | None = None  # pre-stage passes only
 
     def make(self, *, mirror: bool) -> MirrorPass:
         """A mirror pass while the old server serves the account, else an ordinary one; each
@@ -275,8 +303,8 @@ class _Passes:
     def _engine(self) -> str:
         """dsync for a passthrough domain that asks for it, until the account fell back."""
         wanted = self.domain.engine or self.worker.config.migration.engine
-        if wanted != DSYNC or self.domain.cutover != PASSTHROUGH:
-            return IMAP
+        if wanted != DSYNC or self.domain.cutover != PASSTHROUGH or self.password is None:
+            return IMAP  # dsync's imapc needs the user's own password
         recorded = CopyState(self.worker.store.engine, self.account.id).copy_engine()
         if recorded is None and not self.account.served_by_old_server:
             return IMAP  # switched (or served by the store) before dsync ever ran
@@ -284,6 +312,7 @@ class _Passes:
 
     def _dsync_pass(self, imap_pass: MirrorPass) -> MirrorPass:
         account, domain = self.account, self.domain
+        assert self.password is not None  # see _engine
         imap = source_spec(domain, account, account.address, self.password)
         pop3 = source_spec(domain, account, account.address, self.password, "pop3") \
             if domain.pop3_source_url else None
@@ -300,7 +329,10 @@ class _Passes:
 
     def _imap_pass(self, *, mirror: bool) -> MirrorPass:
         config, account = self.worker.config, self.account
-        source = source_spec(self.domain, account, account.address, self.password)
+        # Through the admin when there is one: it stays valid whatever the user does with
+        # their password at the old server.
+        source = source_spec(self.domain, account, account.address, self.password or "",
+                             admin=self.admin)
         store = store_spec(config, account.address)
 
         def run(deadline: float | None) -> CopyResult:
@@ -313,6 +345,7 @@ class _Passes:
                     deadline is not None and time.monotonic() > deadline),
                 timeout=config.migration.source_timeout * 3,
                 parallel_folders=max(1, config.migration.parallel_folders), mirror=mirror,
+                pacing=self.pacing,
             )
 
         return run
@@ -323,29 +356,47 @@ class _Heartbeat(threading.Thread):
 
     The pause check is a one-row read every PAUSE_CHECK_SECONDS, so `migrating-proxy stop`
     takes effect within about a second; the heartbeat write (which takes the database's write
-    lock on SQLite) stays at HEARTBEAT_SECONDS.
+    lock on SQLite) stays at HEARTBEAT_SECONDS. A pre-stage pass also notices a user's login
+    taking it over (`taken_over`: no more pacing) and yields to on-login passes that wait for
+    a worker (it stops at its next batch and goes back to the queue, behind them).
     """
 
-    def __init__(self, worker: CopyWorker, job_id: int, paused: threading.Event) -> None:
-        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.worker, self.job_id, self.paused = worker, job_id, paused
+    def __init__(self, worker: CopyWorker, job: Job) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job.id}")
+        self.worker, self.job_id = worker, job.id
+        self.prestage = job.kind == PRESTAGE
+        self.paused = threading.Event()
+        self.taken_over = threading.Event()
         self.done = threading.Event()
 
+    def interrupted(self) -> bool:
+        return self.worker.stop.is_set() or self.paused.is_set()
+
     def run(self) -> None:
-        jobs = self.worker.store.jobs
         last_beat = time.monotonic()
         while not self.done.wait(PAUSE_CHECK_SECONDS):
             try:
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
-                    state, last_beat = jobs.heartbeat(self.job_id), time.monotonic()
+                    state, last_beat = self.worker.store.jobs.heartbeat(self.job_id), \
+                        time.monotonic()
                 else:
-                    state = jobs.state_of(self.job_id)
+                    state = self.worker.store.jobs.state_of(self.job_id)
                 if state == JobState.PAUSED and not self.paused.is_set():
                     # From here the copy stops at its next batch boundary.
                     log.info("copy_pause_noticed", job=self.job_id)
                     self.paused.set()
+                if self.prestage and not self.taken_over.is_set():
+                    self._prestage_checks()
             except Exception as exc:  # a database hiccup must not kill the copy
                 log.warning("heartbeat_failed", error=type(exc).__name__)
+
+    def _prestage_checks(self) -> None:
+        jobs = self.worker.store.jobs
+        if jobs.kind_of(self.job_id) != PRESTAGE:
+            self.taken_over.set()
+        elif jobs.login_pass_waiting():
+            log.info("prestage_yielded", reason="a login's pass is waiting for a worker")
+            self.paused.set()  # stopped, then handed back as the row says: queued
 
 
 def worker_main(config: Config, number: int, parent_pid: int | None = None) -> None:

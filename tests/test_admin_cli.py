@@ -208,7 +208,8 @@ def test_import_migrate_resync_finish_export(tmp_path: Path, new_store: DovecotI
     assert f"{LATE}:{{SHA512-CRYPT}}!" in exported
     assert any(line.startswith("user01@old.example:{SHA512-CRYPT}$6$") for line in exported)
     csv_rows = cli.run("export", DOMAIN, "--format", "csv").stdout.splitlines()
-    assert csv_rows[0] == "address,password_hash,migration_state" and len(csv_rows) == 22
+    assert csv_rows[0] == "address,password_hash,migration_state,password_known"
+    assert len(csv_rows) == 22
 
     everything = "".join(cli.outputs) + proxy.log_text()
     database = (proxy.directory / "proxy.db").read_bytes()

@@ -104,3 +104,26 @@ def test_progress_display_total_rate_and_eta() -> None:
     assert "100/300 msgs" in lines[0] and "a@old.example" in lines[0]
     assert "1.0 MB/s" in lines[-1] and "10 msgs/s" in lines[-1]
     assert "ETA 0:00:20" in lines[-1]
+
+
+# --- users without passwords (pre-stage, issue 13) -----------------------------------------
+
+ADMIN_DOMAINS = {**DOMAINS, "pre.example": Domain("pre.example", "imap://mail.pre.example:143",
+                                                  source_admin="mailadmin")}
+
+
+def test_domains_with_an_admin_take_address_only_lines_and_empty_pass_source() -> None:
+    for text in ("pre.example-a@pre.example\nb@pre.example,\n",
+                 "address\nPre.example-a@pre.example\nb@pre.example\n",
+                 f"{HEADER}\npre.example-a@pre.example;;;;;\nb@pre.example;;;;;\n"):
+        plan = parse_import(decode(text.encode()), ADMIN_DOMAINS, {})
+        assert plan.errors == [], text
+        assert [row.password for row in plan.rows] == [None, None]
+    mixed = parse_import(decode(b"a@pre.example,known\nb@pre.example\n"), ADMIN_DOMAINS, {})
+    assert [row.password for row in mixed.rows] == ["known", None]
+
+
+def test_domains_without_an_admin_still_need_a_password_on_every_line() -> None:
+    plan = parse("alice@old.example\nbob@old.example,\n")
+    assert errors(plan) == [(1, "password"), (2, "password")]
+    assert all(bad.reason == "empty password" for bad in plan.errors)

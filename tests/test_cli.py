@@ -181,7 +181,8 @@ def test_domain_add_with_every_option_is_listed_as_json(admin: Admin) -> None:
         "type": "exchange", "source_user": "%n", "subscribed_only": True,
         "notice": False, "verify_tls": False, "source_ca": None, "cutover": "passthrough",
         "pop3_source_url": None, "sources": ["imaps://mail.old.example:993"],
-        "engine": "dsync",
+        "engine": "dsync", "source_admin": None, "source_admin_style": None,
+        "source_admin_separator": None,
     }}
 
 

@@ -13,6 +13,8 @@ from sqlalchemy import select, update
 
 from migrating_proxy.store import Store
 from migrating_proxy.store.accounts import now
+from migrating_proxy.store.jobs import PRESTAGE
+from migrating_proxy.store.pacing import HostPacer
 from migrating_proxy.store.schema import jobs, vault
 from migrating_proxy.store.vault import Vault, VaultKeyError, load_or_create_key
 
@@ -51,6 +53,40 @@ def test_claims_respect_the_per_host_cap_and_put_first_logins_first(store: Store
     store.lifecycle.pass_completed(first.id, first.account_id)
     fourth = store.jobs.claim("w4", max_per_host=2)
     assert fourth is not None and fourth.account_id == ids[0]
+
+
+def test_pre_stage_passes_come_last_and_a_login_takes_one_over(store: Store) -> None:
+    """Pre-stage passes (issue 13) yield to every other pass; a first login during one makes
+    it a full pass, and the account stays PENDING after a pre-stage pass completes."""
+    pre, login, resync = (account(store, f"{n}@old.example") for n in ("pre", "login", "sync"))
+    pre_job = store.jobs.enqueue(pre, PRESTAGE, "host")
+    store.jobs.enqueue(resync, "incremental", "host")
+    store.jobs.enqueue(login, "full", "host")
+    order = [store.jobs.claim(f"w{n}", max_per_host=0) for n in range(3)]
+    assert [job.account_id for job in order if job] == [login, resync, pre]
+    assert store.jobs.enqueue(pre, "incremental", "host") == pre_job
+    assert store.jobs.kind_of(pre_job) == "incremental"  # taken over
+    assert store.jobs.enqueue(pre, PRESTAGE, "host") == pre_job
+    assert store.jobs.kind_of(pre_job) == "incremental"  # never back
+    store.lifecycle.prestaged(pre_job, pre)
+    assert store.accounts.get_account_by_id(pre).migration_state == "PENDING"
+
+
+def test_pre_stage_slots_of_one_host_never_overlap(store: Store) -> None:
+    """The pacing budget is shared through the database: whoever reserves, the slots of one
+    host follow each other at the rate (a clock that stands still: no timing here)."""
+    clock = [1000.0]
+    pacers = [HostPacer(store.engine, "old-host", 1000, clock=lambda: clock[0])
+              for _ in range(2)]
+    assert pacers[0].reserve(500) == (999.0, 999.5)  # a second's credit to start with
+    assert pacers[1].reserve(2000) == (999.5, 1001.5)  # another worker: after the first
+    assert pacers[0].reserve(500) == (1001.5, 1002.0)  # in the future: it waits
+    assert HostPacer(store.engine, "other-host", 1000, clock=lambda: clock[0]).reserve(
+        1000) == (999.0, 1000.0)  # every host has its own budget
+    clock[0] = 2000.0  # idle for a while: no more than a second of credit saved up
+    assert pacers[0].reserve(100) == (1999.0, 1999.1)
+    assert pacers[0].batch_bytes(8 << 20) == 64 * 1024  # about a second's worth, not less
+    assert HostPacer(store.engine, "h", 0).read(10**9, lambda: "now") == "now"  # unlimited
 
 
 def test_retry_later_and_release(store: Store) -> None:

@@ -458,6 +458,25 @@ def test_version_7_database_is_upgraded_in_place_for_pop3_continuity(store_url: 
         store.close()
 
 
+def test_version_8_database_gains_the_pre_stage_columns(store_url: str) -> None:
+    """Version 9 (pre-stage): the old server's admin per domain, prestaged_at per account."""
+    store = open_store(store_url)
+    store.accounts.add_domain(Domain("old.example", "imap://old.example:143"))
+    store.close()
+    make_older(store_url, 8, *(f"ALTER TABLE {table} DROP COLUMN {column}" for table, column in (
+        ("domains", "source_admin"), ("domains", "source_admin_style"),
+        ("domains", "source_admin_separator"), ("migrations", "prestaged_at"))))
+    store = open_store(store_url)
+    try:
+        store.accounts.update_domain("old.example", source_admin="admin")
+        domain = store.accounts.get_domain("old.example")
+        assert domain is not None and domain.source_admin == "admin"
+        with store.engine.connect() as conn:
+            assert conn.execute(select(schema_info.c.version)).scalar_one() == SCHEMA_VERSION
+    finally:
+        store.close()
+
+
 def test_database_from_a_newer_program_is_refused_with_a_clear_message(store_url: str) -> None:
     open_store(store_url).close()
     engine = make_engine(store_url)

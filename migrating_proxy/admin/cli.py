@@ -60,7 +60,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 def pass_command(args: argparse.Namespace, config: Config, store: Store) -> int:
     targets = select_accounts(store, args.addresses, args.domain, args.all)
     operations = Operations.open(config, store)
-    outcomes: list[Outcome] = getattr(operations, args.command)(targets)
+    action = "prestage" if getattr(args, "prestage", False) else args.command
+    outcomes: list[Outcome] = getattr(operations, action)(targets)
     rows = [outcome.as_dict() for outcome in outcomes]
     columns = OUTCOME_COLUMNS
     if getattr(args, "wait", False):

@@ -8,11 +8,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+
 from migrating_proxy.admin import Actor, audit
 from migrating_proxy.admin.operations import NO_PASSWORD, Operations
 from migrating_proxy.passwords import PENDING_HASH, dovecot_form
-from migrating_proxy.store import Account, AccountState, Store, StoreError
+from migrating_proxy.store import Account, AccountState, Domain, Store, StoreError
 from migrating_proxy.store.copystate import CopyState
+from migrating_proxy.store.schema import vault
 
 EXPORT_FORMATS = ("dovecot-passwd", "csv")
 
@@ -34,12 +37,14 @@ def finish(ops: Operations, domain_name: str,
     accounts = ops.store.accounts.list_migrating(domain.name)
     finals = ops.resync([a for a in accounts if a.migration_state is AccountState.COMPLETED
                          or (a.served_by_old_server
-                             and a.migration_state is not AccountState.NEW)])
+                             and a.migration_state is not AccountState.NEW)], final=True)
     rows = ops.wait([a.address for a in accounts], on_tick)
     unswitched = _switch_the_rest(ops, domain.name)
     ops.store.accounts.set_domain_migrating(domain.name, False)
     erased = _erase_vault(ops, [a for a in accounts if a.migration_state is not AccountState.NEW])
     report = _report(ops.store, domain.name, accounts, rows)
+    _separate_unknown_passwords(report, rows)
+    report["admin_password_erased"] = _erase_admin(ops, domain)
     report["no_final_pass"] = [o.address for o in finals if o.reason == NO_PASSWORD]
     report["vault_entries_erased"] = erased
     report["switched_without_final_pass"] = unswitched
@@ -55,6 +60,25 @@ def _switch_the_rest(ops: Operations, domain: str) -> list[str]:
         if account.served_by_old_server and ops.store.cutover.switch(account.id, held=False):
             switched.append(account.address)
     return switched
+
+
+def _separate_unknown_passwords(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Accounts imported without a password whose users never logged in (pre-staged through
+    the admin): migrated or not, nobody can log in to them until an admin sets a password,
+    so they are listed on their own (`export` marks them too) and in no other list."""
+    unknown = [row["address"] for row in rows if not row["password_known"]]
+    report["prestaged_never_logged_in"] = unknown
+    for key in ("migrated", "never_migrated", "unfinished"):
+        report[key] = [address for address in report[key] if address not in unknown]
+
+
+def _erase_admin(ops: Operations, domain: Domain) -> bool:
+    """The old server's admin password goes with the migration: nothing copies any more."""
+    if ops.vault.get_domain(domain.name) is None:
+        return False
+    with ops.store.engine.begin() as conn:
+        ops.vault.erase_domain(domain.name, conn)
+    return True
 
 
 def _erase_vault(ops: Operations, accounts: list[Account]) -> int:
@@ -111,8 +135,21 @@ def export(store: Store, domain: str, fmt: str, actor: Actor | None = None) -> s
                        for a in accounts)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["address", "password_hash", "migration_state"])
+    # password_known false: imported without a password, never logged in (pre-staged): an
+    # admin must set one (the hash is empty and the dovecot-passwd entry locked meanwhile).
+    writer.writerow(["address", "password_hash", "migration_state", "password_known"])
+    known = _passwords_known(store, accounts)
     for a in accounts:
         pending = a.password_hash == PENDING_HASH
-        writer.writerow([a.address, "" if pending else a.password_hash, a.migration_state or ""])
+        writer.writerow([a.address, "" if pending else a.password_hash, a.migration_state or "",
+                         "true" if a.id in known else "false"])
     return out.getvalue()
+
+
+def _passwords_known(store: Store, accounts: list[Account]) -> set[int]:
+    """Ids of the accounts with a hash or a password in the vault."""
+    pending = [a.id for a in accounts if a.password_hash == PENDING_HASH]
+    with store.engine.connect() as conn:
+        vaulted = set(conn.execute(select(vault.c.account_id)
+                                   .where(vault.c.account_id.in_(pending))).scalars())
+    return {a.id for a in accounts if a.password_hash != PENDING_HASH or a.id in vaulted}

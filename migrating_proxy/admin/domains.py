@@ -11,6 +11,13 @@ from dataclasses import replace
 from typing import Any
 
 from migrating_proxy.admin import Actor, audit
+from migrating_proxy.admin.source_admin import (
+    admin_changes,
+    check_admin,
+    needs_check,
+    password_for,
+    save_secret,
+)
 from migrating_proxy.config import Config
 from migrating_proxy.endpoints import parse_endpoint
 from migrating_proxy.store import Domain, Store, StoreError
@@ -20,6 +27,7 @@ from migrating_proxy.store.accounts import (
     arrange_sources,
     check_domain,
 )
+from migrating_proxy.store.vault import Vault, load_or_create_key
 
 # The table columns of `domain list` (the JSON has every field of the domain).
 DOMAIN_COLUMNS = ["name", "migrating", "source_url", "relay_url", "type", "cutover"]
@@ -78,6 +86,7 @@ def domain_changes(options: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("type", "cutover", "engine", "subscribed_only", "notice", "verify_tls"):
         if name in given:
             changes[name] = given[name]
+    changes.update(admin_changes(given))
     if changes.get("type", "default") not in DOMAIN_TYPES:
         raise StoreError(f"--type must be one of {', '.join(DOMAIN_TYPES)}")
     return changes
@@ -97,22 +106,45 @@ def check_engine(domain: Domain, config: Config) -> None:
                          "the store)")
 
 
-def add_domain(store: Store, config: Config, actor: Actor, domain: Domain) -> Domain:
+def add_domain(store: Store, config: Config, actor: Actor, domain: Domain,
+               admin_password: str | None = None) -> Domain:
+    """`domain add`; with `--source-admin`, its credentials are checked at the old server
+    first and saved (encrypted) with the domain, or neither is."""
     check_engine(domain, config)
-    store.accounts.add_domain(domain)
+    vault = _vault(store, config) if domain.source_admin or admin_password else None
+    password = password_for(domain, admin_password, vault) if vault else None
+    if password is not None:
+        check_admin(store, domain, password, config.migration.source_timeout)
+    with store.engine.begin() as conn:
+        store.accounts.add_domain(domain, conn)
+        if vault is not None:
+            save_secret(vault, domain, password, conn)
     audit(store.engine, actor, "domain_add", domain=domain.name, source=domain.source_url,
-          migrating=domain.migrating)
+          migrating=domain.migrating, source_admin=domain.source_admin)
     return require_domain(store, domain.name)
 
 
 def update_domain(store: Store, config: Config, actor: Actor, name: str,
-                  changes: dict[str, Any]) -> Domain:
-    """`domain set`: change the options given, the others stay as they are."""
+                  changes: dict[str, Any], admin_password: str | None = None) -> Domain:
+    """`domain set`: change the options given, the others stay as they are. Admin
+    credentials that would change are checked at the old server first (see add_domain)."""
     current = require_domain(store, name)
-    check_engine(replace(current, **changes), config)
-    store.accounts.update_domain(name, **changes)
-    audit(store.engine, actor, "domain_set", domain=current.name, changed=sorted(changes))
+    wanted = replace(current, **changes)
+    check_engine(wanted, config)
+    vault = _vault(store, config)
+    password = password_for(wanted, admin_password, vault)
+    if password is not None and needs_check(changes, admin_password):
+        check_admin(store, wanted, password, config.migration.source_timeout)
+    with store.engine.begin() as conn:
+        store.accounts.update_domain(name, conn, **changes)
+        save_secret(vault, wanted, admin_password, conn)
+    changed = sorted(changes) + (["source_admin_password"] if admin_password else [])
+    audit(store.engine, actor, "domain_set", domain=current.name, changed=changed)
     return require_domain(store, name)
+
+
+def _vault(store: Store, config: Config) -> Vault:
+    return Vault(store.engine, load_or_create_key(config.vault_key_path))
 
 
 def set_migrating(store: Store, actor: Actor, name: str, migrating: bool) -> Domain:

@@ -6,6 +6,12 @@ Two layouts are accepted:
   `login_source;pass_source;host_source;type_messagerie;login_destination;subscribed_only`;
 - a minimal `address,password` file (header row optional) for users of configured domains.
 
+For domains with the old server's admin credentials (`domain set --source-admin`) the password
+may be left out: address-only lines, or an empty `pass_source`. Such accounts exist for the
+proxy (they can be pre-staged, `migrate --prestage`) but not yet for the store's user
+database: until the user's first login proves a password at the old server, the store has only
+a locked entry for them.
+
 The separator (`;`, `,` or tab) is detected from the first line; UTF-8 with or without a BOM and
 CRLF line ends are accepted. `parse_import` is pure: it sees the configured domains and the
 existing accounts and returns either the rows to import or every bad line (line number, column,
@@ -66,7 +72,7 @@ class ImportRefused(StoreError):
 class ImportRow:
     line: int
     address: str  # the account on the new store (login_destination)
-    password: str = field(repr=False)
+    password: str | None = field(repr=False)  # None: unknown (a domain with an admin)
     source_url: str | None  # None: the domain's source
     source_login: str | None  # None: the domain's --source-user template
     existing: bool  # an existing migrating account: only its credentials are refreshed
@@ -117,7 +123,7 @@ def parse_import(text: str, domains: dict[str, Domain],
                 continue
             if columns is None:
                 columns = _layout(fields)
-                if tuple(cell.strip().lower() for cell in fields) == columns:
+                if tuple(cell.strip().lower() for cell in fields) in (columns, ("address",)):
                     continue  # the header row
             _parse_line(plan, line, fields, columns, domains, existing, seen)
     except csv.Error as exc:
@@ -135,6 +141,8 @@ def _layout(first_row: list[str]) -> tuple[str, ...]:
 def _parse_line(plan: ImportPlan, line: int, fields: list[str], columns: tuple[str, ...],
                 domains: dict[str, Domain], existing: dict[str, str | None],
                 seen: dict[str, int]) -> None:
+    if columns == MINIMAL_COLUMNS and len(fields) == 1:
+        fields = [*fields, ""]  # an address alone: no password (see _password)
     if len(fields) != len(columns):
         plan.errors.append(BadLine(line, "line", f"expected {len(columns)} columns "
                                                  f"({', '.join(columns)}), found {len(fields)}"))
@@ -176,7 +184,7 @@ def _row(line: int, cells: dict[str, str], domains: dict[str, Domain],
     if state is None:
         raise _Bad(address_column, f"{address} is a local account, not a migrating one")
     password = _password(cells.get("pass_source", cells.get("password", "")),
-                         "pass_source" if hosted else "password")
+                         "pass_source" if hosted else "password", domain)
     if hosted:
         _same_as_domain(cells["type_messagerie"], domain)
         _same_subscribed(cells["subscribed_only"], domain)
@@ -196,9 +204,11 @@ def _address(text: str, column: str) -> str:
         raise _Bad(column, str(exc)) from None
 
 
-def _password(text: str, column: str) -> str:
+def _password(text: str, column: str, domain: Domain) -> str | None:
     # Kept exactly as written (spaces included): it is somebody's password.
     if not text:
+        if domain.source_admin:
+            return None  # pre-staged through the admin; the user's login brings the password
         raise _Bad(column, "empty password")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         raise _Bad(column, "password contains control characters")
@@ -296,7 +306,8 @@ def apply_import(store: Store, vault: Vault, provisioner: Provisioner,
             account_id = ids[row.address.lower()] if row.existing else \
                 store.lifecycle.imported(row.address, PENDING_HASH, conn)
             store.accounts.set_source(conn, account_id, row.source_url, row.source_login)
-            vault.put(account_id, row.password, conn)
+            if row.password is not None:
+                vault.put(account_id, row.password, conn)
     # A locked entry, so the store knows the account; the worker provisions the real hash.
     for row in created:
         provisioner.update(row.address)

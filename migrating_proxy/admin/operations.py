@@ -16,12 +16,15 @@ from typing import Any
 from migrating_proxy.admin import Actor, audit
 from migrating_proxy.config import Config
 from migrating_proxy.migration.connections import (
+    SourceAdmin,
     SourceAuthError,
     SourceUnavailable,
     check_source_login,
 )
-from migrating_proxy.specs import source_host, source_spec
+from migrating_proxy.passwords import PENDING_HASH
+from migrating_proxy.specs import source_admin, source_host, source_spec
 from migrating_proxy.store import Account, AccountState, Domain, JobState, Store, StoreError
+from migrating_proxy.store.jobs import FULL, INCREMENTAL, PRESTAGE
 from migrating_proxy.store.status import migration_status
 from migrating_proxy.store.vault import Vault, load_or_create_key
 
@@ -30,6 +33,8 @@ POLL_SECONDS = 0.5
 SETTLED_JOB_STATES = (None, JobState.PAUSED, "pausing")  # nothing more will happen without an admin
 NO_PASSWORD = ("no stored password: import the user's password again, or wait for the user's "
                "next login")
+NO_ADMIN = ("the domain has no old-server admin credentials: pre-stage needs "
+            "domain set --source-admin")
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,24 @@ class Operations:
             else:
                 assert domain is not None and password is not None
                 ready.append((account, domain, password))
+        return self._check_then_queue("migrate", targets, outcomes, ready, self._verify, FULL)
+
+    def _check_then_queue(self, action: str, targets: list[Account],
+                          outcomes: dict[str, Outcome], ready: list[tuple[Account, Domain, Any]],
+                          verify: Callable[..., tuple[str | None, bool]],
+                          kind: str) -> list[Outcome]:
+        """Check each ready account's credentials at the old server (in parallel), then queue
+        a `kind` pass for each one accepted; a refused one is ERROR with the reason."""
         with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:
-            verdicts = list(pool.map(lambda item: self._verify(*item), ready))
+            verdicts = list(pool.map(lambda item: verify(*item), ready))
         for (account, domain, _), (error, refused) in zip(ready, verdicts, strict=True):
             if error:
                 self._fail(account, domain, error, erase=refused)
                 outcomes[account.address] = Outcome(account.address, "error", error)
             else:
-                self._queue(account, domain, "full")
+                self._queue(account, domain, kind)
                 outcomes[account.address] = Outcome(account.address, "queued")
-        return self._audited("migrate", targets, outcomes)
+        return self._audited(action, targets, outcomes)
 
     def _verify(self, account: Account, domain: Domain, password: str) -> tuple[str | None, bool]:
         """(error, the old server refused the password) of one credential check."""
@@ -113,6 +126,44 @@ class Operations:
             return f"old server unreachable: {exc}", False
         return None, False
 
+    # -- pre-stage -----------------------------------------------------------------------
+    def prestage(self, targets: list[Account]) -> list[Outcome]:
+        """`migrate --prestage`: queue a pre-stage pass of each account through the domain's
+        old-server admin, after one login as the user through it (in parallel, like
+        `migrate`'s checks): a user the old server does not know ends in ERROR at once."""
+        outcomes: dict[str, Outcome] = {}
+        ready: list[tuple[Account, Domain, SourceAdmin]] = []
+        for account in targets:
+            domain = self._domain(account)
+            reason = _why_not_prestage(account, self._active(account), domain)
+            admin = self._admin(domain) if reason is None and domain is not None else None
+            if reason is None and admin is None:
+                reason = NO_ADMIN
+            if reason:
+                outcomes[account.address] = Outcome(account.address, "skipped", reason)
+            else:
+                assert domain is not None and admin is not None
+                ready.append((account, domain, admin))
+        return self._check_then_queue("prestage", targets, outcomes, ready, self._verify_admin,
+                                      PRESTAGE)
+
+    def _verify_admin(self, account: Account, domain: Domain,
+                      admin: SourceAdmin) -> tuple[str | None, bool]:
+        """(error, False): a refusal is about the admin or the user, never a password of
+        the user's to erase."""
+        spec = source_spec(domain, account, account.address, "", admin=admin)
+        try:
+            check_source_login(spec, self.config.migration.source_timeout)
+        except SourceAuthError as exc:
+            return f"the old server refused the admin's login as {spec.login}: {exc}", False
+        except SourceUnavailable as exc:
+            return f"old server unreachable: {exc}", False
+        return None, False
+
+    def _admin(self, domain: Domain) -> SourceAdmin | None:
+        return source_admin(domain, self.vault.get_domain(domain.name)) \
+            if domain.source_admin else None
+
     def _fail(self, account: Account, domain: Domain, error: str, erase: bool) -> None:
         self.store.lifecycle.check_failed(account.id, source_host(domain, account), error)
         if erase:  # a password the old server refuses is of no use to anyone
@@ -122,19 +173,28 @@ class Operations:
         self.store.lifecycle.queue_pass(account.id, kind, source_host(domain, account))
 
     # -- resync --------------------------------------------------------------------------
-    def resync(self, targets: list[Account]) -> list[Outcome]:
-        """Queue an incremental pass for each account that has been migrated (or tried)."""
+    def resync(self, targets: list[Account], final: bool = False) -> list[Outcome]:
+        """Queue an incremental pass for each account that has been migrated (or tried).
+
+        `final` (finish): never a pre-stage pass, which would leave a passthrough account on
+        the old server; a pass through the admin that ends in the switch instead."""
         outcomes = {}
         for account in targets:
             domain = self._domain(account)
             reason = _why_not_resync(account, self._active(account), domain)
+            kind = INCREMENTAL
             if reason is None and self.vault.get(account.id) is None:
-                reason = NO_PASSWORD
+                assert domain is not None
+                # Without the user's password the admin copies: for an account whose user has
+                # not logged in yet, that is an incremental pre-stage pass.
+                kind = PRESTAGE if account.password_hash == PENDING_HASH and not final \
+                    else INCREMENTAL
+                reason = None if self._admin(domain) is not None else NO_PASSWORD
             if reason:
                 outcomes[account.address] = Outcome(account.address, "skipped", reason)
                 continue
             assert domain is not None
-            self._queue(account, domain, "incremental")
+            self._queue(account, domain, kind)
             outcomes[account.address] = Outcome(account.address, "queued")
         return self._audited("resync", targets, outcomes)
 
@@ -216,6 +276,17 @@ def _why_not_migrate(account: Account, active: str | None, domain: Domain | None
     if domain is None:
         return f"domain {account.domain} is not configured"
     return NO_PASSWORD if password is None else None
+
+
+def _why_not_prestage(account: Account, active: str | None,
+                      domain: Domain | None) -> str | None:
+    if account.migration_state is None:
+        return "a local account, not a migrating one"
+    if account.migration_state is AccountState.COMPLETED or account.switched_at is not None:
+        return "already migrated; use resync for mail that arrived since"
+    if active:
+        return f"a pass is already {active}"
+    return f"domain {account.domain} is not configured" if domain is None else None
 
 
 def _why_not_resync(account: Account, active: str | None, domain: Domain | None) -> str | None:

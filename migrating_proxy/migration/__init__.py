@@ -23,6 +23,7 @@ from migrating_proxy.migration.connections import (
 )
 from migrating_proxy.migration.destination import StoreWriter
 from migrating_proxy.migration.imap_copy import FoldersFailed, ImapCopier, Stopped
+from migrating_proxy.migration.pipeline import Pacing
 from migrating_proxy.migration.pop3_copy import Pop3Copier
 from migrating_proxy.migration.progress import CopyProgress, CopyResult, Reporter
 from migrating_proxy.store.copystate import CopyState
@@ -58,6 +59,7 @@ def run_copy(
     timeout: float = DEFAULT_TIMEOUT,
     parallel_folders: int = DEFAULT_PARALLEL_FOLDERS,
     mirror: bool = False,
+    pacing: Pacing | None = None,
 ) -> CopyResult:
     """Copy (or continue copying) account_id's old mailbox to the store.
 
@@ -75,6 +77,9 @@ def run_copy(
     writes to on the store): expunges, flag changes and folder renames and deletions there are
     applied too (mirror.py). Otherwise a pass only adds what is new. `CopyResult.changes` says
     how much the run changed on the store.
+
+    `pacing`: every read of messages from the source waits for its slot (pre-stage passes,
+    `migration.prestage_rate`; store/pacing.py).
     """
     state = CopyState(engine, account_id)
     reporter = Reporter(state, on_progress)
@@ -82,14 +87,15 @@ def run_copy(
     stop = should_stop or (lambda: False)
     copier: ImapCopier | Pop3Copier
     if source.protocol == "pop3":
-        copier = Pop3Copier(state, source, writer, reporter, stop, timeout, mirror=mirror)
+        copier = Pop3Copier(state, source, writer, reporter, stop, timeout, mirror=mirror,
+                            pacing=pacing)
     else:
         copier = ImapCopier(state, source, writer, reporter, stop, timeout,
-                            parallel_folders=parallel_folders, mirror=mirror)
+                            parallel_folders=parallel_folders, mirror=mirror, pacing=pacing)
     log_ = log.bind(account_id=account_id, source=f"{source.protocol}://{source.host}:{source.port}",
                     store_address=store.address)
     log_.info("copy_started")
-    result = _run(copier.run, reporter, (source.password, store.master_password,
+    result = _run(copier.run, reporter, (*source.secrets, store.master_password,
                                          store.user_password))
     copier.close()
     result.skipped = state.skipped()

@@ -7,6 +7,7 @@ line) into exception text, and those end up in logs and in the admin's `last_err
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import imaplib
 import poplib
@@ -32,6 +33,28 @@ _TRANSIENT_MARKERS = ("[THROTTLED]", "[UNAVAILABLE]", "[INUSE]", "[SYS/TEMP]", "
                       "BYE", "TEMPORARY", "TRY AGAIN")
 
 
+AUTHZID, SEPARATOR = "authzid", "separator"
+ADMIN_STYLES = (AUTHZID, SEPARATOR)
+
+
+@dataclass(frozen=True)
+class SourceAdmin:
+    """The old server's administrator, logging in *as* a user (pre-stage copies).
+
+    authzid: SASL PLAIN with the user as authorization identity (RFC 4616; Dovecot master
+    users, Cyrus admins); separator: the login name `user<separator>admin` with the admin's
+    password, which some servers expect (Dovecot's auth_master_user_separator).
+    """
+
+    user: str
+    password: str = field(repr=False)
+    style: str = AUTHZID
+    separator: str = "*"
+
+    def login_name(self, user: str) -> str:
+        return f"{user}{self.separator}{self.user}"
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """Where and how to read the user's old mailbox."""
@@ -46,6 +69,13 @@ class SourceSpec:
     type: str = "default"  # default | gmail | exchange | office | domino
     subscribed_only: bool = False
     ca_pem: str | None = field(default=None, repr=False)  # a private CA, beside the system's
+    # Set: log in as `login` through the admin; `password` is then unused (may be "").
+    admin: SourceAdmin | None = field(default=None, repr=False)
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        """What must never reach a log or `last_error`."""
+        return (self.password, self.admin.password if self.admin else None)
 
 
 @dataclass(frozen=True)
@@ -174,7 +204,7 @@ def _send_literal(imap: imaplib.IMAP4, tag: bytes, data: bytes) -> bool:
 
 def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
     """Logged-in client on the old server; SourceAuthError / SourceUnavailable otherwise."""
-    secrets = (source.password,)
+    secrets = source.secrets
     try:
         client = open_imap(source.host, source.port, source.tls, source.verify_tls, timeout,
                            source.ca_pem)
@@ -182,7 +212,19 @@ def connect_source_imap(source: SourceSpec, timeout: float) -> IMAPClient:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
     with _source_login(source, client, LoginError, secrets):
-        imap_login(client, source.login, source.password)
+        admin = source.admin
+        if admin is None:
+            imap_login(client, source.login, source.password)
+        elif admin.style == AUTHZID:
+            try:
+                client.plain_login(admin.user, admin.password,
+                                   authorization_identity=source.login)
+            except imaplib.IMAP4.abort:  # the connection, not the credentials
+                raise
+            except IMAPClientError as exc:  # imapclient raises its base class for a NO
+                raise LoginError(str(exc)) from None
+        else:
+            imap_login(client, admin.login_name(source.login), admin.password)
     return client
 
 
@@ -289,7 +331,7 @@ class SourcePOP3_SSL(_LineLimit, poplib.POP3_SSL):
 
 def connect_source_pop3(source: SourceSpec, timeout: float) -> SourcePOP3:
     """Logged-in POP3 session; SourceAuthError / SourceUnavailable otherwise."""
-    secrets = (source.password,)
+    secrets = source.secrets
     context = client_context(source.verify_tls, source.ca_pem)
     try:
         if source.tls == "implicit":
@@ -303,9 +345,21 @@ def connect_source_pop3(source: SourceSpec, timeout: float) -> SourcePOP3:
         text = _describe("cannot connect to source", source.host, exc, secrets)
         raise SourceUnavailable(text) from None
     with _source_login(source, conn, poplib.error_proto, secrets):
+        _pop3_login(conn, source)
+    return conn
+
+
+def _pop3_login(conn: poplib.POP3, source: SourceSpec) -> None:
+    admin = source.admin
+    if admin is None:
         conn.user(source.login)
         conn.pass_(source.password)
-    return conn
+    elif admin.style == AUTHZID:  # RFC 5034 AUTH PLAIN with an initial response
+        message = "\0".join((source.login, admin.user, admin.password)).encode()
+        conn._shortcmd("AUTH PLAIN " + base64.b64encode(message).decode())
+    else:
+        conn.user(admin.login_name(source.login))
+        conn.pass_(admin.password)
 
 
 @contextlib.contextmanager

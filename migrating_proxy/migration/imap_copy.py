@@ -48,7 +48,7 @@ from migrating_proxy.migration.messages import (
     uid_sets,
 )
 from migrating_proxy.migration.mirror import mirror_messages, reflect_folders, store_uids
-from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
+from migrating_proxy.migration.pipeline import ByteBudget, Pacing, Prefetcher, paced
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import CopyState, FolderState, MessageRecord
 
@@ -136,8 +136,9 @@ class ImapCopier:
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
                  reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
                  backoff: Backoff | None = None, parallel_folders: int = 1,
-                 mirror: bool = False) -> None:
+                 mirror: bool = False, pacing: Pacing | None = None) -> None:
         self.state = state
+        self.pacing = pacing  # pre-stage passes: reads within the old host's rate
         self.source = source
         self.reporter = reporter
         self.mirror = mirror
@@ -264,10 +265,11 @@ class ImapCopier:
         pending = sorted((uid for uid in sizes if str(uid) not in known), reverse=not self.mirror)
         log.info("folder_copy_started", folder=mapping.source, dest=mapping.dest,
                  pending=len(pending), known=len(known))
-        groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, BATCH_BYTES)
-        with Prefetcher(groups, lambda uids: _fetch(client, uids),
-                        lambda uids: sum(sizes[u] for u in uids), self.budget,
-                        on_abort=lane.drop_source) as fetched:
+        batch_bytes = self.pacing.batch_bytes(BATCH_BYTES) if self.pacing else BATCH_BYTES
+        groups = batches(pending, sizes.__getitem__, BATCH_MESSAGES, batch_bytes)
+        size_of = lambda uids: sum(sizes[u] for u in uids)  # noqa: E731
+        with Prefetcher(groups, paced(self.pacing, size_of, lambda uids: _fetch(client, uids)),
+                        size_of, self.budget, on_abort=lane.drop_source) as fetched:
             for messages in fetched:
                 self._check_stop()
                 writer.write(current, messages)

@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")  # what is read: a batch of OutMessage
 K = TypeVar("K")  # what a read is asked for: a group of source UIDs / POP3 numbers
@@ -145,3 +145,19 @@ class Prefetcher(Generic[K, T]):
             except queue.Full:
                 continue
         return False
+
+
+class Pacing(Protocol):
+    """Paces reads from an old server (store/pacing.py's HostPacer for pre-stage passes)."""
+
+    def batch_bytes(self, default: int) -> int: ...
+
+    def read(self, nbytes: int, action: Callable[[], T]) -> T: ...
+
+
+def paced(pacing: Pacing | None, size: Callable[[K], int],
+          read: Callable[[K], T]) -> Callable[[K], T]:
+    """`read` of a group, inside a pacing slot of the group's size when pacing."""
+    if pacing is None:
+        return read
+    return lambda group: pacing.read(size(group), lambda: read(group))

@@ -35,7 +35,7 @@ from migrating_proxy.migration.messages import (
     message_fingerprint,
 )
 from migrating_proxy.migration.mirror import store_uids
-from migrating_proxy.migration.pipeline import ByteBudget, Prefetcher
+from migrating_proxy.migration.pipeline import ByteBudget, Pacing, Prefetcher, paced
 from migrating_proxy.migration.progress import Reporter
 from migrating_proxy.store.copystate import CopyState, FolderState
 
@@ -61,8 +61,10 @@ class Pop3Copier:
 
     def __init__(self, state: CopyState, source: SourceSpec, writer: StoreWriter,
                  reporter: Reporter, should_stop: Callable[[], bool], timeout: float,
-                 backoff: Backoff | None = None, mirror: bool = False) -> None:
+                 backoff: Backoff | None = None, mirror: bool = False,
+                 pacing: Pacing | None = None) -> None:
         self.state = state
+        self.pacing = pacing  # pre-stage passes: reads within the old host's rate
         self.mirror = mirror  # messages deleted at the old server are expunged at the store
         self.source = source
         self.writer = writer
@@ -121,8 +123,10 @@ class Pop3Copier:
         known = self.state.known_keys(folder.id)
         pending = [entry for entry in listing if entry[1] not in known]
         log.info("pop3_mailbox_copy", pending=len(pending), known=len(known))
-        groups = batches(pending, lambda e: e[2], BATCH_MESSAGES, BATCH_BYTES)
-        with Prefetcher(groups, self._retrieve_all, lambda g: sum(e[2] for e in g),
+        batch_bytes = self.pacing.batch_bytes(BATCH_BYTES) if self.pacing else BATCH_BYTES
+        groups = batches(pending, lambda e: e[2], BATCH_MESSAGES, batch_bytes)
+        size_of = lambda g: sum(e[2] for e in g)  # noqa: E731
+        with Prefetcher(groups, paced(self.pacing, size_of, self._retrieve_all), size_of,
                         self.budget, on_abort=self._drop_source) as fetched:
             for messages in fetched:
                 if self.should_stop():

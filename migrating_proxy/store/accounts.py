@@ -112,6 +112,11 @@ class Domain:
     cutover: str = PASSTHROUGH
     pop3_source_url: str | None = None
     engine: str | None = None  # imap | dsync; None: the configuration's migration.engine
+    # The old server's administrator, through whom copies log in as each user (pre-stage);
+    # its password is in the vault (`Vault.get_domain`), never in this object.
+    source_admin: str | None = None
+    source_admin_style: str | None = None  # authzid (None means it too) | separator
+    source_admin_separator: str | None = None  # for the separator style; None: "*"
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -170,14 +175,18 @@ class AccountStore:
         self.engine = engine
 
     # -- domains -------------------------------------------------------------------------
-    def add_domain(self, domain: Domain) -> None:
+    def add_domain(self, domain: Domain, conn: Connection | None = None) -> None:
+        """Insert a domain (in the caller's transaction if `conn`); StoreError if it exists."""
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.add_domain(domain, own)
         values = {**domain.__dict__, "name": domain.name.lower()}
         stamp = now()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(domains).values(**values, created_at=stamp, updated_at=stamp))
+        try:  # the caller's transaction is lost with it: nothing else of it may stand
+            conn.execute(insert(domains).values(**values, created_at=stamp, updated_at=stamp))
         except IntegrityError:
             raise StoreError(f"domain {domain.name} already exists") from None
+        return None
 
     def get_domain(self, name: str) -> Domain | None:
         with self.engine.connect() as conn:
@@ -192,13 +201,16 @@ class AccountStore:
     def set_domain_migrating(self, name: str, migrating: bool) -> None:
         self._update_domain(name, migrating=migrating)
 
-    def update_domain(self, name: str, **changes: object) -> Domain:
+    def update_domain(self, name: str, conn: Connection | None = None,
+                      **changes: object) -> Domain:
         """Change some of a domain's options (Domain field names); the domain as it is now."""
         unknown = set(changes) - set(Domain.__dataclass_fields__)
         if unknown:
             raise StoreError(f"cannot change {', '.join(sorted(unknown))} of a domain")
         if changes:
-            self._update_domain(name, **changes)
+            self._update_domain(name, conn, **changes)
+        if conn is not None:
+            return self._domain_in(conn, name)
         domain = self.get_domain(name)
         if domain is None:
             raise StoreError(f"unknown domain {name}")
@@ -214,14 +226,25 @@ class AccountStore:
             if not conn.execute(delete(domains).where(domains.c.name == name.lower())).rowcount:
                 raise StoreError(f"unknown domain {name}")
 
-    def _update_domain(self, name: str, **values: object) -> None:
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(domains).where(domains.c.name == name.lower())
-                .values(**values, updated_at=now())
-            )
-            if not result.rowcount:
-                raise StoreError(f"unknown domain {name}")
+    def _update_domain(self, name: str, conn: Connection | None = None,
+                       **values: object) -> None:
+        if conn is None:
+            with self.engine.begin() as own:
+                return self._update_domain(name, own, **values)
+        result = conn.execute(
+            update(domains).where(domains.c.name == name.lower())
+            .values(**values, updated_at=now())
+        )
+        if not result.rowcount:
+            raise StoreError(f"unknown domain {name}")
+        return None
+
+    @staticmethod
+    def _domain_in(conn: Connection, name: str) -> Domain:
+        row = conn.execute(select(domains).where(domains.c.name == name.lower())).first()
+        if row is None:
+            raise StoreError(f"unknown domain {name}")
+        return _domain(row)
 
     # -- accounts ------------------------------------------------------------------------
     def add_account(self, address: str, password_hash: str, *,
@@ -373,6 +396,8 @@ def _domain(row) -> Domain:  # type: ignore[no-untyped-def]
         subscribed_only=row.subscribed_only, notice=row.notice, verify_tls=row.verify_tls,
         source_ca=row.source_ca,
         cutover=row.cutover, pop3_source_url=row.pop3_source_url, engine=row.engine,
+        source_admin=row.source_admin, source_admin_style=row.source_admin_style,
+        source_admin_separator=row.source_admin_separator,
     )
 
 

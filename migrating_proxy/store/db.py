@@ -104,6 +104,19 @@ def _add_web_console(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _v9_prestage(conn: Connection) -> None:
+    """Version 9: pre-stage (the old server's admin per domain, when an account was
+    pre-staged; the new tables, its secret and the per-host pacing, come from create_all).
+    Only the columns still missing, as in version 8's step."""
+    from migrating_proxy.store.schema import domains, migrations
+
+    for column in (domains.c.source_admin, domains.c.source_admin_style,
+                   domains.c.source_admin_separator, migrations.c.prestaged_at):
+        present = {c["name"] for c in inspect(conn).get_columns(column.table.name)}
+        if column.name not in present:
+            add_column(conn, column)
+
+
 # version -> step that brings a database from version-1 to version.
 UPGRADES: dict[int, Callable[[Connection], None]] = {
     2: _add_domain_source_ca,
@@ -113,6 +126,7 @@ UPGRADES: dict[int, Callable[[Connection], None]] = {
     6: _add_dovecot_users_view,
     7: _add_web_console,
     8: _v8_pop3_continuity,
+    9: _v9_prestage,
 }
 
 

@@ -38,6 +38,12 @@ from migrating_proxy.store.states import (
 )
 
 ACTIVE = tuple(str(state) for state in ACTIVE_JOB_STATES)
+# Kinds of pass, in the order workers take them: a first login's (a user is waiting), an
+# incremental one (a login's or an admin's resync), a pre-stage one (nobody waits; issue 13).
+FULL, INCREMENTAL, PRESTAGE = "full", "incremental", "prestage"
+KIND_ORDER = {FULL: 0, INCREMENTAL: 1, PRESTAGE: 2}
+# An on-login pass queued this long without a worker makes running pre-stage passes yield.
+YIELD_AFTER_SECONDS = 2.0
 CLAIM_LOCK = 7310421  # PostgreSQL advisory lock id serialising claims across machines
 
 
@@ -74,8 +80,10 @@ class JobQueue:
             )
         ).first()
         if active is not None:
-            if kind == "full" and active.kind != "full":
-                conn.execute(update(jobs).where(jobs.c.id == active.id).values(kind="full"))
+            # A more urgent kind takes over the active job: a first login during a pre-stage
+            # pass makes it the login's pass (the worker reads the kind again at its end).
+            if KIND_ORDER.get(kind, 1) < KIND_ORDER.get(active.kind, 1):
+                conn.execute(update(jobs).where(jobs.c.id == active.id).values(kind=kind))
             return int(active.id)
         stamp = now()
         result = conn.execute(insert(jobs).values(
@@ -105,11 +113,12 @@ class JobQueue:
         return None
 
     def _candidates(self, conn: Connection) -> list:  # type: ignore[type-arg]
-        # First logins (full passes) before re-syncs: a user is waiting for those.
-        first_logins_first = case((jobs.c.kind == "full", 0), else_=1)
+        # First logins (full passes) before re-syncs: a user is waiting for those; pre-stage
+        # passes last: nobody is.
+        urgency = case((jobs.c.kind == FULL, 0), (jobs.c.kind == PRESTAGE, 2), else_=1)
         return list(conn.execute(
             select(jobs).where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now())
-            .order_by(first_logins_first, jobs.c.created_at, jobs.c.id).limit(50)
+            .order_by(urgency, jobs.c.created_at, jobs.c.id).limit(50)
         ))
 
     def _running_per_host(self, conn: Connection) -> dict[str, int]:
@@ -177,6 +186,19 @@ class JobQueue:
             conn.execute(update(jobs)
                          .where(jobs.c.id == job_id, jobs.c.state == JobState.PAUSED.value)
                          .values(claimed_by=None))
+
+    def kind_of(self, job_id: int) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.kind).where(jobs.c.id == job_id)).scalar()
+
+    def login_pass_waiting(self) -> bool:
+        """Whether an on-login (or admin's) pass has waited YIELD_AFTER_SECONDS for a worker:
+        pre-stage passes then stop at their next batch and go back to the queue, behind it."""
+        horizon = now() - timedelta(seconds=YIELD_AFTER_SECONDS)
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.id).where(
+                jobs.c.state == JobState.QUEUED.value, jobs.c.kind != PRESTAGE,
+                jobs.c.not_before <= horizon).limit(1)).first() is not None
 
     def state_of(self, job_id: int) -> JobState | None:
         """The job's state: one indexed read, cheap enough to poll every second."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, select, update
 
-from migrating_proxy.store.accounts import AccountStore
+from migrating_proxy.store.accounts import AccountStore, now
 from migrating_proxy.store.jobs import ACTIVE, JobQueue
-from migrating_proxy.store.schema import jobs
+from migrating_proxy.store.schema import jobs, migrations
 from migrating_proxy.store.states import ACCOUNT_CREATED, move_account
 
 
@@ -79,6 +79,18 @@ class Lifecycle:
             if not self.queue.end(conn, job_id, "completed"):
                 return False
             move_account(conn, account_id, "pass_completed")
+            return True
+
+    def prestaged(self, job_id: int, account_id: int) -> bool:
+        """A pre-stage pass completed: the job is done, the account stays PENDING (COMPLETED
+        needs its user's first login, and in passthrough mode the switch) and records when.
+        False, nothing changed, if an admin paused the job first (as `pass_completed`)."""
+        with self.engine.begin() as conn:
+            if not self.queue.end(conn, job_id, "completed"):
+                return False
+            move_account(conn, account_id, "prestaged")
+            conn.execute(update(migrations).where(migrations.c.account_id == account_id)
+                         .values(prestaged_at=now()))
             return True
 
     def pass_failed(self, job_id: int, account_id: int, error: str | None) -> None:

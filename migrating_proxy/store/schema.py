@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -27,7 +28,7 @@ from sqlalchemy import (
 
 from migrating_proxy.store.views import drop_views_with
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = MetaData()
 
@@ -64,6 +65,13 @@ domains = Table(
     # The copy engine for this domain's accounts (`domain add --engine`): imap | dsync;
     # NULL: `migration.engine` of the configuration.
     Column("engine", String(8), nullable=True),
+    # The old server's administrator (`--source-admin`, schema version 9): copies log in as
+    # each user through it. Its password is in `domain_vault`, encrypted, never here.
+    Column("source_admin", String(320), nullable=True),
+    # authzid: SASL PLAIN with the user as authorization identity (RFC 4616);
+    # separator: LOGIN "user<separator>admin" (Dovecot's auth_master_user_separator).
+    Column("source_admin_style", String(16), nullable=True),
+    Column("source_admin_separator", String(8), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -118,6 +126,9 @@ migrations = Table(
     # Set at the switch (schema version 8): "kept" when every old POP3 UIDL is served again,
     # "unmatched: N" when N old messages could not be matched; NULL: "none" (no POP3 source).
     Column("pop3_uidls", String(32), nullable=True),
+    # When the last pre-stage pass (through the old server's admin, before the user's first
+    # login) completed; schema version 9.
+    Column("prestaged_at", DateTime(timezone=True), nullable=True),
 )
 
 # The job queue shared by every worker process (and machine, on PostgreSQL).
@@ -147,6 +158,26 @@ vault = Table(
     Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
     Column("ciphertext", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Domain secrets (schema version 9): the old server's admin password, encrypted with the vault's
+# key like `vault`, kept until the admin credentials are changed or the domain removed.
+domain_vault = Table(
+    "domain_vault",
+    metadata,
+    Column("domain_id", Integer, ForeignKey("domains.id", ondelete="CASCADE"), primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# The pre-stage pacing of each old host (schema version 9): the moment (epoch seconds) from
+# which the next batch may be read. Workers on every machine reserve their batches here, so
+# `migration.prestage_rate` holds for all of them together (store/pacing.py).
+host_pacing = Table(
+    "host_pacing",
+    metadata,
+    Column("host", String(255), primary_key=True),
+    Column("next_at", Float, nullable=False),
 )
 
 # Old-server POP3 UIDLs of migrated messages, so POP3 clients need not download everything again.

@@ -16,6 +16,9 @@ public contract). NULL is a plain local account, which never migrates and has no
     pass_queued      NEW PENDING ERROR COMPLETED   PENDING     a login, `migrate`, `resync`
     pass_started     NEW PENDING ERROR COMPLETED   PENDING     a worker claiming the job
     pass_completed   PENDING                       COMPLETED   the worker, with the job: done
+    prestaged        PENDING                       PENDING     the worker, with the job: done
+                                                               (a pre-stage pass: the account
+                                                               waits for its user's login)
     pass_failed      PENDING                       ERROR       the worker, with the job: failed
     check_failed     NEW PENDING ERROR             ERROR       `migrate`: the old server said no
 
@@ -113,6 +116,7 @@ ACCOUNT = _table(
     ("pass_queued", MIGRATING, A.PENDING),
     ("pass_started", MIGRATING, A.PENDING),
     ("pass_completed", frozenset({A.PENDING}), A.COMPLETED),
+    ("prestaged", frozenset({A.PENDING}), A.PENDING),
     ("pass_failed", frozenset({A.PENDING}), A.ERROR),
     ("check_failed", frozenset({A.NEW, A.PENDING, A.ERROR}), A.ERROR),
 )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, select
+from sqlalchemy import ColumnElement, Engine, Float, case, cast, exists, func, or_, select
 
+from migrating_proxy.passwords import PENDING_HASH
 from migrating_proxy.store.accounts import address_key, utc_iso
 from migrating_proxy.store.jobs import ACTIVE
-from migrating_proxy.store.schema import accounts, jobs, migrations
+from migrating_proxy.store.schema import accounts, jobs, migrations, vault
 from migrating_proxy.store.states import AccountState, JobState
 
 # The JSON keys of `migrating-proxy status --json`: a public contract, extend only.
@@ -25,6 +26,9 @@ STATUS_KEYS = (
     "engine", "engine_note", "uids_kept",
     # POP3 continuity (issue 10): "kept" | "unmatched: N" | "none", set at the switch.
     "pop3_uidls",
+    # Pre-stage (issue 13): when the last pre-stage pass completed, and whether the proxy
+    # knows the user's password (false: imported without one, the user never logged in).
+    "prestaged_at", "password_known",
 )
 COUNTERS = STATUS_KEYS[2:8]
 
@@ -91,7 +95,11 @@ _COLUMNS = (accounts.c.id, accounts.c.address, accounts.c.migration_state,
             *(migrations.c[name] for name in COUNTERS), migrations.c.last_error,
             migrations.c.started_at, migrations.c.finished_at, migrations.c.last_pass_at,
             migrations.c.copy_engine, migrations.c.engine_note, migrations.c.uids_kept,
-            migrations.c.pop3_uidls)
+            migrations.c.pop3_uidls,
+            migrations.c.prestaged_at,
+            # A hash, or a password in the vault (imported, or a first login being hashed).
+            or_(accounts.c.password_hash != PENDING_HASH,
+                exists().where(vault.c.account_id == accounts.c.id)).label("password_known"))
 
 
 def _conditions(ask: StatusQuery) -> list[ColumnElement[bool]]:
@@ -192,4 +200,6 @@ def _status(row, job_error: str | None,  # type: ignore[no-untyped-def]
     status["engine_note"] = row.engine_note
     status["uids_kept"] = row.uids_kept
     status["pop3_uidls"] = row.pop3_uidls or "none"
+    status["prestaged_at"] = utc_iso(row.prestaged_at)
+    status["password_known"] = bool(row.password_known)
     return status

@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from migrating_proxy.store.accounts import now
-from migrating_proxy.store.schema import vault
+from migrating_proxy.store.schema import domain_vault, domains, vault
 
 
 class VaultKeyError(Exception):
@@ -84,6 +84,9 @@ class Vault:
             token = conn.execute(
                 select(vault.c.ciphertext).where(vault.c.account_id == account_id)
             ).scalar_one_or_none()
+        return self._decrypt(token)
+
+    def _decrypt(self, token: bytes | None) -> str | None:
         if token is None:
             return None
         try:
@@ -98,3 +101,30 @@ class Vault:
     def erase(self, account_id: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(vault).where(vault.c.account_id == account_id))
+
+    # -- domain secrets: the old server's admin password ------------------------------------
+    def put_domain(self, domain: str, password: str, conn: Connection) -> None:
+        """The admin password of `domain`, in the caller's transaction (with the domain's
+        own change, so that a refused or failed change leaves neither)."""
+        domain_id = _domain_id(conn, domain)
+        token = self.fernet.encrypt(password.encode())
+        conn.execute(delete(domain_vault).where(domain_vault.c.domain_id == domain_id))
+        conn.execute(insert(domain_vault).values(domain_id=domain_id, ciphertext=token,
+                                                 created_at=now()))
+
+    def get_domain(self, domain: str) -> str | None:
+        with self.engine.connect() as conn:
+            token = conn.execute(
+                select(domain_vault.c.ciphertext).select_from(
+                    domain_vault.join(domains, domains.c.id == domain_vault.c.domain_id))
+                .where(domains.c.name == domain.lower())).scalar_one_or_none()
+        return self._decrypt(token)
+
+    def erase_domain(self, domain: str, conn: Connection) -> None:
+        conn.execute(delete(domain_vault).where(
+            domain_vault.c.domain_id == _domain_id(conn, domain)))
+
+
+def _domain_id(conn: Connection, domain: str) -> int:
+    return int(conn.execute(select(domains.c.id).where(domains.c.name == domain.lower()))
+               .scalar_one())

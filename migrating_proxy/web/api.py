@@ -162,6 +162,10 @@ def _run(request: Request, caller: Principal, action: str,
         known_domain(request, body.domain)
     targets = select_accounts(console.store, known_accounts(request, body.addresses),
                               body.domain, body.all)
+    if body.prestage:
+        if action != "migrate":
+            raise StoreError("prestage is an option of migrate only")
+        action = "prestage"
     outcomes: list[Outcome] = getattr(console.operations(caller.actor), action)(targets)
     return [outcome.as_dict() for outcome in outcomes]
 

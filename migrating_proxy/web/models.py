@@ -76,6 +76,8 @@ class Selection(Strict):
     addresses: list[Address] = Field(default_factory=list, max_length=100_000)
     domain: Name | None = None
     all: bool = False
+    prestage: bool = Field(False, description="migrate only: `migrate --prestage`, a copy "
+                                              "through the domain's old-server admin")
 
 
 class FinishRequest(Strict):

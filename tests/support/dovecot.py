@@ -369,11 +369,28 @@ service stats {{
 """
 
 
-def _old_server_config(inst: DovecotInstance, ident: _Identity, courier_style: bool) -> str:
+def _old_server_masters(masters_file: Path | None) -> str:
+    """An administrator of the old server (a Dovecot master user): it logs in as any user with
+    SASL PLAIN's authzid or as `user*admin` (the pre-stage copies' two styles)."""
+    if masters_file is None:
+        return ""
+    return f"""
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {masters_file}
+  pass = yes
+}}
+"""
+
+
+def _old_server_config(inst: DovecotInstance, ident: _Identity, courier_style: bool,
+                       masters_file: Path | None = None) -> str:
     """The old server's users, mail and listeners (the new store's come from the snippet)."""
     mail = inst.root / "mail"
     layout = "" if courier_style else ":LAYOUT=fs"
-    return f"""
+    return _old_server_masters(masters_file) + f"""
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {inst.users_file}
@@ -484,21 +501,28 @@ def _write_readable_by_auth(path: Path, text: str, ident: _Identity) -> None:
 
 
 def old_server(
-    root: Path, users: dict[str, str], tls: TLSFiles | None = None, courier_style: bool = False
+    root: Path, users: dict[str, str], tls: TLSFiles | None = None, courier_style: bool = False,
+    masters: dict[str, str] | None = None,
 ) -> DovecotInstance:
     """Configure (not start) the old IMAP/POP3 server with `users` (address -> password).
 
     `courier_style`: the namespace of Courier and Cyrus ("INBOX." prefix, "." separator,
-    Maildir++, no SPECIAL-USE) instead of Dovecot's own.
+    Maildir++, no SPECIAL-USE) instead of Dovecot's own. `masters`: administrators (name ->
+    password) who may log in as any user (Dovecot master users).
     """
     ident = _Identity.for_current_user()
     _prepare_root(root, ident)
     users_file = root / "users"
     users_file.write_text("".join(f"{a}:{{PLAIN}}{p}\n" for a, p in users.items()),
                           encoding="utf-8")  # Dovecot compares a password's UTF-8 bytes
+    masters_file = None
+    if masters is not None:
+        masters_file = root / "masters"
+        _write_readable_by_auth(masters_file, "".join(
+            f"{name}:{{PLAIN}}{password}\n" for name, password in masters.items()), ident)
     inst = _make_instance(root, "old", users_file, tls)
-    config = _base_config(inst, ident, courier_style) + _old_server_config(inst, ident,
-                                                                           courier_style)
+    config = _base_config(inst, ident, courier_style) + _old_server_config(
+        inst, ident, courier_style, masters_file)
     inst.config_path.write_text(config + _old_lmtp_config(inst.lmtp_port))
     return inst
 
