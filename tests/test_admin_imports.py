@@ -76,6 +76,7 @@ def test_every_bad_line_is_reported_with_its_column_and_no_password() -> None:
     ]
     text_of_errors = " ".join(str(bad) for bad in plan.errors)
     assert "secret" not in text_of_errors
+    assert "line 9: expected 6 columns" in text_of_errors  # not "line 9: line: expected..."
 
 
 def test_existing_migrating_accounts_are_updates() -> None:

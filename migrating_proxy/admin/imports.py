@@ -47,6 +47,9 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
             "": None}
 
 
+WHOLE_LINE = "line"  # BadLine.column of a fault of the whole line (its JSON says so)
+
+
 @dataclass(frozen=True)
 class BadLine:
     line: int
@@ -54,6 +57,8 @@ class BadLine:
     reason: str
 
     def __str__(self) -> str:
+        if self.column == WHOLE_LINE:  # not "line 4: line: expected 2 columns"
+            return f"line {self.line}: {self.reason}"
         return f"line {self.line}: {self.column}: {self.reason}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def _parse_line(plan: ImportPlan, line: int, fields: list[str], columns: tuple[s
     if columns == MINIMAL_COLUMNS and len(fields) == 1:
         fields = [*fields, ""]  # an address alone: no password (see _password)
     if len(fields) != len(columns):
-        plan.errors.append(BadLine(line, "line", f"expected {len(columns)} columns "
+        plan.errors.append(BadLine(line, WHOLE_LINE, f"expected {len(columns)} columns "
                                                  f"({', '.join(columns)}), found {len(fields)}"))
         return
     try:
