@@ -53,11 +53,9 @@ def seed(old: dovecot.DovecotInstance, users: int, messages: int, size: int) -> 
     return addresses
 
 
-def run(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance, addresses: list[str],
-        work: Path, rate: int, workers: int) -> dict[str, float]:
-    """One pre-stage of every address at `rate` (0: unlimited); the figures."""
-    proxy = Proxy(work, store, overrides={"migration": {
-        "prestage_rate": rate, "max_connections_per_host": 4, "parallel_folders": 2}})
+def import_without_passwords(proxy: Proxy, old: dovecot.DovecotInstance, work: Path,
+                             addresses: list[str]) -> None:
+    """DOMAIN, passthrough, with the old server's admin; `addresses` imported, no passwords."""
     secret = work / "admin-password"
     secret.write_text(ADMIN_PW + "\n")
     proxy.cli("domain", "add", DOMAIN, "--source", f"imap://{HOST}:{old.imap_port}",
@@ -65,6 +63,14 @@ def run(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance, addresses:
     listing = work / "users.csv"
     listing.write_text("".join(f"{a}\n" for a in addresses))
     proxy.cli("import", str(listing))
+
+
+def run(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance, addresses: list[str],
+        work: Path, rate: int, workers: int) -> dict[str, float]:
+    """One pre-stage of every address at `rate` (0: unlimited); the figures."""
+    proxy = Proxy(work, store, overrides={"migration": {
+        "prestage_rate": rate, "max_connections_per_host": 4, "parallel_folders": 2}})
+    import_without_passwords(proxy, old, work, addresses)
     proxy.cli("migrate", "--domain", DOMAIN, "--prestage")
     with proxy.log_path.open("ab") as log:
         pool = subprocess.Popen([sys.executable, "-m", "migrating_proxy", "--config",
@@ -87,13 +93,29 @@ def run(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance, addresses:
 def span(log: str) -> tuple[float, float]:
     """(first copy_started, last copy_finished), in seconds since the epoch."""
     times: dict[str, list[float]] = {"copy_started": [], "copy_finished": []}
-    for line in log.splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") in times:
-                stamp = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
-                times[event["event"]].append(stamp.timestamp())
+    for event in log_events(log):
+        if event["event"] in times:
+            stamp = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+            times[event["event"]].append(stamp.timestamp())
     return min(times["copy_started"]), max(times["copy_finished"])
+
+
+def log_events(log: str) -> list[dict]:  # type: ignore[type-arg]
+    """Every JSON event of a log that the proxy, its workers and the CLI all append to: their
+    lines may run into each other, so each line is read object by object, fragments skipped."""
+    decoder, found = json.JSONDecoder(), []
+    for line in log.splitlines():
+        at = line.find("{")
+        while at != -1:
+            try:
+                event, end = decoder.raw_decode(line, at)
+            except ValueError:
+                at = line.find("{", at + 1)
+                continue
+            if isinstance(event, dict) and "event" in event:
+                found.append(event)
+            at = line.find("{", end)
+    return found
 
 
 def check_copies(old: dovecot.DovecotInstance, store: dovecot.DovecotInstance,
