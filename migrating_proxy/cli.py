@@ -29,7 +29,6 @@ from migrating_proxy.passwords import PasswordHasher
 from migrating_proxy.privileges import become_service_user
 from migrating_proxy.provision import Provisioner, make_provisioner
 from migrating_proxy.startup import StartupError, check_worker_start
-from migrating_proxy.stopsignals import StopDuringStartup
 from migrating_proxy.store import AddressError, DatabaseError, Domain, Store, StoreError, open_store
 from migrating_proxy.store.accounts import CUTOVER_MODES, DOMAIN_TYPES, utc_iso
 from migrating_proxy.store.vault import VaultKeyError
@@ -318,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except StopDuringStartup:  # serve asked to stop while starting: it undid its start-up
-        return 0
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

@@ -122,7 +122,7 @@ def _start_pool(processes: int, scheme: str, rounds: int,
         with stopsignals.starting_a_child():
             for started in [pool.submit(os.getpid) for _ in range(processes)]:
                 started.result()
-    except BaseException:  # a stop during start-up included: no process left behind
+    except BaseException:  # no process left behind
         pool.shutdown(cancel_futures=True)
         raise
     return pool

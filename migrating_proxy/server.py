@@ -30,7 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from migrating_proxy import lifeline, metrics, stopsignals
+from migrating_proxy import lifeline, metrics
 from migrating_proxy.config import Config, ListenConfig
 from migrating_proxy.frontends.imap import IMAPSession
 from migrating_proxy.frontends.leases import LeaseKeeper, this_process
@@ -91,9 +91,7 @@ def serve(config: Config, placement: Callable[[Placement], Upstream] | None = No
     login.LoginService; default: the store)."""
     from twisted.internet import reactor
 
-    # Until the reactor handles them, a stop signal ends start-up cleanly (stopsignals.py).
-    with stopsignals.end_startup_on_stop():
-        ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
+    ctx, smtp_ctx, ports, store = acquire(config, reactor, placement)
     threadpool = ctx.threadpool
     pools = (threadpool, smtp_ctx.threadpool)
     watcher = CloseRequestWatcher(reactor, threadpool, store.sessions, ctx.registry)

@@ -125,8 +125,8 @@ def test_serve_stops_at_any_moment(tmp_path: Path) -> None:
 
 # `serve` with SIGTERM sent to itself at the narrowest moment of start-up: a `spawn` child (the
 # SQLite helper, the hashing processes) exists but has not yet been given its start-up data.
-# Python's default action, or a handler raising there, leaves the child to die with
-# "EOFError: Ran out of input"; stopsignals.py holds the stop back until the child has it.
+# Python's default action there leaves the child to die with "EOFError: Ran out of input";
+# stopsignals.py holds the stop back until the child has its data, then delivers it.
 STOP_WHILE_SPAWNING = """
 import os, signal, sys
 from multiprocessing import util
@@ -151,7 +151,7 @@ def test_serve_stopped_while_starting_a_child(tmp_path: Path, database: str,
             f"sqlite:///{tmp_path / 'proxy.db'}", postgres_url))
     command = [sys.executable, "-c", STOP_WHILE_SPAWNING, "--config", str(config), "serve"]
     result = run_tree(command, tmp_path / "serve.log", timeout=120)
-    assert result.status == 0, (result.status, result.output[-3000:])
+    assert result.status in STOPPED, (result.status, result.output[-3000:])
     assert result.left == [], result.left
     assert "Traceback" not in result.output, result.output[-3000:]
 
